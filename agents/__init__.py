@@ -1,0 +1,1 @@
+"""Agent sessions: the agent loop, tools, agent-to-agent messaging."""

@@ -1,0 +1,1 @@
+"""The message bus: wire format, the hub, the client. Imports nothing of ours."""

@@ -1,0 +1,135 @@
+"""Owns the one dependency on a WebSocket library (trio-websocket), so it can be swapped.
+
+Everything else in Switchboard imports WebSocket names from here, never from trio_websocket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+import trio_websocket as _tw
+
+# Re-exported names: callers use these, not trio_websocket's.
+WsConnection = _tw.WebSocketConnection
+WsRequest = _tw.WebSocketRequest
+WsClosed = _tw.ConnectionClosed  # .reason.code / .reason.reason
+WsHandshakeError = _tw.HandshakeError
+WsRejected = _tw.ConnectionRejected  # .status_code, .headers, .body
+WsConnectTimeout = _tw.ConnectionTimeout
+
+
+@attrs.frozen(kw_only=True)
+class WsConfig:
+    """Transport tuning. The library defaults (queue 1, 4 KiB reads) cost 2x on 10 KB messages."""
+
+    # Bounded: at most this many whole received messages wait for the application;
+    # beyond it the reader stops reading and TCP pushes back on the peer.
+    message_queue_size: int = 64
+    max_message_size: int = 4 * 1024 * 1024
+    # None lets trio read whatever the kernel has (one syscall per burst, not per 4 KiB).
+    receive_buffer_size: int | None = None
+    connect_timeout: float = 10.0
+    disconnect_timeout: float = 5.0
+
+
+def _kw(cfg: WsConfig) -> dict[str, Any]:
+    return {
+        "message_queue_size": cfg.message_queue_size,
+        "max_message_size": cfg.max_message_size,
+        "receive_buffer_size": cfg.receive_buffer_size,
+    }
+
+
+async def serve_ws(
+    handler: Callable[[WsRequest], Awaitable[None]],
+    host: str,
+    port: int,
+    *,
+    config: WsConfig = WsConfig(),
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve WebSocket connections on host:port until cancelled.
+
+    `task_status.started` receives the bound (host, port) of the first listener, so port 0 works.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    server = _tw.WebSocketServer(
+        handler,
+        listeners,
+        handler_nursery=handler_nursery,
+        connect_timeout=config.connect_timeout,
+        disconnect_timeout=config.disconnect_timeout,
+        **_kw(config),
+    )
+    sockname = listeners[0].socket.getsockname()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        task_status.started((sockname[0], sockname[1]))
+
+
+@asynccontextmanager
+async def open_ws(
+    url: str,
+    *,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    config: WsConfig = WsConfig(),
+) -> AsyncIterator[WsConnection]:
+    """Open a client WebSocket. Raises WsHandshakeError / WsRejected / OSError on failure."""
+    async with _tw.open_websocket_url(
+        url,
+        extra_headers=headers,
+        connect_timeout=config.connect_timeout,
+        disconnect_timeout=config.disconnect_timeout,
+        **_kw(config),
+    ) as conn:
+        yield conn
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first yields bytes already read off `inner` (e.g. an HTTP request head).
+
+    Lets an HTTP server that sniffed `Upgrade: websocket` hand the connection to the
+    WebSocket layer without losing what it read.
+    """
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            if max_bytes is None or max_bytes >= len(self._prefix):
+                data, self._prefix = self._prefix, b""
+            else:
+                data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def socket(self) -> Any:  # trio-websocket reads .socket for local/remote addresses
+        return self._inner.socket  # type: ignore[attr-defined]
+
+
+async def accept_on_stream(
+    nursery: trio.Nursery, stream: trio.abc.Stream, prefix: bytes, *, config: WsConfig = WsConfig()
+) -> WsRequest:
+    """Start the WebSocket handshake on a stream whose first `prefix` bytes were already read.
+
+    Returns the request; await `.accept()` or `.reject(status)` on it.
+    """
+    return await _tw.wrap_server_stream(nursery, PrefixedStream(stream, prefix), **_kw(config))

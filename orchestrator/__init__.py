@@ -1,0 +1,1 @@
+"""The orchestrator: task graphs, the scheduler, the supervisor, the journal and the CLI."""

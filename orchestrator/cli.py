@@ -1,0 +1,72 @@
+"""Owns the `orchestrator` console script: argument parsing and dispatch to one module per command.
+
+Each command lives in `orchestrator/cmd_<name>.py` exposing `add_parser(subparsers)` and
+`run(args) -> int`. Exit codes are shared by every command (see EXIT_* below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Exit codes that say what happened; documented in README and `orchestrator --help`.
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1  # the run finished but some task failed
+EXIT_BAD_INPUT = 2  # bad graph file, CLI arguments, config, token
+EXIT_INTERNAL = 3  # a bug or an environment problem we could not handle
+EXIT_CANCELLED = 130  # cancelled by SIGINT/SIGTERM or `orchestrator cancel`
+
+# (command name, module) in the order --help lists them. A module missing on disk is skipped
+# so the CLI keeps working while commands are added.
+COMMANDS = [
+    ("run", "orchestrator.cmd_run"),
+    ("validate", "orchestrator.cmd_validate"),
+    ("status", "orchestrator.cmd_status"),
+    ("logs", "orchestrator.cmd_logs"),
+    ("scale", "orchestrator.cmd_scale"),
+    ("cancel", "orchestrator.cmd_cancel"),
+    ("resume", "orchestrator.cmd_resume"),
+    ("worker", "orchestrator.cmd_worker"),
+    ("bus", "orchestrator.cmd_bus"),
+    ("model-server", "orchestrator.cmd_model"),
+]
+
+EPILOG = (
+    "exit codes: 0 success, 1 a task failed, 2 bad input (graph, arguments, config, token), "
+    "3 internal error, 130 cancelled"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Switchboard: run multi-agent task graphs over a message bus and persistent model links.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for _name, modname in COMMANDS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
