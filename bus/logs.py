@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 import structlog
@@ -39,14 +40,53 @@ def level_number(level: str | int) -> int:
         ) from None
 
 
+class _TeeLogger:
+    """Writes each rendered JSON line to a stream and hands it to `tee` (a file, a shipper)."""
+
+    def __init__(self, stream: IO[Any] | None, tee: Callable[[bytes], None]) -> None:
+        self._stream = stream
+        self._tee = tee
+
+    def msg(self, message: bytes) -> None:
+        line = message if isinstance(message, bytes) else str(message).encode()
+        if self._stream is not None:
+            buf = getattr(self._stream, "buffer", None)
+            if buf is not None:
+                buf.write(line + b"\n")
+                buf.flush()
+            else:
+                self._stream.write(line.decode() + "\n")
+        self._tee(line)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
 def configure_logging(*, json: bool = True, level: str | int = "info",
-                      stream: IO[Any] | None = None) -> None:
+                      stream: IO[Any] | None = None,
+                      tee: Callable[[bytes], None] | None = None,
+                      quiet: bool = False) -> None:
     """Configure structlog once for this process.
 
     JSON lines (bytes, orjson) when `json` is true, a readable console format otherwise.
     `merge_contextvars` runs first so ids bound with `bind_contextvars` reach every line.
+    With `tee`, every JSON line is also handed to it (the run's log file, a log shipper);
+    `quiet` then stops the copy to the stream.
     """
     out = stream if stream is not None else sys.stderr
+    if tee is not None:
+        structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                structlog.processors.format_exc_info,
+                structlog.processors.JSONRenderer(serializer=_dumps),
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(level_number(level)),
+            logger_factory=lambda *a: _TeeLogger(None if quiet else out, tee),
+            cache_logger_on_first_use=True,
+        )
+        return
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -1,0 +1,166 @@
+"""Owns the agent loop: model turn -> tools (concurrently) -> results -> next turn, on one session.
+
+The loop keeps no copy of the transcript: the model session holds the context and each turn
+hands it only the new items (the user prompt first, then `function_call_output`s).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from agents.protocol import AgentSpec, TurnRecord
+from bus.logs import get_logger
+
+log = get_logger("agents.loop")
+
+# USD per million tokens (input, cached input, output). Unknown models cost 0 and say so in logs.
+PRICES: dict[str, tuple[float, float, float]] = {
+    "sim": (0.0, 0.0, 0.0),
+    "gpt-5.3-codex": (1.25, 0.125, 10.0),
+    "gpt-5.2": (1.25, 0.125, 10.0),
+    "gpt-5-mini": (0.25, 0.025, 2.0),
+    "gpt-4.1-mini": (0.40, 0.10, 1.60),
+}
+
+
+def turn_cost(model: str, rec: TurnRecord) -> float:
+    p = PRICES.get(model)
+    if p is None:
+        return 0.0
+    uncached = max(rec.input_tokens - rec.cached_tokens, 0)
+    return (uncached * p[0] + rec.cached_tokens * p[1] + rec.output_tokens * p[2]) / 1e6
+
+
+@attrs.define
+class LoopState:
+    """Where the loop is; read after a cancel to record where it stopped."""
+
+    turn: int = 0
+    phase: str = "starting"  # starting | model | tools | done
+    running_tools: tuple[str, ...] = ()
+    turns: list[TurnRecord] = attrs.field(factory=list)
+
+    def where(self) -> str:
+        if self.phase == "tools":
+            return f"turn {self.turn}: running tools {', '.join(self.running_tools)}"
+        return f"turn {self.turn}: {self.phase}"
+
+
+@attrs.frozen(kw_only=True)
+class AgentOutcome:
+    status: str  # succeeded | failed
+    text: str
+    outputs: dict[str, Any]
+    error: str | None
+    turns: tuple[TurnRecord, ...]
+    cost_usd: float
+
+
+def parse_outputs(text: str) -> dict[str, Any]:
+    """The structured outputs of a final answer: the answer parsed as a JSON object, else {}.
+
+    A fenced ```json block is accepted too, as real models often wrap JSON that way.
+    """
+    s = text.strip()
+    if s.startswith("```"):
+        s = s.strip("`")
+        if s.startswith("json"):
+            s = s[4:]
+    try:
+        v = json.loads(s)
+    except ValueError:
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+async def run_agent_loop(
+    *,
+    agent: AgentSpec,
+    prompt: str,
+    session: Any,  # modellink.client.ModelSession
+    registry: Any,  # agents.tools.ToolRegistry
+    state: LoopState,
+) -> AgentOutcome:
+    """Run turns until the model answers without a tool call, or `agent.max_turns` is reached.
+
+    Raises trio.Cancelled when cancelled (state says where); model errors propagate as the
+    model link's errors; tool problems never raise (they become error results the model sees).
+    """
+    new_items: list[dict[str, Any]] = [{"type": "message", "role": "user", "content": prompt}]
+    cost = 0.0
+    for turn in range(1, agent.max_turns + 1):
+        state.turn, state.phase = turn, "model"
+        structlog.contextvars.bind_contextvars(turn=turn)
+        result = await session.turn(new_items)
+        usage = result.usage
+        calls = list(result.function_calls)
+        tools_s = 0.0
+        outputs: list[dict[str, Any]] = []
+        if calls:
+            state.phase = "tools"
+            state.running_tools = tuple(c.name for c in calls)
+            t0 = time.perf_counter()
+            outputs = await _run_calls(calls, registry)
+            tools_s = time.perf_counter() - t0
+            state.running_tools = ()
+        rec = TurnRecord(
+            turn=turn,
+            input_tokens=usage.input_tokens,
+            cached_tokens=usage.cached_tokens,
+            output_tokens=usage.output_tokens,
+            bytes_sent=result.bytes_sent,
+            bytes_received=result.bytes_received,
+            model_s=result.elapsed_s,
+            tools_s=tools_s,
+            tool_calls=tuple(c.name for c in calls),
+            resent_full_context=result.resent_full_context,
+        )
+        state.turns.append(rec)
+        cost += turn_cost(agent.model.model, rec)
+        log.debug("turn", tools=list(rec.tool_calls), input_tokens=rec.input_tokens,
+                  cached_tokens=rec.cached_tokens, output_tokens=rec.output_tokens,
+                  bytes_sent=rec.bytes_sent, model_ms=round(rec.model_s * 1000, 2),
+                  tools_ms=round(tools_s * 1000, 2))
+        if not calls:
+            state.phase = "done"
+            if result.status != "completed":
+                return AgentOutcome(status="failed", text=result.text, outputs={},
+                                    error=f"model response ended {result.status}",
+                                    turns=tuple(state.turns), cost_usd=cost)
+            return AgentOutcome(status="succeeded", text=result.text,
+                                outputs=parse_outputs(result.text), error=None,
+                                turns=tuple(state.turns), cost_usd=cost)
+        new_items = outputs
+    state.phase = "done"
+    return AgentOutcome(status="failed", text="", outputs={},
+                        error=f"no final answer after max_turns={agent.max_turns} turns; "
+                              "raise max_turns for this agent or tighten its instructions",
+                        turns=tuple(state.turns), cost_usd=cost)
+
+
+async def _run_calls(calls: list[Any], registry: Any) -> list[dict[str, Any]]:
+    """Run one turn's function calls concurrently; results keep the calls' order."""
+    results: list[dict[str, Any] | None] = [None] * len(calls)
+
+    async def one(i: int, call: Any) -> None:
+        res = await registry.call(call.name, call.arguments)
+        if res.ok:
+            out = res.output
+        else:
+            out = f"ERROR: {res.error}" + (f"\n{res.output}" if res.output else "")
+            log.info("tool.error", tool=call.name, error=res.error)
+        results[i] = {"type": "function_call_output", "call_id": call.call_id, "output": out}
+
+    if len(calls) == 1:
+        await one(0, calls[0])
+    else:
+        async with trio.open_nursery() as nursery:
+            for i, call in enumerate(calls):
+                nursery.start_soon(one, i, call)
+    return [r for r in results if r is not None]

@@ -1,0 +1,278 @@
+"""Owns the messages between the orchestrator and its workers over the bus (no I/O here).
+
+Every body is a msgpack map with a type tag `t`. Workers talk to the endpoint id
+`orchestrator`; the orchestrator talks to `worker.<worker_id>`; a running task is reachable
+(for `ask`) at `task.<task_id>`, an alias its worker claims for the task's lifetime.
+
+The rule for incoming messages: `parse_message` either returns a typed value or raises
+`WorkerProtocolError` naming the field; the receiver cuts off a peer that sends one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+PROTOCOL_VERSION = 1
+ORCHESTRATOR_ID = "orchestrator"
+RUN_TOPIC_PREFIX = "run."
+
+
+def worker_endpoint(worker_id: str) -> str:
+    return f"worker.{worker_id}"
+
+
+def task_endpoint(task_id: str) -> str:
+    return f"task.{task_id}"
+
+
+class WorkerProtocolError(ValueError):
+    """A message broke the worker protocol (the sender's fault): cut the sender off."""
+
+
+# ---------------------------------------------------------------- values
+
+
+@attrs.frozen(kw_only=True)
+class ModelRef:
+    """Where an agent's model lives. base_url None means the orchestrator's embedded sim."""
+
+    base_url: str | None = None
+    model: str = "sim"
+    transport: str = "ws"  # "ws" (persistent, cached context) or "http" (full context per turn)
+    encoding: str = "msgpack"  # "msgpack" for our servers, "json" for OpenAI and the like
+    api_key_env: str | None = None  # read by the worker from ITS environment; never shipped
+    store: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class AgentSpec:
+    name: str
+    instructions: str = ""
+    tools: tuple[str, ...] = ()
+    max_turns: int = 50
+    script: tuple[Any, ...] | None = None  # the sim model's script, one step per turn
+    answers: tuple[Any, ...] | None = None  # the sim script used to answer `ask` questions
+    subscribe: tuple[str, ...] = ()
+    model: ModelRef = ModelRef()
+    shell_timeout_s: float = 60.0
+
+
+@attrs.frozen(kw_only=True)
+class Lease:
+    """orchestrator -> worker: run this attempt. Valid while heartbeats keep renewing it."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    agent: AgentSpec
+    prompt: str
+    timeout_s: float | None
+    model_base_url: str | None  # the resolved URL (embedded sim filled in by the orchestrator)
+    parent_task: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class TurnRecord:
+    turn: int
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    model_s: float = 0.0
+    tools_s: float = 0.0
+    tool_calls: tuple[str, ...] = ()
+    resent_full_context: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class Result:
+    """worker -> orchestrator: how an attempt ended. status: succeeded | failed | cancelled."""
+
+    run_id: str
+    task_id: str
+    attempt: int
+    worker_id: str
+    status: str
+    text: str = ""
+    outputs: dict[str, Any] = attrs.field(factory=dict)
+    error: str | None = None
+    turns: tuple[TurnRecord, ...] = ()
+    stopped_at: str | None = None  # where a cancelled/failed attempt stopped ("turn 3: tools")
+    cost_usd: float = 0.0
+
+
+# ---------------------------------------------------------------- encoding to plain maps
+
+
+def _agent_to_wire(a: AgentSpec) -> dict[str, Any]:
+    d = attrs.asdict(a, recurse=True)
+    d["tools"] = list(a.tools)
+    d["subscribe"] = list(a.subscribe)
+    d["script"] = list(a.script) if a.script is not None else None
+    d["answers"] = list(a.answers) if a.answers is not None else None
+    return d
+
+
+def to_wire(msg: Any) -> dict[str, Any]:
+    """Encode one protocol value as a msgpack-able map with its type tag."""
+    if isinstance(msg, Lease):
+        d = attrs.asdict(msg, recurse=False)
+        d["agent"] = _agent_to_wire(msg.agent)
+        d["t"] = "lease"
+        return d
+    if isinstance(msg, Result):
+        d = attrs.asdict(msg, recurse=True)
+        d["turns"] = [attrs.asdict(t) for t in msg.turns]
+        d["t"] = "result"
+        return d
+    raise TypeError(f"not a protocol value: {type(msg).__name__}")
+
+
+def hello(worker_id: str, capacity: int, pid: int, host: str) -> dict[str, Any]:
+    return {"t": "hello", "v": PROTOCOL_VERSION, "worker_id": worker_id, "capacity": capacity,
+            "pid": pid, "host": host}
+
+
+def heartbeat(worker_id: str, held: list[tuple[str, int]], draining: bool) -> dict[str, Any]:
+    return {"t": "heartbeat", "worker_id": worker_id, "held": [[t, a] for t, a in held],
+            "draining": draining}
+
+
+def cancel(task_id: str, attempt: int, reason: str) -> dict[str, Any]:
+    return {"t": "cancel", "task_id": task_id, "attempt": attempt, "reason": reason}
+
+
+def drain() -> dict[str, Any]:
+    return {"t": "drain"}
+
+
+def bye(worker_id: str, reason: str) -> dict[str, Any]:
+    return {"t": "bye", "worker_id": worker_id, "reason": reason}
+
+
+def logs(worker_id: str, lines: list[bytes]) -> dict[str, Any]:
+    return {"t": "logs", "worker_id": worker_id, "lines": lines}
+
+
+def refused(task_id: str, attempt: int, reason: str) -> dict[str, Any]:
+    return {"t": "refused", "task_id": task_id, "attempt": attempt, "reason": reason}
+
+
+# ---------------------------------------------------------------- decoding with checks
+
+
+def _req(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise WorkerProtocolError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        tn = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise WorkerProtocolError(f"{where}: field {key!r} must be {tn}, got {type(v).__name__}")
+    return v
+
+
+def _opt(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, default: Any) -> Any:
+    if d.get(key) is None:
+        return default
+    return _req(d, key, typ, where)
+
+
+def _agent_from_wire(d: Any) -> AgentSpec:
+    if not isinstance(d, dict):
+        raise WorkerProtocolError("lease: field 'agent' must be a map")
+    m = d.get("model") or {}
+    if not isinstance(m, dict):
+        raise WorkerProtocolError("lease: field 'agent.model' must be a map")
+    model = ModelRef(
+        base_url=_opt(m, "base_url", str, "agent.model", None),
+        model=_opt(m, "model", str, "agent.model", "sim"),
+        transport=_opt(m, "transport", str, "agent.model", "ws"),
+        encoding=_opt(m, "encoding", str, "agent.model", "msgpack"),
+        api_key_env=_opt(m, "api_key_env", str, "agent.model", None),
+        store=bool(m.get("store", False)),
+    )
+    script = d.get("script")
+    answers = d.get("answers")
+    return AgentSpec(
+        name=_req(d, "name", str, "agent"),
+        instructions=_opt(d, "instructions", str, "agent", ""),
+        tools=tuple(_opt(d, "tools", list, "agent", [])),
+        max_turns=_opt(d, "max_turns", int, "agent", 50),
+        script=tuple(script) if isinstance(script, list) else None,
+        answers=tuple(answers) if isinstance(answers, list) else None,
+        subscribe=tuple(_opt(d, "subscribe", list, "agent", [])),
+        model=model,
+        shell_timeout_s=float(_opt(d, "shell_timeout_s", (int, float), "agent", 60.0)),
+    )
+
+
+def parse_message(body: Any) -> Any:
+    """Decode a received body into a protocol value or a checked map. Raises WorkerProtocolError."""
+    if not isinstance(body, dict):
+        raise WorkerProtocolError(f"message must be a map, got {type(body).__name__}")
+    t = body.get("t")
+    if t == "lease":
+        return Lease(
+            run_id=_req(body, "run_id", str, "lease"),
+            task_id=_req(body, "task_id", str, "lease"),
+            attempt=_req(body, "attempt", int, "lease"),
+            agent=_agent_from_wire(body.get("agent")),
+            prompt=_req(body, "prompt", str, "lease"),
+            timeout_s=_opt(body, "timeout_s", (int, float), "lease", None),
+            model_base_url=_opt(body, "model_base_url", str, "lease", None),
+            parent_task=_opt(body, "parent_task", str, "lease", None),
+        )
+    if t == "result":
+        turns = []
+        for i, tr in enumerate(_opt(body, "turns", list, "result", [])):
+            if not isinstance(tr, dict):
+                raise WorkerProtocolError(f"result: turns[{i}] must be a map")
+            try:
+                turns.append(TurnRecord(**{k: (tuple(v) if isinstance(v, list) else v)
+                                           for k, v in tr.items()}))
+            except TypeError as exc:
+                raise WorkerProtocolError(f"result: turns[{i}]: {exc}") from None
+        status = _req(body, "status", str, "result")
+        if status not in ("succeeded", "failed", "cancelled"):
+            raise WorkerProtocolError(
+                f"result: status must be succeeded, failed or cancelled, got {status!r}")
+        return Result(
+            run_id=_req(body, "run_id", str, "result"),
+            task_id=_req(body, "task_id", str, "result"),
+            attempt=_req(body, "attempt", int, "result"),
+            worker_id=_req(body, "worker_id", str, "result"),
+            status=status,
+            text=_opt(body, "text", str, "result", ""),
+            outputs=_opt(body, "outputs", dict, "result", {}),
+            error=_opt(body, "error", str, "result", None),
+            turns=tuple(turns),
+            stopped_at=_opt(body, "stopped_at", str, "result", None),
+            cost_usd=float(_opt(body, "cost_usd", (int, float), "result", 0.0)),
+        )
+    if t == "hello":
+        _req(body, "worker_id", str, "hello")
+        _req(body, "capacity", int, "hello")
+        v = _req(body, "v", int, "hello")
+        if v != PROTOCOL_VERSION:
+            raise WorkerProtocolError(
+                f"hello: worker speaks protocol v{v}, this orchestrator v{PROTOCOL_VERSION}: "
+                "run the same Switchboard version on both")
+        return body
+    if t == "heartbeat":
+        _req(body, "worker_id", str, "heartbeat")
+        held = _req(body, "held", list, "heartbeat")
+        for h in held:
+            if not (isinstance(h, list) and len(h) == 2 and isinstance(h[0], str)
+                    and isinstance(h[1], int)):
+                raise WorkerProtocolError("heartbeat: 'held' must be a list of [task_id, attempt]")
+        return body
+    if t in ("cancel",):
+        _req(body, "task_id", str, t)
+        _req(body, "attempt", int, t)
+        return body
+    if t in ("drain", "bye", "logs", "refused"):
+        return body
+    raise WorkerProtocolError(f"unknown message type {t!r}")

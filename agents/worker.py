@@ -1,0 +1,318 @@
+"""Owns the worker process: one bus connection, leased task attempts run as agent sessions.
+
+Tree of scopes: worker nursery -> one cancel scope per attempt -> model session + tools.
+Cancelling an attempt (orchestrator `cancel`, its timeout, worker shutdown) cancels that scope:
+the model response is cancelled at the server, tool process groups are killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import time
+from typing import Any
+
+import attrs
+import structlog
+import trio
+
+from agents import protocol as P
+from agents.bustools import BUS_TOOL_NAMES, BusTools, Inbox, register_bus_tools
+from agents.loop import LoopState, run_agent_loop
+from agents.tools import ToolContext, build_registry
+from bus.client import open_bus_client
+from bus.errors import BusError
+from bus.logs import get_logger
+from modellink.client import ModelEndpoint, open_model_session
+
+log = get_logger("agents.worker")
+
+LOG_BUFFER = 5000  # log lines held for shipping; beyond it the oldest are dropped and counted
+SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "SHELL", "TERM")
+
+
+@attrs.frozen(kw_only=True)
+class WorkerConfig:
+    url: str
+    token: str | None
+    worker_id: str
+    capacity: int = 8
+    heartbeat_s: float = 1.0
+    workspace_root: pathlib.Path = pathlib.Path(".switchboard/workspaces")
+    pass_env: tuple[str, ...] = ()  # extra environment variable names the shell tool may see
+    ship_logs: bool = True
+
+
+@attrs.define
+class _Running:
+    lease: P.Lease
+    scope: trio.CancelScope
+    inbox: Inbox
+    state: LoopState
+    cancel_reason: str | None = None
+
+
+class LogShipper:
+    """A bounded buffer of this process's JSON log lines, shipped to the orchestrator in batches."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.dropped = 0
+
+    def add(self, line: bytes) -> None:
+        if len(self.lines) >= LOG_BUFFER:
+            self.lines.pop(0)
+            self.dropped += 1
+        self.lines.append(line)
+
+    def take(self) -> list[bytes]:
+        out, self.lines = self.lines, []
+        return out
+
+
+@attrs.define
+class Worker:
+    config: WorkerConfig
+    shipper: LogShipper | None = None
+    running: dict[tuple[str, int], _Running] = attrs.field(factory=dict)
+    draining: bool = False
+    bus: Any = None
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
+        """Serve leases until drained or cancelled. Raises BusError if the bus cannot be reached."""
+        cfg = self.config
+        structlog.contextvars.bind_contextvars(worker_id=cfg.worker_id)
+        async with open_bus_client(cfg.url, token=cfg.token or "",
+                                   endpoint_id=P.worker_endpoint(cfg.worker_id)) as bus:
+            self.bus = bus
+            await bus.send(P.ORCHESTRATOR_ID, P.hello(cfg.worker_id, cfg.capacity, os.getpid(),
+                                                      socket.gethostname()))
+            log.info("worker.ready", capacity=cfg.capacity, url=cfg.url)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._heartbeats)
+                if self.shipper is not None:
+                    nursery.start_soon(self._ship_logs)
+                await self._receive_loop(nursery)
+                nursery.cancel_scope.cancel()
+            log.info("worker.exit", draining=self.draining)
+            await self._say_bye()
+        return 0
+
+    # ------------------------------------------------------------ bus input
+
+    async def _receive_loop(self, nursery: trio.Nursery) -> None:
+        async for msg in self.bus:
+            if msg.kind == "request" and msg.dest.startswith("task."):
+                nursery.start_soon(self._on_task_request, msg)
+                continue
+            try:
+                body = P.parse_message(msg.payload())
+            except (P.WorkerProtocolError, ValueError) as exc:
+                log.warning("worker.bad_message", source=msg.source, error=str(exc))
+                continue
+            if msg.dest.startswith("task.") and isinstance(body, dict):
+                self._deliver(msg.dest[len("task."):], body)
+            elif isinstance(body, P.Lease):
+                await self._on_lease(nursery, body)
+            elif isinstance(body, dict) and body["t"] == "cancel":
+                r = self.running.get((body["task_id"], body["attempt"]))
+                if r is not None:
+                    r.cancel_reason = str(body.get("reason") or "cancelled")
+                    r.scope.cancel()
+            elif isinstance(body, dict) and body["t"] == "drain":
+                self.draining = True
+                log.info("worker.draining", held=len(self.running))
+                if not self.running:
+                    break
+
+    def _deliver(self, task_id: str, body: dict[str, Any]) -> None:
+        for (tid, _a), r in self.running.items():
+            if tid == task_id:
+                r.inbox.put({"from": body.get("from"), "text": body.get("text"),
+                             "topic": body.get("topic")})
+
+    async def _on_task_request(self, msg: Any) -> None:
+        task_id = msg.dest[len("task."):]
+        try:
+            body = msg.payload()
+        except Exception:
+            await self.bus.reply_error(msg, "bad_request", "body is not msgpack")
+            return
+        run = next((r for (tid, _), r in self.running.items() if tid == task_id), None)
+        if run is None or not isinstance(body, dict):
+            await self.bus.reply_error(msg, "no_such_task", f"task {task_id} is not running here")
+            return
+        if body.get("t") == "message":
+            run.inbox.put({"from": body.get("from"), "text": body.get("text"), "topic": None})
+            await self.bus.reply(msg, {"ok": True})
+        elif body.get("t") == "ask":
+            try:
+                answer = await self._answer(run, str(body.get("from")), str(body.get("question")))
+            except Exception as exc:  # the asker gets the reason; this worker goes on
+                log.warning("ask.failed", error=repr(exc))
+                await self.bus.reply_error(msg, "answer_failed", str(exc))
+                return
+            await self.bus.reply(msg, {"answer": answer})
+        else:
+            await self.bus.reply_error(msg, "bad_request", f"unknown request {body.get('t')!r}")
+
+    async def _answer(self, run: _Running, asker: str, question: str) -> str:
+        """Answer a question for a running task with a side session (the task's loop goes on)."""
+        lease = run.lease
+        agent = lease.agent
+        metadata = {"sim_script": json.dumps(list(agent.answers))} if agent.answers else None
+        endpoint = self._endpoint(lease)
+        prompt = (f"You are working on this task:\n{lease.prompt}\n\n"
+                  f"Task {asker} asks you: {question}\nAnswer briefly.")
+        async with open_model_session(endpoint, instructions=agent.instructions, tools=[],
+                                      metadata=metadata) as session:
+            res = await session.turn([{"type": "message", "role": "user", "content": prompt}])
+        log.info("ask.answered", asker=asker)
+        return str(res.text)
+
+    # ------------------------------------------------------------ leases
+
+    async def _on_lease(self, nursery: trio.Nursery, lease: P.Lease) -> None:
+        key = (lease.task_id, lease.attempt)
+        if self.draining or len(self.running) >= self.config.capacity or key in self.running:
+            why = "draining" if self.draining else "at capacity"
+            await self.bus.send(P.ORCHESTRATOR_ID, P.refused(lease.task_id, lease.attempt, why))
+            return
+        r = _Running(lease=lease, scope=trio.CancelScope(), inbox=Inbox(), state=LoopState())
+        self.running[key] = r
+        nursery.start_soon(self._run_attempt, r)
+
+    def _endpoint(self, lease: P.Lease) -> ModelEndpoint:
+        m = lease.agent.model
+        api_key = os.environ.get(m.api_key_env) if m.api_key_env else None
+        base = lease.model_base_url or m.base_url
+        if base is None:
+            raise ValueError("no model endpoint: the lease names none and the agent has no url")
+        return ModelEndpoint(base_url=base, model=m.model, transport=m.transport,
+                             encoding=m.encoding, api_key=api_key)
+
+    async def _run_attempt(self, r: _Running) -> None:
+        lease = r.lease
+        key = (lease.task_id, lease.attempt)
+        with structlog.contextvars.bound_contextvars(
+            run_id=lease.run_id, task_id=lease.task_id, attempt=lease.attempt,
+            agent_id=lease.agent.name,
+        ):
+            t0 = time.monotonic()
+            log.info("task.start", parent=lease.parent_task)
+            result = await self._execute(r)
+            log.info("task.end", status=result.status, error=result.error,
+                     turns=len(result.turns), seconds=round(time.monotonic() - t0, 3),
+                     stopped_at=result.stopped_at)
+            self.running.pop(key, None)
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
+                except BusError as exc:
+                    log.warning("task.result_not_sent", error=str(exc))
+            if self.draining and not self.running and self._nursery is not None:
+                self._nursery.cancel_scope.cancel()  # drained: finish what we held, then exit
+
+    async def _execute(self, r: _Running) -> P.Result:
+        lease, cfg = r.lease, self.config
+        agent = lease.agent
+        status, text, outputs, error, cost = "failed", "", {}, None, 0.0
+        deadline = (trio.current_time() + lease.timeout_s) if lease.timeout_s else None
+        claimed = False
+        with r.scope:
+            try:
+                workspace = cfg.workspace_root / lease.run_id / lease.task_id
+                workspace.mkdir(parents=True, exist_ok=True)
+                env = {k: os.environ[k] for k in SAFE_ENV + cfg.pass_env if k in os.environ}
+                local = [t for t in agent.tools if t not in BUS_TOOL_NAMES]
+                registry = build_registry(local, ToolContext(
+                    workspace=workspace, env=env, shell_timeout_s=agent.shell_timeout_s))
+                bus_tools = BusTools(bus=self.bus, run_id=lease.run_id, task_id=lease.task_id,
+                                     attempt=lease.attempt, inbox=r.inbox, deadline=deadline)
+                register_bus_tools(registry, bus_tools, list(agent.tools))
+                await self.bus.claim(P.task_endpoint(lease.task_id))
+                claimed = True
+                for topic in agent.subscribe:
+                    await self.bus.subscribe(topic)
+                metadata = {"sim_script": json.dumps(list(agent.script))} if agent.script else None
+                with trio.fail_after(lease.timeout_s) if lease.timeout_s else _null():
+                    async with open_model_session(
+                        self._endpoint(lease), instructions=agent.instructions,
+                        tools=registry.schemas(), metadata=metadata,
+                    ) as session:
+                        out = await run_agent_loop(agent=agent, prompt=lease.prompt,
+                                                   session=session, registry=registry,
+                                                   state=r.state)
+                status, text, outputs, error, cost = (out.status, out.text, out.outputs,
+                                                      out.error, out.cost_usd)
+            except trio.TooSlowError:
+                error = f"timed out after {lease.timeout_s}s at {r.state.where()}"
+            except Exception as exc:  # the attempt fails; the worker and other attempts go on
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("task.error", error=error)
+            finally:
+                if claimed:
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await self.bus.release(P.task_endpoint(lease.task_id))
+                        except BusError:
+                            pass
+        if r.scope.cancelled_caught:
+            status, error = "cancelled", r.cancel_reason or "cancelled"
+        return P.Result(run_id=lease.run_id, task_id=lease.task_id, attempt=lease.attempt,
+                        worker_id=cfg.worker_id, status=status, text=text, outputs=outputs,
+                        error=error, turns=tuple(r.state.turns),
+                        stopped_at=None if status == "succeeded" else r.state.where(),
+                        cost_usd=cost)
+
+    # ------------------------------------------------------------ background
+
+    async def _heartbeats(self) -> None:
+        while True:
+            held = list(self.running.keys())
+            try:
+                await self.bus.send(P.ORCHESTRATOR_ID,
+                                    P.heartbeat(self.config.worker_id, held, self.draining))
+            except BusError as exc:
+                log.warning("heartbeat.failed", error=str(exc))
+            await trio.sleep(self.config.heartbeat_s)
+
+    async def _ship_logs(self) -> None:
+        assert self.shipper is not None
+        while True:
+            await trio.sleep(0.25)
+            lines = self.shipper.take()
+            if lines:
+                try:
+                    await self.bus.send(P.ORCHESTRATOR_ID, P.logs(self.config.worker_id, lines))
+                except BusError:
+                    pass
+
+    async def _say_bye(self) -> None:
+        # Shielded but bounded: a broken bus must not keep a stopping worker alive.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+            if self.shipper is not None:
+                lines = self.shipper.take()
+                if lines:
+                    try:
+                        await self.bus.send(P.ORCHESTRATOR_ID,
+                                            P.logs(self.config.worker_id, lines))
+                    except BusError:
+                        pass
+            try:
+                await self.bus.send(P.ORCHESTRATOR_ID, P.bye(self.config.worker_id, "drained"))
+            except BusError:
+                pass
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
