@@ -1,0 +1,70 @@
+"""`orchestrator logs RUN`: show one run's gathered log lines, filtered, readable or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+from orchestrator.logview import LogFilter, LogFilterError, parse_line, render
+from orchestrator.runs import RunNotFound, resolve_run_dir
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "logs", help="show a run's structured logs",
+        description="Show the log lines of one run (the orchestrator's and every worker's, "
+        "gathered in STATE_DIR/runs/RUN/log.jsonl). RUN is a run id, a unique prefix of one, "
+        "or 'latest'.")
+    p.add_argument("run", nargs="?", default="latest", metavar="RUN")
+    p.add_argument("--task", help="only lines of this task (and its fan-out children)")
+    p.add_argument("--agent", help="only lines of this agent")
+    p.add_argument("--level", help="minimum level: debug, info, warning, error")
+    p.add_argument("--since", help="only lines newer than this: 90s, 5m, 2h or an ISO time")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    p.add_argument("--json", action="store_true", help="print the JSON lines as they are")
+    p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        flt = LogFilter.build(task=args.task, agent=args.agent, level=args.level,
+                              since=args.since)
+        run_dir = resolve_run_dir(pathlib.Path(args.state_dir), args.run)
+    except (LogFilterError, RunNotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    path = run_dir / "log.jsonl"
+    if not path.exists():
+        print(f"error: run {run_dir.name} has no log file at {path}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    out = sys.stdout
+    try:
+        with open(path, "rb") as f:
+            while True:
+                line = f.readline()
+                if not line:
+                    if not args.follow:
+                        return EXIT_OK
+                    out.flush()
+                    time.sleep(0.2)
+                    continue
+                if not line.endswith(b"\n"):  # a line still being written: read it whole later
+                    f.seek(-len(line), 1)
+                    if not args.follow:
+                        return EXIT_OK
+                    time.sleep(0.05)
+                    continue
+                rec = parse_line(line)
+                if rec is None or not flt.accepts(rec):
+                    continue
+                out.write(line.decode(errors="replace") if args.json else render(rec) + "\n")
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK

@@ -1,0 +1,111 @@
+"""Owns reading a run's gathered log lines: filtering and readable rendering (no I/O loops)."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+_DUR = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Keys shown in the line's prefix rather than in its key=value tail.
+_PREFIX_KEYS = ("timestamp", "level", "event", "logger", "run_id", "task_id", "attempt",
+                "agent_id", "worker_id", "turn")
+
+
+class LogFilterError(ValueError):
+    """A filter argument is malformed (the user's fault: the message says what to write)."""
+
+
+@attrs.frozen(kw_only=True)
+class LogFilter:
+    task: str | None = None
+    agent: str | None = None
+    min_level: int = 0
+    since: datetime | None = None
+
+    @classmethod
+    def build(cls, *, task: str | None, agent: str | None, level: str | None,
+              since: str | None, now: datetime | None = None) -> LogFilter:
+        lvl = 0
+        if level:
+            if level.lower() not in LEVELS:
+                raise LogFilterError(f"--level {level!r}: use one of {', '.join(LEVELS)}")
+            lvl = LEVELS[level.lower()]
+        return cls(task=task, agent=agent, min_level=lvl,
+                   since=parse_since(since, now) if since else None)
+
+    def accepts(self, rec: dict[str, Any]) -> bool:
+        if self.task is not None and rec.get("task_id") != self.task:
+            tid = rec.get("task_id")
+            if not (isinstance(tid, str) and tid.startswith(self.task + "[")):
+                return False
+        if self.agent is not None and rec.get("agent_id") != self.agent:
+            return False
+        if self.min_level and LEVELS.get(str(rec.get("level", "info")), 20) < self.min_level:
+            return False
+        if self.since is not None:
+            ts = parse_ts(rec.get("timestamp"))
+            if ts is None or ts < self.since:
+                return False
+        return True
+
+
+def parse_ts(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`--since` takes a duration back from now ("90s", "5m", "2h") or an ISO time."""
+    m = _DUR.match(text.strip())
+    if m:
+        now = now or datetime.now(UTC)
+        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+    ts = parse_ts(text)
+    if ts is None:
+        raise LogFilterError(
+            f"--since {text!r}: write a duration back from now (250ms, 90s, 5m, 2h, 1d) "
+            "or an ISO time such as 2026-11-24T21:00:00Z")
+    return ts
+
+
+def parse_line(line: bytes | str) -> dict[str, Any] | None:
+    """One JSON log line as a dict, or None for a line that is not a JSON object."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def render(rec: dict[str, Any]) -> str:
+    """A readable one-line form: time, level, where (task/attempt/agent/worker), event, rest."""
+    ts = str(rec.get("timestamp", ""))[11:23]
+    level = str(rec.get("level", "")).upper()[:5]
+    where = []
+    if rec.get("task_id"):
+        where.append(f"{rec['task_id']}#{rec.get('attempt', '-')}")
+    if rec.get("agent_id"):
+        where.append(str(rec["agent_id"]))
+    if rec.get("worker_id"):
+        where.append(f"@{rec['worker_id']}")
+    if rec.get("turn") is not None:
+        where.append(f"turn {rec['turn']}")
+    rest = " ".join(f"{k}={_fmt(v)}" for k, v in rec.items() if k not in _PREFIX_KEYS)
+    return f"{ts} {level:<5} [{' '.join(where) or '-'}] {rec.get('event', '')} {rest}".rstrip()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str):
+        return v if v and " " not in v else json.dumps(v)
+    return json.dumps(v, default=str)
