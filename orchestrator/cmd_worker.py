@@ -9,11 +9,6 @@ import signal
 import socket
 import sys
 
-import trio
-
-from agents.worker import LogShipper, Worker, WorkerConfig
-from bus.errors import BusAuthError, BusError
-from bus.logs import configure_logging
 from bus.tokens import TokenError, load_token
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 130
@@ -45,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
+    import trio  # imported here so `orchestrator --help` stays fast
+
+    from agents.worker import LogShipper, Worker, WorkerConfig
+    from bus.errors import BusAuthError, BusError
+    from bus.logs import configure_logging
+
     if args.capacity < 1:
         print("error: --capacity must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,66 @@
+"""Pins `orchestrator logs` filtering and rendering, and its CLI on a real log file."""
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import pytest
+
+from orchestrator.logview import LogFilter, LogFilterError, parse_since, render
+
+NOW = datetime(2026, 11, 24, 21, 0, 0, tzinfo=UTC)
+LINES = [
+    {"timestamp": "2026-11-24T20:50:00Z", "level": "info", "event": "run.start", "run_id": "r1"},
+    {"timestamp": "2026-11-24T20:58:00Z", "level": "info", "event": "task.start",
+     "run_id": "r1", "task_id": "plan", "attempt": 1, "agent_id": "planner", "worker_id": "w1"},
+    {"timestamp": "2026-11-24T20:59:00Z", "level": "warning", "event": "tool.error",
+     "run_id": "r1", "task_id": "code[0]", "attempt": 2, "agent_id": "coder", "worker_id": "w2",
+     "tool": "shell", "error": "exit 1"},
+]
+
+
+def test_filter_by_task_includes_fan_out_children():
+    f = LogFilter.build(task="code", agent=None, level=None, since=None)
+    assert [r["event"] for r in LINES if f.accepts(r)] == ["tool.error"]
+
+
+def test_filter_by_agent_level_and_since():
+    assert [r["event"] for r in LINES
+            if LogFilter.build(task=None, agent="planner", level=None, since=None).accepts(r)] \
+        == ["task.start"]
+    assert [r["event"] for r in LINES
+            if LogFilter.build(task=None, agent=None, level="warning", since=None).accepts(r)] \
+        == ["tool.error"]
+    f = LogFilter.build(task=None, agent=None, level=None, since="5m", now=NOW)
+    assert [r["event"] for r in LINES if f.accepts(r)] == ["task.start", "tool.error"]
+
+
+def test_since_accepts_iso_and_rejects_nonsense_with_a_hint():
+    assert parse_since("2026-11-24T20:00:00Z") == datetime(2026, 11, 24, 20, tzinfo=UTC)
+    with pytest.raises(LogFilterError, match="duration back from now"):
+        parse_since("yesterday")
+    with pytest.raises(LogFilterError, match="use one of"):
+        LogFilter.build(task=None, agent=None, level="loud", since=None)
+
+
+def test_render_shows_where_and_the_rest():
+    line = render(LINES[2])
+    assert "code[0]#2" in line and "coder" in line and "@w2" in line
+    assert "tool.error" in line and "tool=shell" in line and 'error="exit 1"' in line
+
+
+def test_logs_command_reads_a_run_directory(tmp_path):
+    d = tmp_path / "runs" / "20261124-205000-abc123"
+    d.mkdir(parents=True)
+    (d / "log.jsonl").write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in LINES)
+                                  + b"not json\n")
+    base = [sys.executable, "-m", "orchestrator", "logs", "--state-dir", str(tmp_path)]
+    out = subprocess.run(base + ["2026", "--agent", "coder"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "tool.error" in out and "task.start" not in out
+    out = subprocess.run(base + ["latest", "--json", "--task", "plan"], capture_output=True,
+                         text=True, check=True).stdout
+    assert [json.loads(x)["event"] for x in out.splitlines()] == ["task.start"]
+    bad = subprocess.run(base + ["nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no run 'nope'" in bad.stderr
