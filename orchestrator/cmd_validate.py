@@ -1,0 +1,41 @@
+"""Owns `orchestrator validate FILE`: check a graph file and print every problem with its line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from orchestrator.graph import GraphError, GraphSpec
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "validate", help="check a task graph file and report every problem",
+        description="Check a task graph (TOML). Prints 'OK: N tasks, M agents', or every problem "
+        "as FILE:LINE: message with a hint, and exits 2.")
+    p.add_argument("file", metavar="FILE", help="the task graph (TOML)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        graph = GraphSpec.from_toml(args.file)
+    except GraphError as exc:
+        print(exc.render(), file=sys.stderr)
+        n = len(exc.problems)
+        print(f"{n} problem{'s' if n != 1 else ''} in {args.file}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"error: cannot read graph file {args.file!r}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except UnicodeDecodeError as exc:
+        print(f"error: graph file {args.file!r} is not UTF-8 text: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"OK: {len(graph.tasks)} tasks, {len(graph.agents)} agents")
+    return EXIT_OK
