@@ -1,0 +1,579 @@
+"""Owns what runs when: the ready set, fan-out and join, dynamic children, retries, timeouts.
+
+Pure: no I/O, no trio, time comes in as floats. The supervisor feeds it events (`on_*`) and
+carries out the actions it returns (`next_actions`). See docs/scheduler.md.
+
+Every state transition lives in this file. Task states:
+  waiting   needs something that has not succeeded yet
+  ready     may start (queued in order); `backoff` is ready but not before `ready_at`
+  queued    a StartAttempt was handed out; counts against max_concurrent
+  running   the supervisor said it started (`on_started`); has a deadline
+  fanned    a fan-out task whose children run; joins when all of them are terminal
+  succeeded / failed / cancelled / not_run   terminal
+An attempt is *live* iff its StartAttempt was handed out and no result, loss, timeout or cancel
+ended it. Only the live attempt of a task may report; anything else is stale and refused.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from orchestrator.graph import GraphSpec, RenderError, TaskSpec, render_prompt
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_run"})
+
+
+class SchedulerError(Exception):
+    """The caller asked for something impossible (unknown task, finished parent, bad agent)."""
+
+
+@attrs.frozen(kw_only=True)
+class StartAttempt:
+    task_id: str
+    attempt: int
+    agent: str
+    prompt: str
+    timeout_s: float
+    parent: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class CancelAttempt:
+    task_id: str
+    attempt: int
+    reason: str
+
+
+Action = StartAttempt | CancelAttempt
+
+
+@attrs.frozen(kw_only=True)
+class TaskView:
+    """A snapshot of one task, as the journal stores it and `restore` reads it back."""
+
+    task_id: str
+    kind: str  # "task" | "fanout_child" | "dynamic"
+    parent: str | None
+    agent: str
+    state: str
+    attempt: int  # the number of attempts handed out so far
+    failures: int
+    prompt: str | None = None  # the rendered prompt of children (graph tasks render from graph)
+    item: Any = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    reason: str | None = None
+    started: float | None = None
+    ended: float | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.define
+class _Task:
+    id: str
+    kind: str
+    agent: str
+    parent: str | None
+    needs: tuple[str, ...]
+    retries: int
+    timeout_s: float
+    spec: TaskSpec | None = None
+    prompt: str | None = None
+    item: Any = None
+    state: str = "waiting"
+    attempt: int = 0
+    live: bool = False
+    failures: int = 0
+    ready_at: float = 0.0
+    deadline: float | None = None
+    started: float | None = None
+    ended: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    reason: str | None = None
+    children: list[str] = attrs.Factory(list)  # fan-out children, in item order
+    dynamic: list[str] = attrs.Factory(list)
+    view: TaskView | None = None
+
+
+class Scheduler:
+    """Decides what runs when for one run of `graph`. Deterministic for a given seed."""
+
+    def __init__(self, graph: GraphSpec, *, seed: int = 0) -> None:
+        self.graph = graph
+        self.seed = seed
+        self._run = graph.run
+        self._tasks: dict[str, _Task] = {}
+        self._dependents: dict[str, list[str]] = {}
+        self._ready: deque[str] = deque()
+        self._backoff: list[tuple[float, str, int]] = []  # (ready_at, task, failures)
+        self._deadlines: list[tuple[float, str, int]] = []  # (deadline, task, attempt)
+        self._out: list[Action] = []
+        self._active = 0  # live attempts of tasks that count against max_concurrent
+        self.cancel_reason: str | None = None
+        self.stop_reason: str | None = None
+        for spec in graph.tasks:
+            t = _Task(id=spec.id, kind="task", agent=spec.agent, parent=None, needs=spec.needs,
+                      retries=spec.retries, timeout_s=spec.timeout_s, spec=spec)
+            self._tasks[spec.id] = t
+            for n in spec.needs:
+                self._dependents.setdefault(n, []).append(spec.id)
+        for spec in graph.tasks:
+            if not spec.needs:
+                self._make_ready(self._tasks[spec.id], 0.0)
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def done(self) -> bool:
+        """True iff every task is terminal (nothing runs or will run)."""
+        return all(t.state in TERMINAL for t in self._tasks.values())
+
+    def outcome(self) -> str:
+        """"succeeded" iff every task succeeded; "cancelled" after cancel_all; else "failed"
+        if any task failed, else "cancelled"."""
+        if self.cancel_reason is not None:
+            return "cancelled"
+        states = {t.state for t in self._tasks.values()}
+        if states <= {"succeeded"}:
+            return "succeeded"
+        return "failed" if "failed" in states or self.stop_reason else "cancelled"
+
+    def total(self) -> int:
+        return len(self._tasks)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(t.state for t in self._tasks.values()))
+
+    def is_current(self, task_id: str, attempt: int) -> bool:
+        """True iff `attempt` is the live attempt of `task_id`."""
+        t = self._tasks.get(task_id)
+        return t is not None and t.live and t.attempt == attempt
+
+    def task_states(self) -> dict[str, TaskView]:
+        """Snapshots; a task's snapshot object is replaced only when the task changed."""
+        out = {}
+        for tid, t in self._tasks.items():
+            if t.view is None:
+                t.view = TaskView(task_id=t.id, kind=t.kind, parent=t.parent, agent=t.agent,
+                                  state=t.state, attempt=t.attempt, failures=t.failures,
+                                  prompt=t.prompt, item=t.item, result=t.result, error=t.error,
+                                  reason=t.reason, started=t.started, ended=t.ended)
+            out[tid] = t.view
+        return out
+
+    def task_result(self, task_id: str) -> dict[str, Any] | None:
+        t = self._tasks.get(task_id)
+        if t is None:
+            return None
+        r = t.result or {}
+        return {"state": t.state, "text": r.get("text"), "outputs": r.get("outputs"),
+                "error": t.error or t.reason}
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time something changes on its own: a backoff ends or a deadline passes."""
+        self._prune()
+        times = [h[0][0] for h in (self._backoff, self._deadlines) if h]
+        return min(times) if times else None
+
+    # ------------------------------------------------------------ actions
+
+    def next_actions(self, now: float) -> list[Action]:
+        """Cancels to send, then attempts to start (up to max_concurrent live attempts)."""
+        while self._backoff and self._backoff[0][0] <= now:
+            _, tid, failures = heapq.heappop(self._backoff)
+            t = self._tasks[tid]
+            if t.state == "backoff" and t.failures == failures:
+                self._set(t, "ready")
+                self._ready.append(tid)
+        out, self._out = self._out, []
+        skipped: list[str] = []
+        while self._ready:
+            tid = self._ready.popleft()
+            t = self._tasks[tid]
+            if t.state != "ready":
+                continue
+            counts = t.kind != "dynamic"
+            if counts and self._active >= self._run.max_concurrent:
+                skipped.append(tid)
+                if all(self._tasks[x].kind != "dynamic" for x in self._ready):
+                    break
+                continue
+            prompt = self._render(t, now)
+            if prompt is None:
+                continue  # the task failed for good: its references cannot be filled
+            t.attempt += 1
+            t.live = True
+            if counts:
+                self._active += 1
+            self._set(t, "queued")
+            out.append(StartAttempt(task_id=t.id, attempt=t.attempt, agent=t.agent,
+                                    prompt=prompt, timeout_s=t.timeout_s, parent=t.parent))
+        self._ready.extendleft(reversed(skipped))
+        out.extend(self._out)
+        self._out = []
+        return out
+
+    # ------------------------------------------------------------ events from the supervisor
+
+    def on_started(self, task_id: str, attempt: int, now: float) -> bool:
+        t = self._current(task_id, attempt)
+        if t is None:
+            return False
+        self._set(t, "running")
+        t.started = now
+        t.deadline = now + t.timeout_s
+        heapq.heappush(self._deadlines, (t.deadline, t.id, t.attempt))
+        return True
+
+    def on_succeeded(self, task_id: str, attempt: int, result: Mapping[str, Any],
+                     now: float) -> bool:
+        t = self._current(task_id, attempt)
+        if t is None:
+            return False
+        self._end_attempt(t)
+        self._succeed(t, {"text": result.get("text", ""), "outputs": result.get("outputs") or {}},
+                      now)
+        return True
+
+    def on_failed(self, task_id: str, attempt: int, error: str, now: float, *,
+                  retryable: bool = True) -> bool:
+        t = self._current(task_id, attempt)
+        if t is None:
+            return False
+        self._end_attempt(t)
+        self._fail_attempt(t, error, now, retryable=retryable)
+        return True
+
+    def on_lost(self, task_id: str, attempt: int, now: float) -> bool:
+        """The worker died or refused: run the task again at once, without spending a retry."""
+        t = self._current(task_id, attempt)
+        if t is None:
+            return False
+        self._end_attempt(t)
+        self._set(t, "ready")
+        self._ready.appendleft(t.id)
+        return True
+
+    def on_cancelled(self, task_id: str, attempt: int, error: str, now: float) -> bool:
+        """A live attempt reported cancelled without our asking (its worker shut down): lost."""
+        return self.on_lost(task_id, attempt, now)
+
+    def check_timeouts(self, now: float) -> list[str]:
+        """Fail every running attempt past its deadline (retried per policy); returns task ids."""
+        hit = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, tid, attempt = heapq.heappop(self._deadlines)
+            t = self._tasks[tid]
+            if not (t.live and t.attempt == attempt and t.state == "running"):
+                continue
+            why = f"timed out after {_fmt_s(t.timeout_s)}"
+            self._out.append(CancelAttempt(task_id=tid, attempt=attempt, reason=why))
+            self._end_attempt(t)
+            self._fail_attempt(t, why, now, retryable=True)
+            hit.append(tid)
+        return hit
+
+    # ------------------------------------------------------------ cancellation
+
+    def cancel(self, task_id: str, reason: str, now: float) -> list[str]:
+        """Cancel a task and its subtree (fan-out and dynamic children); tasks that need any
+        of them become not_run. Returns the ids that were cancelled."""
+        t = self._tasks.get(task_id)
+        if t is None:
+            raise SchedulerError(f"no task {task_id!r} in this run")
+        done: list[str] = []
+        self._cancel_tree(t, reason, now, done)
+        return done
+
+    def cancel_all(self, reason: str, now: float) -> None:
+        """Cancel the run: every live attempt gets a CancelAttempt, every open task ends."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        for t in list(self._tasks.values()):
+            if t.state not in TERMINAL:
+                self._terminate(t, "cancelled", reason, now)
+
+    # ------------------------------------------------------------ dynamic children
+
+    def spawn_child(self, parent_id: str, *, prompt: str, agent: str | None, now: float,
+                    task_id: str | None = None) -> str:
+        """Add a dynamic child of a running task; it is ready at once. Returns its id.
+
+        Dynamic children do not count against max_concurrent: their parent holds a slot and
+        may be waiting for them. Raises SchedulerError if the parent is unknown or finished,
+        or the agent is not in the graph.
+        """
+        p = self._tasks.get(parent_id)
+        if p is None:
+            raise SchedulerError(f"spawn: no task {parent_id!r} in this run")
+        if p.state in TERMINAL:
+            raise SchedulerError(f"spawn: parent {parent_id!r} already ended ({p.state})")
+        agent = agent or p.agent
+        if agent not in self.graph.agents:
+            raise SchedulerError(f"spawn: no agent {agent!r} in the graph (have: "
+                                 f"{', '.join(sorted(self.graph.agents))})")
+        cid = task_id or f"{parent_id}/{len(p.dynamic) + 1}"
+        c = _Task(id=cid, kind="dynamic", agent=agent, parent=parent_id, needs=(),
+                  retries=self._run.retries, timeout_s=self._run.timeout_s, prompt=prompt)
+        self._tasks[cid] = c
+        p.dynamic.append(cid)
+        p.view = None
+        self._make_ready(c, now)
+        return cid
+
+    def add_children(self, parent_id: str, specs: Iterable[Mapping[str, Any]],
+                     now: float) -> list[str]:
+        """spawn_child for each {"prompt": ..., "agent": ...}; returns the new ids."""
+        return [self.spawn_child(parent_id, prompt=str(s.get("prompt", "")),
+                                 agent=s.get("agent"), now=now) for s in specs]
+
+    # ------------------------------------------------------------ resume
+
+    @classmethod
+    def restore(cls, graph: GraphSpec, records: Iterable[Mapping[str, Any] | TaskView], *,
+                seed: int = 0) -> Scheduler:
+        """Rebuild from journaled task snapshots (TaskView.to_record() dicts).
+
+        Succeeded tasks keep their results and are not run again; failed, cancelled and
+        not_run tasks stay as they were; anything in flight runs again with the next attempt
+        number (so a late result from before the crash is refused), without spending a retry.
+        Fan-out children are re-created from their upstream's journaled result.
+        """
+        s = cls(graph, seed=seed)
+        recs = {}
+        for r in records:
+            d = r.to_record() if isinstance(r, TaskView) else dict(r)
+            recs[d["task_id"]] = d
+        applied: set[str] = set()
+        changed = True
+        while changed:
+            changed = False
+            for tid, r in recs.items():
+                if tid in applied:
+                    continue
+                if tid not in s._tasks:
+                    if r.get("kind") == "dynamic" and r.get("parent") in s._tasks:
+                        s.spawn_child(r["parent"], prompt=r.get("prompt") or "",
+                                      agent=r.get("agent"), now=0.0, task_id=tid)
+                    else:
+                        continue
+                t = s._tasks[tid]
+                state = r.get("state")
+                if t.state == "waiting" and state in ("succeeded", "failed"):
+                    continue  # its inputs are restored later in this loop
+                t.attempt = max(t.attempt, int(r.get("attempt") or 0))
+                t.failures = int(r.get("failures") or 0)
+                t.view = None
+                if t.state == "fanned" or t.state in TERMINAL:
+                    pass  # a join derives its state from its children
+                elif state == "succeeded":
+                    s._succeed(t, r.get("result") or {"text": "", "outputs": {}}, 0.0)
+                elif state == "failed":
+                    s._final_fail(t, r.get("error") or "failed", 0.0)
+                elif state == "cancelled":
+                    s._cancel_tree(t, r.get("reason") or "cancelled", 0.0, [])
+                applied.add(tid)
+                changed = True
+        s._out = []  # nothing was live before the restore
+        return s
+
+    # ------------------------------------------------------------ internals
+
+    def _set(self, t: _Task, state: str) -> None:
+        t.state = state
+        t.view = None
+
+    def _current(self, task_id: str, attempt: int) -> _Task | None:
+        t = self._tasks.get(task_id)
+        if t is None or not t.live or t.attempt != attempt:
+            return None
+        return t
+
+    def _end_attempt(self, t: _Task) -> None:
+        t.live = False
+        t.deadline = None
+        if t.kind != "dynamic":
+            self._active -= 1
+
+    def _make_ready(self, t: _Task, now: float) -> None:
+        spec = t.spec
+        if spec is not None and spec.fan_out is not None:
+            self._expand(t, spec, now)
+            return
+        self._set(t, "ready")
+        self._ready.append(t.id)
+
+    def _context(self, t: _Task) -> dict[str, Any]:
+        ctx: dict[str, Any] = {}
+        spec = t.spec
+        if spec is not None:
+            for n in self._upstream(spec):
+                u = self._tasks[n]
+                if u.result is not None:
+                    ctx[n] = u.result
+        return ctx
+
+    def _upstream(self, spec: TaskSpec) -> set[str]:
+        seen: set[str] = set()
+        stack = list(spec.needs)
+        while stack:
+            n = stack.pop()
+            if n not in seen:
+                seen.add(n)
+                u = self._tasks[n].spec
+                if u is not None:
+                    stack.extend(u.needs)
+        return seen
+
+    def _render(self, t: _Task, now: float) -> str | None:
+        if t.prompt is not None:
+            return t.prompt
+        assert t.spec is not None
+        try:
+            return render_prompt(t.spec.prompt, self._context(t))
+        except RenderError as exc:
+            self._final_fail(t, f"prompt: {exc}", now)
+            return None
+
+    def _expand(self, t: _Task, spec: TaskSpec, now: float) -> None:
+        src = spec.fan_out_source
+        assert src is not None
+        up = self._tasks[src[0]].result or {}
+        outputs = up.get("outputs")
+        items = outputs.get(src[1]) if isinstance(outputs, Mapping) else None
+        if not isinstance(items, list):
+            self._final_fail(t, f"fan_out: {spec.fan_out} is not a list in {src[0]}'s result "
+                             f"(got {type(items).__name__})", now)
+            return
+        self._set(t, "fanned")
+        t.started = now
+        ctx = self._context(t)
+        for i, item in enumerate(items):
+            cid = f"{t.id}[{i}]"
+            try:
+                prompt: str | None = render_prompt(spec.prompt, {**ctx, "item": item})
+            except RenderError as exc:
+                prompt = None
+                err = f"prompt: {exc}"
+            c = _Task(id=cid, kind="fanout_child", agent=t.agent, parent=t.id, needs=(),
+                      retries=t.retries, timeout_s=t.timeout_s, prompt=prompt or "", item=item)
+            self._tasks[cid] = c
+            t.children.append(cid)
+            if prompt is None:
+                self._final_fail(c, err, now)
+            else:
+                self._set(c, "ready")
+                self._ready.append(cid)
+        self._maybe_join(t, now)
+
+    def _maybe_join(self, t: _Task, now: float) -> None:
+        if t.state != "fanned":
+            return
+        kids = [self._tasks[c] for c in t.children]
+        if any(k.state not in TERMINAL for k in kids):
+            return
+        bad = [k for k in kids if k.state != "succeeded"]
+        if not bad:
+            results = [k.result or {} for k in kids]
+            self._succeed(t, {"text": "\n".join(str(r.get("text", "")) for r in results),
+                              "outputs": [r.get("outputs") for r in results]}, now)
+        elif any(k.state == "failed" for k in bad):
+            first = next(k for k in bad if k.state == "failed")
+            self._final_fail(t, f"{len(bad)} of {len(kids)} children did not succeed; "
+                             f"{first.id}: {first.error}", now)
+        else:
+            self._terminate(t, "cancelled", bad[0].reason or "child cancelled", now)
+
+    def _succeed(self, t: _Task, result: Mapping[str, Any], now: float) -> None:
+        self._set(t, "succeeded")
+        t.result = dict(result)
+        t.error = None
+        t.ended = now
+        self._after_terminal(t, now)
+        for d in self._dependents.get(t.id, ()):
+            dt = self._tasks[d]
+            if dt.state == "waiting" and all(self._tasks[n].state == "succeeded"
+                                             for n in dt.needs):
+                self._make_ready(dt, now)
+
+    def _fail_attempt(self, t: _Task, error: str, now: float, *, retryable: bool) -> None:
+        t.failures += 1
+        t.error = error
+        if retryable and t.failures <= t.retries:
+            self._set(t, "backoff")
+            t.ready_at = now + self.backoff_delay(t.id, t.failures)
+            heapq.heappush(self._backoff, (t.ready_at, t.id, t.failures))
+        else:
+            self._final_fail(t, error, now)
+
+    def backoff_delay(self, task_id: str, failures: int) -> float:
+        """Seconds before retry number `failures`: min(backoff_max, backoff * 2**(failures-1))
+        times a factor in [1 - jitter, 1], drawn from a generator seeded by (seed, task, n)."""
+        base = min(self._run.backoff_max_s, self._run.backoff_s * 2 ** (failures - 1))
+        u = random.Random(f"{self.seed}:{task_id}:{failures}").random()
+        return base * (1.0 - self._run.jitter * u)
+
+    def _final_fail(self, t: _Task, error: str, now: float) -> None:
+        self._terminate(t, "failed", None, now, error=error)
+        if self._run.failure_policy == "stop" and self.stop_reason is None \
+                and self.cancel_reason is None:
+            self.stop_reason = f"run stopped: task {t.id} failed"
+            for o in list(self._tasks.values()):
+                if o.state not in TERMINAL:
+                    self._terminate(o, "cancelled" if o.live else "not_run",
+                                    self.stop_reason, now)
+
+    def _terminate(self, t: _Task, state: str, reason: str | None, now: float, *,
+                   error: str | None = None) -> None:
+        if t.state in TERMINAL:
+            return
+        if t.live:
+            self._out.append(CancelAttempt(task_id=t.id, attempt=t.attempt,
+                                           reason=reason or error or state))
+            self._end_attempt(t)
+        self._set(t, state)
+        if error is not None:
+            t.error = error
+        t.reason = reason
+        t.ended = now
+        self._after_terminal(t, now)
+        why = f"needs {t.id}, which {'was ' if state != 'failed' else ''}{state}" + (
+            f" ({reason})" if reason and state != "failed" else "")
+        for d in self._dependents.get(t.id, ()):
+            self._terminate(self._tasks[d], "not_run", why, now)
+
+    def _after_terminal(self, t: _Task, now: float) -> None:
+        if t.kind == "fanout_child" and t.parent is not None:
+            self._maybe_join(self._tasks[t.parent], now)
+
+    def _cancel_tree(self, t: _Task, reason: str, now: float, done: list[str]) -> None:
+        for c in t.children + t.dynamic:
+            self._cancel_tree(self._tasks[c], reason, now, done)
+        if t.state not in TERMINAL:
+            done.append(t.id)
+            self._terminate(t, "cancelled", reason, now)
+
+    def _prune(self) -> None:
+        while self._backoff and not (
+                self._tasks[self._backoff[0][1]].state == "backoff"
+                and self._tasks[self._backoff[0][1]].failures == self._backoff[0][2]):
+            heapq.heappop(self._backoff)
+        while self._deadlines:
+            _, tid, attempt = self._deadlines[0]
+            t = self._tasks[tid]
+            if t.live and t.attempt == attempt and t.state == "running":
+                break
+            heapq.heappop(self._deadlines)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:g}s"
