@@ -1,0 +1,432 @@
+"""Owns the run journal: one SQLite file (WAL) holding runs, tasks, attempts, events, requests.
+
+Write-ahead rule: every method that changes state commits before it returns, so a caller that
+acts after the call (starts a dependent, sends a lease) acts on something durable. WAL with
+synchronous=NORMAL survives the orchestrator being killed at any point (a commit is in the WAL
+file before the call returns); an OS crash or power loss may lose the last few commits.
+
+Other processes (`orchestrator status`, `cancel`, `scale`) open the same file concurrently:
+readers never block the writer in WAL mode, and control requests go through the `requests`
+table, which the running orchestrator polls with `take_requests`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sqlite3
+import time
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA_VERSION = 2
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class JournalError(Exception):
+    """The journal cannot be used (not a journal, corrupt, too new) or a lookup failed."""
+
+
+# Version 1 had runs, tasks, attempts and events; version 2 adds control requests and attempt
+# usage. Every table the code reads is created here; migrations below bring old files up.
+_SCHEMA_V1 = """
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, graph_path TEXT NOT NULL, graph_text TEXT NOT NULL,
+    graph_hash TEXT NOT NULL, status TEXT NOT NULL, started REAL NOT NULL, ended REAL,
+    reason TEXT, summary_json TEXT);
+CREATE TABLE tasks (
+    run_id TEXT NOT NULL, task_id TEXT NOT NULL, kind TEXT NOT NULL, parent TEXT,
+    agent TEXT NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0, prompt TEXT, item_json TEXT, result_json TEXT,
+    error TEXT, reason TEXT, started REAL, ended REAL, updated REAL NOT NULL,
+    PRIMARY KEY (run_id, task_id));
+CREATE TABLE attempts (
+    run_id TEXT NOT NULL, task_id TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT,
+    state TEXT NOT NULL, queued REAL, started REAL, ended REAL, error TEXT, result_json TEXT,
+    PRIMARY KEY (run_id, task_id, attempt));
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, task_id TEXT,
+    kind TEXT NOT NULL, data_json TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX events_run ON events (run_id, id);
+"""
+
+_MIGRATIONS: dict[int, str] = {
+    # v1 -> v2: control requests from other processes; token usage and stop point per attempt
+    2: """
+CREATE TABLE requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, kind TEXT NOT NULL,
+    task_id TEXT, arg TEXT, created REAL NOT NULL, handled REAL);
+CREATE INDEX requests_open ON requests (run_id, handled);
+ALTER TABLE attempts ADD COLUMN usage_json TEXT;
+ALTER TABLE attempts ADD COLUMN stopped_at TEXT;
+""",
+}
+
+_TASK_COLS = ("task_id", "kind", "parent", "agent", "state", "attempt", "failures", "prompt",
+              "item", "result", "error", "reason", "started", "ended")
+
+
+def _dumps(v: Any) -> str | None:
+    return None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True)
+
+
+def _loads(s: str | None) -> Any:
+    return None if s is None else json.loads(s)
+
+
+def _check_file(path: pathlib.Path) -> None:
+    """Refuse a file that is not an SQLite database, before SQLite may write to it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise JournalError(f"cannot read journal {path}: {exc.strerror or exc}") from None
+    if head and head != SQLITE_MAGIC:
+        raise JournalError(f"{path} is not a Switchboard journal (not an SQLite database); "
+                           "it was left untouched. Move it away or use another --state-dir.")
+
+
+class Journal:
+    """One open journal file. Methods are synchronous and fast (one small transaction each)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: pathlib.Path) -> None:
+        self.conn = conn
+        self.path = path
+        self._synced: dict[str, dict[str, Any]] = {}  # run_id -> task_id -> last view written
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, migrate: bool = True) -> Journal:
+        """Open or create the journal at `path`, migrating an older schema when `migrate`.
+
+        Raises JournalError for a file that is not an SQLite database, is corrupt, has a
+        schema newer than this code, or an older schema with migrate=False. A refused file
+        is never written to.
+        """
+        p = pathlib.Path(path)
+        _check_file(p)
+        try:
+            conn = sqlite3.connect(str(p), timeout=5.0, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {p}: {exc}") from None
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 5000")
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise JournalError(f"journal {p} is corrupt ({ok}); it was left untouched. "
+                                   "Move it away to start a new journal.")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if version == 0 and tables:
+                raise JournalError(f"{p} is an SQLite database but not a Switchboard journal "
+                                   f"(it has tables {sorted(tables)}); it was left untouched.")
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {p} has schema version {version}, newer than this Switchboard "
+                    f"understands (up to {SCHEMA_VERSION}); upgrade Switchboard or use another "
+                    "--state-dir.")
+            if 0 < version < SCHEMA_VERSION and not migrate:
+                raise JournalError(
+                    f"journal {p} has schema version {version}; this Switchboard needs "
+                    f"{SCHEMA_VERSION}. Open it with migration allowed to upgrade it in place.")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if version == 0:
+                conn.executescript("BEGIN;" + _SCHEMA_V1 + _MIGRATIONS[2]
+                                   + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            else:
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    conn.executescript("BEGIN;" + _MIGRATIONS[v]
+                                       + f"PRAGMA user_version = {v}; COMMIT;")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise JournalError(f"journal {p} is corrupt or unreadable ({exc}); it was left "
+                               "untouched. Move it away to start a new journal.") from None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, p)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _tx(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with self.conn:
+            return self.conn.execute(sql, params)
+
+    # ------------------------------------------------------------ runs
+
+    def create_run(self, run_id: str, *, graph_path: str, graph_text: str) -> None:
+        import hashlib
+
+        h = hashlib.sha256(graph_text.encode()).hexdigest()
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute(
+                "INSERT INTO runs (run_id, graph_path, graph_text, graph_hash, status, started) "
+                "VALUES (?, ?, ?, ?, 'running', ?)", (run_id, graph_path, graph_text, h, now))
+            self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                              "VALUES (?, NULL, 'run.created', ?, ?)",
+                              (run_id, _dumps({"graph_path": graph_path}), now))
+
+    def finish_run(self, run_id: str, status: str, *, summary: Mapping[str, Any] | None = None,
+                   reason: str | None = None) -> None:
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("UPDATE runs SET status = ?, ended = ?, reason = ?, "
+                              "summary_json = ? WHERE run_id = ?",
+                              (status, now, reason, _dumps(dict(summary or {})), run_id))
+            self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                              "VALUES (?, NULL, 'run.ended', ?, ?)",
+                              (run_id, _dumps({"status": status, "reason": reason}), now))
+
+    def _run_dict(self, r: sqlite3.Row) -> dict[str, Any]:
+        d = dict(r)
+        d["summary"] = _loads(d.pop("summary_json"))
+        return d
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """Every run, newest first (without the graph text)."""
+        rows = self.conn.execute(
+            "SELECT run_id, graph_path, graph_hash, status, started, ended, reason, summary_json "
+            "FROM runs ORDER BY started DESC, run_id DESC").fetchall()
+        return [self._run_dict(r) for r in rows]
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        r = self.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if r is None else self._run_dict(r)
+
+    def latest_run(self) -> dict[str, Any] | None:
+        r = self.conn.execute(
+            "SELECT * FROM runs ORDER BY started DESC, run_id DESC LIMIT 1").fetchone()
+        return None if r is None else self._run_dict(r)
+
+    def find_run(self, ref: str | None) -> dict[str, Any]:
+        """The run whose id is `ref` or starts with it ("latest"/None: the newest run).
+
+        Raises JournalError when there is none or the prefix is ambiguous.
+        """
+        if ref in (None, "", "latest"):
+            run = self.latest_run()
+            if run is None:
+                raise JournalError(f"no runs in journal {self.path}")
+            return run
+        assert ref is not None
+        run = self.get_run(ref)
+        if run is not None:
+            return run
+        like = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        ids = [r[0] for r in self.conn.execute(
+            "SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\'", (like,))]
+        if not ids:
+            raise JournalError(f"no run {ref!r} in journal {self.path} "
+                               "(see `orchestrator status` for the list)")
+        if len(ids) > 1:
+            raise JournalError(f"run {ref!r} is ambiguous: {', '.join(sorted(ids)[:5])}")
+        found = self.get_run(ids[0])
+        assert found is not None
+        return found
+
+    # ------------------------------------------------------------ attempts
+
+    def attempt_queued(self, run_id: str, task_id: str, attempt: int) -> None:
+        self._tx("INSERT OR IGNORE INTO attempts (run_id, task_id, attempt, state, queued) "
+                 "VALUES (?, ?, ?, 'queued', ?)", (run_id, task_id, attempt, time.time()))
+
+    def attempt_started(self, run_id: str, task_id: str, attempt: int, worker_id: str) -> None:
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute(
+                "INSERT INTO attempts (run_id, task_id, attempt, worker_id, state, started) "
+                "VALUES (?, ?, ?, ?, 'running', ?) ON CONFLICT (run_id, task_id, attempt) DO "
+                "UPDATE SET worker_id = excluded.worker_id, state = 'running', "
+                "started = excluded.started", (run_id, task_id, attempt, worker_id, now))
+            self.conn.execute(
+                "INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                "VALUES (?, ?, 'attempt.started', ?, ?)",
+                (run_id, task_id, _dumps({"attempt": attempt, "worker_id": worker_id}), now))
+
+    def attempt_ended(self, run_id: str, task_id: str, attempt: int, status: str, *,
+                      error: str | None = None, result: Mapping[str, Any] | None = None,
+                      usage: Mapping[str, Any] | None = None,
+                      stopped_at: str | None = None) -> None:
+        """Record how an attempt ended (succeeded, failed, cancelled, lost) and its result.
+
+        A succeeded attempt's result is durable once this returns: `task_records` reports the
+        task as succeeded even if the task row was not synced before a crash.
+        """
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute(
+                "INSERT INTO attempts (run_id, task_id, attempt, state, ended, error, "
+                "result_json, usage_json, stopped_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (run_id, task_id, attempt) DO UPDATE SET state = excluded.state, "
+                "ended = excluded.ended, error = excluded.error, "
+                "result_json = excluded.result_json, usage_json = excluded.usage_json, "
+                "stopped_at = excluded.stopped_at",
+                (run_id, task_id, attempt, status, now, error,
+                 _dumps(dict(result) if result is not None else None),
+                 _dumps(dict(usage) if usage is not None else None), stopped_at))
+            self.conn.execute(
+                "INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                "VALUES (?, ?, 'attempt.ended', ?, ?)",
+                (run_id, task_id, _dumps({"attempt": attempt, "status": status,
+                                          "error": error}), now))
+
+    def attempts(self, run_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM attempts WHERE run_id = ?"
+        params: tuple[Any, ...] = (run_id,)
+        if task_id is not None:
+            sql += " AND task_id = ?"
+            params += (task_id,)
+        out = []
+        for r in self.conn.execute(sql + " ORDER BY task_id, attempt", params):
+            d = dict(r)
+            d["result"] = _loads(d.pop("result_json"))
+            d["usage"] = _loads(d.pop("usage_json"))
+            out.append(d)
+        return out
+
+    def usage_summary(self, run_id: str) -> dict[str, Any]:
+        """Token and cost totals over every ended attempt: {"total": {...}, "by_agent": {...}}."""
+        keys = ("turns", "input_tokens", "cached_tokens", "output_tokens", "cost_usd")
+        total: dict[str, Any] = dict.fromkeys(keys, 0)
+        by_agent: dict[str, dict[str, Any]] = {}
+        rows = self.conn.execute(
+            "SELECT a.usage_json, t.agent FROM attempts a LEFT JOIN tasks t "
+            "ON t.run_id = a.run_id AND t.task_id = a.task_id "
+            "WHERE a.run_id = ? AND a.usage_json IS NOT NULL", (run_id,))
+        for usage_json, agent in rows:
+            u = _loads(usage_json) or {}
+            per = by_agent.setdefault(agent or "?", dict.fromkeys(keys, 0))
+            for k in keys:
+                v = u.get(k) or 0
+                total[k] += v
+                per[k] += v
+        total["cost_usd"] = round(total["cost_usd"], 6)
+        return {"total": total, "by_agent": by_agent}
+
+    # ------------------------------------------------------------ tasks
+
+    def sync_tasks(self, run_id: str, views: Mapping[str, Any]) -> int:
+        """Write the task snapshots (scheduler.TaskView) that changed since the last call,
+        with one `task.state` event per state change, in one transaction. Returns how many
+        rows were written. A snapshot is unchanged iff it is the same object as last time."""
+        last = self._synced.setdefault(run_id, {})
+        changed = [(tid, v) for tid, v in views.items() if last.get(tid) is not v]
+        if not changed:
+            return 0
+        now = time.time()
+        rows, events = [], []
+        for tid, v in changed:
+            prev = last.get(tid)
+            rows.append((run_id, tid, v.kind, v.parent, v.agent, v.state, v.attempt, v.failures,
+                         v.prompt, _dumps(v.item), _dumps(v.result), v.error, v.reason,
+                         v.started, v.ended, now))
+            if prev is None or prev.state != v.state:
+                events.append((run_id, tid, "task.state",
+                               _dumps({"state": v.state, "attempt": v.attempt,
+                                       "error": v.error, "reason": v.reason}), now))
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(
+                "INSERT INTO tasks (run_id, task_id, kind, parent, agent, state, attempt, "
+                "failures, prompt, item_json, result_json, error, reason, started, ended, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (run_id, task_id) DO UPDATE SET kind = excluded.kind, "
+                "parent = excluded.parent, agent = excluded.agent, state = excluded.state, "
+                "attempt = excluded.attempt, failures = excluded.failures, "
+                "prompt = excluded.prompt, item_json = excluded.item_json, "
+                "result_json = excluded.result_json, error = excluded.error, "
+                "reason = excluded.reason, started = excluded.started, "
+                "ended = excluded.ended, updated = excluded.updated", rows)
+            self.conn.executemany("INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                                  "VALUES (?, ?, ?, ?, ?)", events)
+        for tid, v in changed:
+            last[tid] = v
+        return len(rows)
+
+    def task_rows(self, run_id: str) -> list[dict[str, Any]]:
+        """Task rows for `status`, in the order they were first written."""
+        out = []
+        for r in self.conn.execute("SELECT * FROM tasks WHERE run_id = ? ORDER BY rowid",
+                                   (run_id,)):
+            d = dict(r)
+            d["item"] = _loads(d.pop("item_json"))
+            d["result"] = _loads(d.pop("result_json"))
+            out.append(d)
+        return out
+
+    def task_records(self, run_id: str) -> list[dict[str, Any]]:
+        """Records for Scheduler.restore: task rows, corrected by journaled attempt results.
+
+        A task whose attempt ended succeeded is reported succeeded with that result even if
+        its row was not synced before a crash; the attempt number is at least the highest
+        attempt journaled, so a late result from before the crash is stale after resume.
+        """
+        recs = {r["task_id"]: {k: r.get(k) for k in _TASK_COLS} for r in self.task_rows(run_id)}
+        for a in self.attempts(run_id):
+            rec = recs.get(a["task_id"])
+            if rec is None:
+                continue
+            rec["attempt"] = max(int(rec["attempt"] or 0), int(a["attempt"]))
+            if a["state"] == "succeeded" and rec["state"] != "succeeded" and \
+                    a["result"] is not None and rec["state"] not in ("cancelled", "not_run"):
+                rec["state"] = "succeeded"
+                rec["result"] = a["result"]
+                rec["error"] = None
+        return list(recs.values())
+
+    # ------------------------------------------------------------ events
+
+    def event(self, run_id: str, task_id: str | None, kind: str,
+              data: Mapping[str, Any] | None = None) -> int:
+        cur = self._tx("INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (run_id, task_id, kind, _dumps(dict(data or {})), time.time()))
+        return int(cur.lastrowid or 0)
+
+    def events(self, run_id: str, since: int = 0) -> list[dict[str, Any]]:
+        """Events with id > since, oldest first (pass the last id seen to follow)."""
+        out = []
+        for r in self.conn.execute("SELECT * FROM events WHERE run_id = ? AND id > ? "
+                                   "ORDER BY id", (run_id, since)):
+            d = dict(r)
+            d["data"] = _loads(d.pop("data_json"))
+            out.append(d)
+        return out
+
+    # ------------------------------------------------------------ control requests
+
+    def add_request(self, run_id: str, kind: str, *, task_id: str | None = None,
+                    arg: str | None = None) -> int:
+        """Ask the running orchestrator to do something (kind "cancel" or "scale")."""
+        if kind not in ("cancel", "scale"):
+            raise JournalError(f"unknown request kind {kind!r} (cancel or scale)")
+        cur = self._tx("INSERT INTO requests (run_id, kind, task_id, arg, created) "
+                       "VALUES (?, ?, ?, ?, ?)", (run_id, kind, task_id, arg, time.time()))
+        return int(cur.lastrowid or 0)
+
+    def take_requests(self, run_id: str) -> list[dict[str, Any]]:
+        """The open requests for `run_id`, oldest first, marked handled in the same transaction."""
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            rows = [dict(r) for r in self.conn.execute(
+                "SELECT id, run_id, kind, task_id, arg, created FROM requests "
+                "WHERE run_id = ? AND handled IS NULL ORDER BY id", (run_id,))]
+            if rows:
+                self.conn.execute(
+                    "UPDATE requests SET handled = ? WHERE run_id = ? AND handled IS NULL "
+                    "AND id <= ?", (time.time(), run_id, rows[-1]["id"]))
+        return rows
