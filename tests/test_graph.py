@@ -1,0 +1,293 @@
+"""Graph files: parsing, every validation problem with its line, rendering, the validate command."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator import cmd_validate
+from orchestrator.durations import DurationError, parse_duration
+from orchestrator.graph import GraphError, GraphSpec, Problem, RenderError, render_prompt
+
+DATA = pathlib.Path(__file__).parent / "data" / "graphs"
+
+AGENTS = """\
+[agents.planner]
+instructions = "plan"
+script = [{text = '{"files": ["a.py", "b.py"], "summary": "s"}'}]
+
+[agents.coder]
+tools = ["shell"]
+"""
+
+
+def problems(text: str) -> list[Problem]:
+    with pytest.raises(GraphError) as ei:
+        GraphSpec.from_text(textwrap.dedent(text), "g.toml")
+    return ei.value.problems
+
+
+def only(text: str) -> Problem:
+    ps = problems(text)
+    assert len(ps) == 1, [p.render() for p in ps]
+    return ps[0]
+
+
+def line_of(text: str, needle: str) -> int:
+    for i, line in enumerate(textwrap.dedent(text).splitlines(), start=1):
+        if needle in line:
+            return i
+    raise AssertionError(needle)
+
+
+def test_good_example_loads_with_defaults_and_overrides():
+    g = GraphSpec.from_toml(DATA / "good_fanout.toml")
+    assert [t.id for t in g.tasks] == ["plan", "code", "review"]
+    assert g.run.max_concurrent == 4 and g.run.failure_policy == "stop"
+    code = g.task("code")
+    assert code.timeout_s == 90.0 and code.retries == 2
+    assert code.fan_out_source == ("plan", "files")
+    assert g.task("plan").retries == 1 and g.task("plan").timeout_s == 30.0  # run defaults
+    assert g.agents["coder"].tools == ("write_file", "shell")
+    assert g.agents["planner"].model.base_url is None  # embedded sim
+    assert g.source_text.startswith("# A planner")
+
+
+def test_every_example_graph_in_the_repo_validates():
+    root = pathlib.Path(__file__).parent.parent / "examples"
+    for path in sorted(root.glob("*.toml")) + sorted(DATA.glob("good_*.toml")):
+        GraphSpec.from_toml(path)
+
+
+def test_provider_openai_is_one_setting_to_a_real_model():
+    g = GraphSpec.from_text('[model]\nprovider = "openai"\n' + AGENTS + '[[tasks]]\nid = "a"\n'
+                            'agent = "coder"\n', "g.toml")
+    m = g.agents["coder"].model
+    assert m.base_url == "https://api.openai.com/v1" and m.api_key_env == "OPENAI_API_KEY"
+    assert m.encoding == "json" and m.model != "sim"
+
+
+def test_agent_model_override_keeps_the_endpoint():
+    g = GraphSpec.from_text('[model]\nurl = "http://localhost:11434/v1"\nmodel = "llama3.2"\n'
+                            '[agents.a]\nmodel = "qwen3"\n[agents.b]\n'
+                            '[[tasks]]\nid = "t"\nagent = "a"\n', "g.toml")
+    assert g.agents["a"].model.base_url == "http://localhost:11434/v1"
+    assert g.agents["a"].model.model == "qwen3" and g.agents["b"].model.model == "llama3.2"
+    assert g.agents["a"].model.encoding == "json"
+
+
+def test_bad_file_reports_all_problems_at_once_each_on_its_line():
+    text = (DATA / "bad_many.toml").read_text()
+    ps = problems(text)
+    got = {(p.line, p.message.split(":")[0] if p.message.startswith("[") else p.message[:30])
+           for p in ps}
+    assert len(ps) >= 10, got
+    lines = {p.line for p in ps}
+    for needle in ("max_concurent", "failure_policy", 'timeout = "30 seconds"', "tols",
+                   '"shel"', '"planer"', '"nothere"', 'timeout = "5x"', "{{ review.text }}"):
+        assert line_of(text, needle) in lines, needle
+    assert all(p.file == "g.toml" and p.hint for p in ps)
+
+
+def test_unknown_key_suggests_the_right_one():
+    p = only(AGENTS + '[[tasks]]\nid = "a"\nagent = "coder"\nneeds = []\nprompt = "x"\n'
+             'timout = "3s"\n')
+    assert p.message == "unknown key 'timout' in task 'a'"
+    assert "did you mean 'timeout'" in p.hint
+    assert p.line == 12
+
+
+def test_wrong_type_names_the_type_and_an_example():
+    text = AGENTS + '[[tasks]]\nid = "a"\nagent = "coder"\nretries = "three"\n'
+    p = only(text)
+    assert "retries must be an integer, not a string" in p.message
+    assert p.line == line_of(text, "retries") and "retries = 3" in p.hint
+
+
+def test_missing_required_keys():
+    text = AGENTS + '[[tasks]]\nprompt = "x"\n'
+    ps = problems(text)
+    msgs = sorted(p.message for p in ps)
+    assert msgs == ["task #1 has no agent", "task #1 has no id"]
+    assert {p.line for p in ps} == {line_of(text, "[[tasks]]")}
+
+
+def test_cycle_is_named_in_order_on_the_line_of_its_needs():
+    text = AGENTS + "".join(
+        f'[[tasks]]\nid = "{a}"\nagent = "coder"\nneeds = ["{b}"]\n'
+        for a, b in (("x", "y"), ("y", "z"), ("z", "x")))
+    p = only(text)
+    assert p.message == "the tasks form a cycle: x needs y needs z needs x"
+    assert p.line == line_of(text, 'needs = ["y"]')
+
+
+def test_duplicate_id_points_at_both():
+    text = AGENTS + '[[tasks]]\nid = "a"\nagent = "coder"\n[[tasks]]\nid = "a"\nagent = "coder"\n'
+    p = only(text)
+    assert p.message == "duplicate task id 'a' (first defined on line 8)"
+    assert p.line == 11
+
+
+@pytest.mark.parametrize("good,seconds", [("30s", 30.0), ("5m", 300.0), ("1h30m", 5400.0),
+                                          ("250ms", 0.25), (12, 12.0), ("1.5s", 1.5)])
+def test_durations_parse(good, seconds):
+    assert parse_duration(good) == seconds
+
+
+@pytest.mark.parametrize("bad", ["30", "5 minutes", "1d", "", "-3s", -1, True, [1]])
+def test_bad_durations_say_what_is_allowed(bad):
+    with pytest.raises(DurationError, match="ms, s, m, h"):
+        parse_duration(bad)
+
+
+def test_missing_dependency_and_unknown_agent_suggest_names():
+    text = AGENTS + ('[[tasks]]\nid = "plan"\nagent = "planner"\n'
+                     '[[tasks]]\nid = "b"\nagent = "codr"\nneeds = ["plam"]\n')
+    ps = problems(text)
+    by_line = {p.line: p for p in ps}
+    assert "did you mean 'coder'" in by_line[line_of(text, '"codr"')].hint
+    assert "did you mean 'plan'" in by_line[line_of(text, '"plam"')].hint
+
+
+def test_reference_to_a_task_not_upstream():
+    text = AGENTS + ('[[tasks]]\nid = "plan"\nagent = "planner"\n'
+                     '[[tasks]]\nid = "b"\nagent = "coder"\nprompt = "use {{ plan.text }}"\n')
+    p = only(text)
+    assert "refers to 'plan', which is not upstream" in p.message
+    assert p.hint == 'add "plan" to needs' and p.line == line_of(text, "prompt")
+
+
+def test_transitive_upstream_reference_is_fine():
+    GraphSpec.from_text(AGENTS + (
+        '[[tasks]]\nid = "plan"\nagent = "planner"\n'
+        '[[tasks]]\nid = "b"\nagent = "coder"\nneeds = ["plan"]\n'
+        '[[tasks]]\nid = "c"\nagent = "coder"\nneeds = ["b"]\nprompt = "{{ plan.outputs.summary }}"\n'),
+        "g.toml")
+
+
+def test_reference_to_an_output_key_the_sim_script_never_produces():
+    text = AGENTS + ('[[tasks]]\nid = "plan"\nagent = "planner"\n'
+                     '[[tasks]]\nid = "b"\nagent = "coder"\nneeds = ["plan"]\n'
+                     'prompt = "{{ plan.outputs.filez }}"\n')
+    p = only(text)
+    assert "answers with keys ['files', 'summary'], not 'filez'" in p.message
+    assert "did you mean 'files'" in p.hint
+
+
+def test_item_outside_fan_out_and_fan_out_over_non_upstream_and_non_list():
+    text = AGENTS + ('[[tasks]]\nid = "plan"\nagent = "planner"\n'
+                     '[[tasks]]\nid = "b"\nagent = "coder"\nprompt = "{{ item }}"\n'
+                     '[[tasks]]\nid = "c"\nagent = "coder"\nfan_out = "plan.outputs.files"\n'
+                     '[[tasks]]\nid = "d"\nagent = "coder"\nneeds = ["plan"]\n'
+                     'fan_out = "plan.outputs.summary"\n'
+                     '[[tasks]]\nid = "e"\nagent = "coder"\nneeds = ["plan"]\nfan_out = "plan"\n')
+    ps = {p.line: p.message for p in problems(text)}
+    assert "only set in a fan-out task" in ps[line_of(text, "{{ item }}")]
+    assert "which is not upstream" in ps[line_of(text, 'fan_out = "plan.outputs.files"')]
+    assert "not a list" in ps[line_of(text, 'fan_out = "plan.outputs.summary"')]
+    assert "not an output reference" in ps[line_of(text, 'fan_out = "plan"')]
+
+
+def test_join_of_fan_out_cannot_name_an_output_key():
+    text = AGENTS + ('[[tasks]]\nid = "plan"\nagent = "planner"\n'
+                     '[[tasks]]\nid = "code"\nagent = "coder"\nneeds = ["plan"]\n'
+                     'fan_out = "plan.outputs.files"\nprompt = "{{ item }}"\n'
+                     '[[tasks]]\nid = "j"\nagent = "coder"\nneeds = ["code"]\n'
+                     'prompt = "{{ code.outputs.path }}"\n')
+    p = only(text)
+    assert "is a fan-out task" in p.message and "{{ code.outputs }}" in p.hint
+
+
+def test_toml_syntax_error_has_its_line():
+    p = only('[run]\nname = "x"\nmax_concurrent = \n')
+    assert p.line == 3 and "not valid TOML" in p.message
+
+
+def test_bad_script_step_and_tool():
+    text = '[agents.a]\nscript = [{txt = "x"}]\ntools = ["mod:fn", "nope"]\n' \
+           '[[tasks]]\nid = "t"\nagent = "a"\n'
+    ps = {p.line: p for p in problems(text)}
+    assert "unknown key(s) txt" in ps[2].message
+    assert "unknown tool 'nope'" in ps[3].message
+
+
+def test_render_prompt_substitutes_text_json_and_items():
+    ctx = {"plan": {"text": "P", "outputs": {"files": ["a", "b"], "n": 2}}, "item": "a.py"}
+    assert render_prompt("{{ plan.text }}/{{item}}/{{ plan.outputs.n }}", ctx) == "P/a.py/2"
+    assert render_prompt("{{ plan.outputs.files }}", ctx) == '["a", "b"]'
+    assert render_prompt("{{ plan.outputs.files.1 }}", ctx) == "b"
+    with pytest.raises(RenderError, match="plan.outputs has no 'missing'"):
+        render_prompt("{{ plan.outputs.missing }}", ctx)
+    with pytest.raises(RenderError, match="no value for 'other'"):
+        render_prompt("{{ other.text }}", ctx)
+
+
+def test_validate_command_ok_and_bad(capsys):
+    assert cmd_validate.run(argparse.Namespace(file=str(DATA / "good_fanout.toml"))) == 0
+    assert capsys.readouterr().out == "OK: 3 tasks, 3 agents\n"
+    bad = DATA / "bad_many.toml"
+    assert cmd_validate.run(argparse.Namespace(file=str(bad))) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: unknown key 'max_concurent' in [run]\n    hint: did you mean" in err
+    assert cmd_validate.run(argparse.Namespace(file=str(DATA / "nope.toml"))) == 2
+
+
+def test_validate_is_registered_as_a_subcommand():
+    p = argparse.ArgumentParser()
+    cmd_validate.add_parser(p.add_subparsers())
+    args = p.parse_args(["validate", "x.toml"])
+    assert args.func is cmd_validate.run and args.file == "x.toml"
+
+
+# ---------------------------------------------------------------- property tests
+
+
+@st.composite
+def dags(draw):
+    n = draw(st.integers(1, 12))
+    needs = [sorted(draw(st.sets(st.integers(0, i - 1), max_size=3))) if i else []
+             for i in range(n)]
+    return needs
+
+
+def graph_text(needs: list[list[int]]) -> str:
+    out = ['[agents.a]\nscript = [{text = \'{"k": [1, 2]}\'}]\n']
+    for i, ns in enumerate(needs):
+        refs = " ".join(f"{{{{ t{j}.outputs.k }}}}" for j in ns)
+        out.append(f'[[tasks]]\nid = "t{i}"\nagent = "a"\nneeds = {[f"t{j}" for j in ns]!r}\n'
+                   .replace("'", '"') + f'prompt = "{refs}"\n')
+    return "".join(out)
+
+
+@given(dags())
+@settings(max_examples=60, deadline=None)
+def test_random_dags_validate(needs):
+    g = GraphSpec.from_text(graph_text(needs), "g.toml")
+    assert len(g.tasks) == len(needs)
+
+
+@given(dags(), st.data())
+@settings(max_examples=60, deadline=None)
+def test_a_back_edge_is_reported_as_a_cycle_through_real_edges(needs, data):
+    n = len(needs)
+    if n < 2:
+        return
+    hi = data.draw(st.integers(1, n - 1))
+    lo = data.draw(st.integers(0, hi - 1))
+    # make lo need hi: with a path hi -> ... -> lo present, a cycle exists
+    needs = [list(x) for x in needs]
+    needs[hi] = sorted(set(needs[hi]) | {lo})
+    needs[lo] = sorted(set(needs[lo]) | {hi})
+    text = graph_text([[j for j in ns] for ns in needs]).replace("{{", "").replace("}}", "")
+    ps = problems(text)
+    cyc = [p for p in ps if "cycle" in p.message]
+    assert len(cyc) == 1
+    names = cyc[0].message.split(": ", 1)[1].split(" needs ")
+    assert names[0] == names[-1]
+    for a, b in zip(names, names[1:], strict=False):
+        assert int(b[1:]) in needs[int(a[1:])]
