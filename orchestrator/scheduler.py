@@ -527,10 +527,16 @@ class Scheduler:
         if self._run.failure_policy == "stop" and self.stop_reason is None \
                 and self.cancel_reason is None:
             self.stop_reason = f"run stopped: task {t.id} failed"
-            for o in list(self._tasks.values()):
-                if o.state not in TERMINAL:
-                    self._terminate(o, "cancelled" if o.live else "not_run",
-                                    self.stop_reason, now)
+            rest = [o for o in self._tasks.values() if o.state not in TERMINAL]
+            # every task that had not started is not_run naming the failure (not a peer)
+            for o in rest:
+                if not o.live and o.state not in TERMINAL:
+                    self._set(o, "not_run")
+                    o.reason = self.stop_reason
+                    o.ended = now
+            for o in rest:
+                if o.live:
+                    self._terminate(o, "cancelled", self.stop_reason, now)
 
     def _terminate(self, t: _Task, state: str, reason: str | None, now: float, *,
                    error: str | None = None) -> None:
@@ -556,11 +562,11 @@ class Scheduler:
             self._maybe_join(self._tasks[t.parent], now)
 
     def _cancel_tree(self, t: _Task, reason: str, now: float, done: list[str]) -> None:
-        for c in t.children + t.dynamic:
-            self._cancel_tree(self._tasks[c], reason, now, done)
         if t.state not in TERMINAL:
             done.append(t.id)
-            self._terminate(t, "cancelled", reason, now)
+            self._terminate(t, "cancelled", reason, now)  # first, so no join derives its state
+        for c in t.children + t.dynamic:
+            self._cancel_tree(self._tasks[c], reason, now, done)
 
     def _prune(self) -> None:
         while self._backoff and not (
