@@ -1,0 +1,211 @@
+"""The journal on a real SQLite file: schema, migration, refusal of bad files, write-ahead reads."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from orchestrator import journal as J
+from orchestrator.graph import GraphSpec
+from orchestrator.journal import Journal, JournalError
+from orchestrator.scheduler import Scheduler
+
+GRAPH = """
+[agents.a]
+[[tasks]]
+id = "x"
+agent = "a"
+[[tasks]]
+id = "y"
+agent = "a"
+needs = ["x"]
+prompt = "{{ x.text }}"
+"""
+
+
+@pytest.fixture
+def jpath(tmp_path):
+    return tmp_path / "journal.sqlite"
+
+
+def test_new_journal_is_wal_at_the_current_version(jpath):
+    j = Journal.open(jpath)
+    assert j.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert j.conn.execute("PRAGMA user_version").fetchone()[0] == J.SCHEMA_VERSION
+    j.close()
+    Journal.open(jpath).close()  # reopening an existing journal is fine
+
+
+def test_garbage_file_is_refused_and_left_byte_for_byte(jpath):
+    data = bytes(range(256)) * 40
+    jpath.write_bytes(data)
+    with pytest.raises(JournalError, match="not a Switchboard journal .*left untouched"):
+        Journal.open(jpath)
+    assert jpath.read_bytes() == data
+    assert not jpath.with_name(jpath.name + "-wal").exists()
+
+
+def test_corrupt_sqlite_journal_is_refused_and_left_untouched(jpath):
+    j = Journal.open(jpath)
+    j.create_run("r1", graph_path="g.toml", graph_text="x" * 20000)
+    j.close()
+    raw = bytearray(jpath.read_bytes())
+    assert len(raw) > 8192
+    raw[4096:8192] = b"\xde\xad\xbe\xef" * 1024  # smash the second page
+    jpath.write_bytes(bytes(raw))
+    with pytest.raises(JournalError, match="corrupt"):
+        Journal.open(jpath)
+    assert jpath.read_bytes() == bytes(raw)
+
+
+def test_other_sqlite_database_is_refused(jpath):
+    c = sqlite3.connect(jpath)
+    c.execute("CREATE TABLE mine (x)")
+    c.commit()
+    c.close()
+    with pytest.raises(JournalError, match="not a Switchboard journal"):
+        Journal.open(jpath)
+
+
+def test_newer_schema_is_refused_naming_the_versions(jpath):
+    c = sqlite3.connect(jpath)
+    c.execute("CREATE TABLE runs (x)")
+    c.execute("PRAGMA user_version = 99")
+    c.commit()
+    c.close()
+    with pytest.raises(JournalError, match=r"schema version 99, newer .* \(up to 2\); upgrade"):
+        Journal.open(jpath)
+
+
+def make_v1(jpath):
+    c = sqlite3.connect(jpath)
+    c.executescript(J._SCHEMA_V1 + "PRAGMA user_version = 1;")
+    c.execute("INSERT INTO runs (run_id, graph_path, graph_text, graph_hash, status, started) "
+              "VALUES ('old', 'g.toml', 'text', 'h', 'running', 1.0)")
+    c.execute("INSERT INTO attempts (run_id, task_id, attempt, state) "
+              "VALUES ('old', 'x', 1, 'succeeded')")
+    c.commit()
+    c.close()
+
+
+def test_v1_journal_is_migrated_keeping_its_runs(jpath):
+    make_v1(jpath)
+    j = Journal.open(jpath)
+    assert j.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert j.get_run("old")["graph_text"] == "text"
+    assert j.attempts("old")[0]["usage"] is None
+    j.add_request("old", "cancel")
+    assert [r["kind"] for r in j.take_requests("old")] == ["cancel"]
+
+
+def test_v1_journal_without_migration_is_refused_with_what_to_do(jpath):
+    make_v1(jpath)
+    before = jpath.read_bytes()
+    with pytest.raises(JournalError, match="schema version 1; this Switchboard needs 2"):
+        Journal.open(jpath, migrate=False)
+    assert jpath.read_bytes() == before
+
+
+def test_runs_find_list_latest_and_finish(jpath):
+    j = Journal.open(jpath)
+    j.create_run("20260101-aaa", graph_path="g.toml", graph_text="t1")
+    time.sleep(0.002)
+    j.create_run("20260101-abb", graph_path="g.toml", graph_text="t2")
+    assert j.latest_run()["run_id"] == "20260101-abb"
+    assert [r["run_id"] for r in j.list_runs()] == ["20260101-abb", "20260101-aaa"]
+    assert j.find_run("20260101-aa")["graph_text"] == "t1"
+    assert j.find_run(None)["run_id"] == "20260101-abb"
+    with pytest.raises(JournalError, match="ambiguous"):
+        j.find_run("20260101-a")
+    with pytest.raises(JournalError, match="no run 'zzz'"):
+        j.find_run("zzz")
+    j.finish_run("20260101-aaa", "failed", summary={"counts": {"failed": 1}}, reason="x failed")
+    r = j.get_run("20260101-aaa")
+    assert (r["status"], r["reason"], r["summary"]) == ("failed", "x failed",
+                                                        {"counts": {"failed": 1}})
+    assert [e["kind"] for e in j.events("20260101-aaa")] == ["run.created", "run.ended"]
+
+
+def test_sync_tasks_writes_changes_only_with_state_events(jpath):
+    j = Journal.open(jpath)
+    g = GraphSpec.from_text(GRAPH, "g.toml")
+    j.create_run("r", graph_path="g.toml", graph_text=GRAPH)
+    s = Scheduler(g)
+    assert j.sync_tasks("r", s.task_states()) == 2
+    assert j.sync_tasks("r", s.task_states()) == 0
+    [x] = s.next_actions(0.0)
+    assert j.sync_tasks("r", s.task_states()) == 1
+    rows = {r["task_id"]: r for r in j.task_rows("r")}
+    assert (rows["x"]["state"], rows["x"]["attempt"], rows["y"]["state"]) == ("queued", 1,
+                                                                              "waiting")
+    states = [e["data"]["state"] for e in j.events("r") if e["task_id"] == "x"]
+    assert states == ["ready", "queued"]
+
+
+def test_resume_after_a_crash_between_result_and_task_sync_does_not_repeat_the_task(jpath):
+    g = GraphSpec.from_text(GRAPH, "g.toml")
+    j = Journal.open(jpath)
+    j.create_run("r", graph_path="g.toml", graph_text=GRAPH)
+    s = Scheduler(g)
+    [x] = s.next_actions(0.0)
+    j.attempt_queued("r", "x", 1)
+    j.attempt_started("r", "x", 1, "w1")
+    s.on_started("x", 1, 0.0)
+    j.sync_tasks("r", s.task_states())
+    j.attempt_ended("r", "x", 1, "succeeded", result={"text": "hi", "outputs": {}},
+                    usage={"output_tokens": 7, "input_tokens": 3, "cost_usd": 0.5})
+    j.close()  # the orchestrator dies here, before the task row says succeeded
+
+    j2 = Journal.open(jpath)
+    run = j2.find_run("r")
+    g2 = GraphSpec.from_text(run["graph_text"], run["graph_path"])
+    s2 = Scheduler.restore(g2, j2.task_records("r"))
+    [y] = s2.next_actions(0.0)
+    assert (y.task_id, y.prompt) == ("y", "hi")
+    u = j2.usage_summary("r")
+    assert u["total"]["output_tokens"] == 7 and u["by_agent"]["a"]["input_tokens"] == 3
+    assert [a["worker_id"] for a in j2.attempts("r")] == ["w1"]
+
+
+def test_in_flight_attempt_gets_a_higher_number_after_resume(jpath):
+    g = GraphSpec.from_text(GRAPH, "g.toml")
+    j = Journal.open(jpath)
+    j.create_run("r", graph_path="g.toml", graph_text=GRAPH)
+    s = Scheduler(g)
+    s.next_actions(0.0)
+    j.attempt_started("r", "x", 1, "w1")  # task row never synced: the attempt row decides
+    j.sync_tasks("r", {})
+    j.sync_tasks("r", s.task_states())
+    s2 = Scheduler.restore(g, j.task_records("r"))
+    [x] = s2.next_actions(0.0)
+    assert (x.task_id, x.attempt) == ("x", 2)
+
+
+def test_requests_from_another_process_are_taken_once(jpath):
+    running = Journal.open(jpath)
+    running.create_run("r", graph_path="g.toml", graph_text="t")
+    other = Journal.open(jpath)  # e.g. `orchestrator cancel` in another process
+    other.add_request("r", "scale", arg="4")
+    other.add_request("r", "cancel", task_id="x")
+    other.add_request("r2", "cancel")
+    got = running.take_requests("r")
+    assert [(r["kind"], r["task_id"], r["arg"]) for r in got] == [("scale", None, "4"),
+                                                                  ("cancel", "x", None)]
+    assert running.take_requests("r") == []
+    with pytest.raises(JournalError, match="unknown request kind"):
+        other.add_request("r", "explode")
+    assert other.get_run("r")["status"] == "running"  # readers see the writer's commits
+
+
+def test_each_write_is_fast(jpath):
+    j = Journal.open(jpath)
+    j.create_run("r", graph_path="g.toml", graph_text="t")
+    n = 300
+    t0 = time.perf_counter()
+    for i in range(n):
+        j.attempt_started("r", f"t{i}", 1, "w")
+        j.attempt_ended("r", f"t{i}", 1, "succeeded", result={"text": "x", "outputs": {}})
+    per_call = (time.perf_counter() - t0) / (2 * n)
+    assert per_call < 0.003, f"{per_call * 1e6:.0f} us per call"
