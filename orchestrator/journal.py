@@ -96,6 +96,7 @@ class Journal:
         self.conn = conn
         self.path = path
         self._synced: dict[str, dict[str, Any]] = {}  # run_id -> task_id -> last view written
+        self._cursors: dict[str, tuple[list[str], int]] = {}  # run_id -> (change log, read up to)
 
     # ------------------------------------------------------------ opening
 
@@ -324,7 +325,17 @@ class Journal:
         with one `task.state` event per state change, in one transaction. Returns how many
         rows were written. A snapshot is unchanged iff it is the same object as last time."""
         last = self._synced.setdefault(run_id, {})
-        changed = [(tid, v) for tid, v in views.items() if last.get(tid) is not v]
+        log = getattr(views, "log", None)
+        cursor = self._cursors.get(run_id)
+        if isinstance(log, list) and cursor is not None and cursor[0] is log:
+            # the scheduler's change log: look only at tasks changed since the last call
+            ids = dict.fromkeys(log[cursor[1]:])
+            changed = [(tid, views[tid]) for tid in ids
+                       if tid in views and last.get(tid) is not views[tid]]
+        else:
+            changed = [(tid, v) for tid, v in views.items() if last.get(tid) is not v]
+        if isinstance(log, list):
+            self._cursors[run_id] = (log, len(log))
         if not changed:
             return 0
         now = time.time()

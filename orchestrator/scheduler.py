@@ -76,6 +76,12 @@ class TaskView:
         return attrs.asdict(self)
 
 
+class TaskStates(dict[str, TaskView]):
+    """task id -> TaskView, plus `log`: task ids in the order they changed (append-only)."""
+
+    log: list[str]
+
+
 @attrs.define
 class _Task:
     id: str
@@ -113,7 +119,14 @@ class Scheduler:
         self._run = graph.run
         self._tasks: dict[str, _Task] = {}
         self._dependents: dict[str, list[str]] = {}
-        self._ready: deque[str] = deque()
+        self._ready: deque[str] = deque()  # graph tasks and fan-out children, in order
+        self._ready_dyn: deque[str] = deque()  # dynamic children: not held to max_concurrent
+        self._open = 0  # tasks not in a terminal state
+        self._counts: Counter[str] = Counter()
+        self._log: list[str] = []  # ids of tasks as they change (append-only; for the journal)
+        self._dirty: set[str] = set()
+        self._views = TaskStates()
+        self._views.log = self._log
         self._backoff: list[tuple[float, str, int]] = []  # (ready_at, task, failures)
         self._deadlines: list[tuple[float, str, int]] = []  # (deadline, task, attempt)
         self._out: list[Action] = []
@@ -123,7 +136,7 @@ class Scheduler:
         for spec in graph.tasks:
             t = _Task(id=spec.id, kind="task", agent=spec.agent, parent=None, needs=spec.needs,
                       retries=spec.retries, timeout_s=spec.timeout_s, spec=spec)
-            self._tasks[spec.id] = t
+            self._add(t)
             for n in spec.needs:
                 self._dependents.setdefault(n, []).append(spec.id)
         for spec in graph.tasks:
@@ -135,7 +148,7 @@ class Scheduler:
     @property
     def done(self) -> bool:
         """True iff every task is terminal (nothing runs or will run)."""
-        return all(t.state in TERMINAL for t in self._tasks.values())
+        return self._open == 0
 
     def outcome(self) -> str:
         """"succeeded" iff every task succeeded; "cancelled" after cancel_all; else "failed"
@@ -151,24 +164,29 @@ class Scheduler:
         return len(self._tasks)
 
     def counts(self) -> dict[str, int]:
-        return dict(Counter(t.state for t in self._tasks.values()))
+        return {k: v for k, v in self._counts.items() if v}
 
     def is_current(self, task_id: str, attempt: int) -> bool:
         """True iff `attempt` is the live attempt of `task_id`."""
         t = self._tasks.get(task_id)
         return t is not None and t.live and t.attempt == attempt
 
-    def task_states(self) -> dict[str, TaskView]:
-        """Snapshots; a task's snapshot object is replaced only when the task changed."""
-        out = {}
-        for tid, t in self._tasks.items():
-            if t.view is None:
-                t.view = TaskView(task_id=t.id, kind=t.kind, parent=t.parent, agent=t.agent,
-                                  state=t.state, attempt=t.attempt, failures=t.failures,
-                                  prompt=t.prompt, item=t.item, result=t.result, error=t.error,
-                                  reason=t.reason, started=t.started, ended=t.ended)
-            out[tid] = t.view
-        return out
+    def task_states(self) -> TaskStates:
+        """Snapshots of every task (a read-only view, updated in place by later calls).
+
+        A task's snapshot object is replaced only when the task changed; `.log` lists task ids
+        in the order they changed, so a consumer can pick up only what changed (the journal
+        does). Cost is proportional to the tasks changed since the last call.
+        """
+        for tid in self._dirty:
+            t = self._tasks[tid]
+            t.view = TaskView(task_id=t.id, kind=t.kind, parent=t.parent, agent=t.agent,
+                              state=t.state, attempt=t.attempt, failures=t.failures,
+                              prompt=t.prompt, item=t.item, result=t.result, error=t.error,
+                              reason=t.reason, started=t.started, ended=t.ended)
+            self._views[tid] = t.view
+        self._dirty.clear()
+        return self._views
 
     def task_result(self, task_id: str) -> dict[str, Any] | None:
         t = self._tasks.get(task_id)
@@ -193,20 +211,15 @@ class Scheduler:
             t = self._tasks[tid]
             if t.state == "backoff" and t.failures == failures:
                 self._set(t, "ready")
-                self._ready.append(tid)
+                self._enqueue(t)
         out, self._out = self._out, []
-        skipped: list[str] = []
-        while self._ready:
-            tid = self._ready.popleft()
+        while self._ready_dyn or (self._ready and self._active < self._run.max_concurrent):
+            queue = self._ready_dyn if self._ready_dyn else self._ready
+            tid = queue.popleft()
             t = self._tasks[tid]
             if t.state != "ready":
                 continue
             counts = t.kind != "dynamic"
-            if counts and self._active >= self._run.max_concurrent:
-                skipped.append(tid)
-                if all(self._tasks[x].kind != "dynamic" for x in self._ready):
-                    break
-                continue
             prompt = self._render(t, now)
             if prompt is None:
                 continue  # the task failed for good: its references cannot be filled
@@ -217,7 +230,6 @@ class Scheduler:
             self._set(t, "queued")
             out.append(StartAttempt(task_id=t.id, attempt=t.attempt, agent=t.agent,
                                     prompt=prompt, timeout_s=t.timeout_s, parent=t.parent))
-        self._ready.extendleft(reversed(skipped))
         out.extend(self._out)
         self._out = []
         return out
@@ -260,7 +272,7 @@ class Scheduler:
             return False
         self._end_attempt(t)
         self._set(t, "ready")
-        self._ready.appendleft(t.id)
+        self._enqueue(t, front=True)
         return True
 
     def on_cancelled(self, task_id: str, attempt: int, error: str, now: float) -> bool:
@@ -324,9 +336,9 @@ class Scheduler:
         cid = task_id or f"{parent_id}/{len(p.dynamic) + 1}"
         c = _Task(id=cid, kind="dynamic", agent=agent, parent=parent_id, needs=(),
                   retries=self._run.retries, timeout_s=self._run.timeout_s, prompt=prompt)
-        self._tasks[cid] = c
+        self._add(c)
         p.dynamic.append(cid)
-        p.view = None
+        self._touch(p)
         self._make_ready(c, now)
         return cid
 
@@ -372,7 +384,7 @@ class Scheduler:
                     continue  # its inputs are restored later in this loop
                 t.attempt = max(t.attempt, int(r.get("attempt") or 0))
                 t.failures = int(r.get("failures") or 0)
-                t.view = None
+                s._touch(t)
                 if t.state == "fanned" or t.state in TERMINAL:
                     pass  # a join derives its state from its children
                 elif state == "succeeded":
@@ -388,9 +400,34 @@ class Scheduler:
 
     # ------------------------------------------------------------ internals
 
-    def _set(self, t: _Task, state: str) -> None:
-        t.state = state
+    def _add(self, t: _Task) -> None:
+        self._tasks[t.id] = t
+        self._open += 1
+        self._counts[t.state] += 1
+        self._touch(t)
+
+    def _touch(self, t: _Task) -> None:
+        if t.id not in self._dirty:
+            self._dirty.add(t.id)
+            self._log.append(t.id)
         t.view = None
+
+    def _enqueue(self, t: _Task, *, front: bool = False) -> None:
+        q = self._ready_dyn if t.kind == "dynamic" else self._ready
+        if front:
+            q.appendleft(t.id)
+        else:
+            q.append(t.id)
+
+    def _set(self, t: _Task, state: str) -> None:
+        self._counts[t.state] -= 1
+        self._counts[state] += 1
+        if t.state not in TERMINAL and state in TERMINAL:
+            self._open -= 1
+        elif t.state in TERMINAL and state not in TERMINAL:
+            self._open += 1
+        t.state = state
+        self._touch(t)
 
     def _current(self, task_id: str, attempt: int) -> _Task | None:
         t = self._tasks.get(task_id)
@@ -410,7 +447,7 @@ class Scheduler:
             self._expand(t, spec, now)
             return
         self._set(t, "ready")
-        self._ready.append(t.id)
+        self._enqueue(t)
 
     def _context(self, t: _Task) -> dict[str, Any]:
         ctx: dict[str, Any] = {}
@@ -466,13 +503,13 @@ class Scheduler:
                 err = f"prompt: {exc}"
             c = _Task(id=cid, kind="fanout_child", agent=t.agent, parent=t.id, needs=(),
                       retries=t.retries, timeout_s=t.timeout_s, prompt=prompt or "", item=item)
-            self._tasks[cid] = c
+            self._add(c)
             t.children.append(cid)
             if prompt is None:
                 self._final_fail(c, err, now)
             else:
                 self._set(c, "ready")
-                self._ready.append(cid)
+                self._enqueue(c)
         self._maybe_join(t, now)
 
     def _maybe_join(self, t: _Task, now: float) -> None:

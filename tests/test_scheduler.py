@@ -296,12 +296,13 @@ def test_missing_reference_at_run_time_fails_the_task_without_retrying():
 
 def test_task_states_snapshots_change_identity_only_when_the_task_changes():
     s = Scheduler(graph(task("x") + task("y")))
-    v1 = s.task_states()
-    v2 = s.task_states()
-    assert v1["x"] is v2["x"]
+    v1 = s.task_states()["x"]
+    assert s.task_states()["x"] is v1
+    n = len(s.task_states().log)
     [x, y] = s.next_actions(0.0)
     v3 = s.task_states()
-    assert v3["x"] is not v1["x"] and v3["x"].state == "queued" and v3["x"].attempt == 1
+    assert v3["x"] is not v1 and v3["x"].state == "queued" and v3["x"].attempt == 1
+    assert sorted(v3.log[n:]) == ["x", "y"]
 
 
 def test_restore_keeps_finished_work_and_reruns_in_flight_with_a_new_attempt_number():
