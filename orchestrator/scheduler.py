@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from orchestrator.graph import GraphSpec, RenderError, TaskSpec, render_prompt
+from orchestrator.graph import GraphSpec, RenderError, TaskSpec, references, render_prompt
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_run"})
 
@@ -450,26 +450,16 @@ class Scheduler:
         self._enqueue(t)
 
     def _context(self, t: _Task) -> dict[str, Any]:
+        """The results a task's prompt refers to (validation made sure they are upstream)."""
         ctx: dict[str, Any] = {}
         spec = t.spec
         if spec is not None:
-            for n in self._upstream(spec):
-                u = self._tasks[n]
-                if u.result is not None:
-                    ctx[n] = u.result
+            for ref, _ in references(spec.prompt):
+                head = ref.split(".", 1)[0]
+                u = self._tasks.get(head)
+                if u is not None and u.result is not None:
+                    ctx[head] = u.result
         return ctx
-
-    def _upstream(self, spec: TaskSpec) -> set[str]:
-        seen: set[str] = set()
-        stack = list(spec.needs)
-        while stack:
-            n = stack.pop()
-            if n not in seen:
-                seen.add(n)
-                u = self._tasks[n].spec
-                if u is not None:
-                    stack.extend(u.needs)
-        return seen
 
     def _render(self, t: _Task, now: float) -> str | None:
         if t.prompt is not None:

@@ -291,3 +291,45 @@ def test_a_back_edge_is_reported_as_a_cycle_through_real_edges(needs, data):
     assert names[0] == names[-1]
     for a, b in zip(names, names[1:], strict=False):
         assert int(b[1:]) in needs[int(a[1:])]
+
+
+def test_the_documented_example_validates():
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "graph-format.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    g = GraphSpec.from_text(example, "docs/graph-format.md")
+    assert g.agents["reviewer"].model.model == "gpt-4.1"
+    switched = example.replace('provider = "sim"', 'provider = "openai"', 1)
+    g2 = GraphSpec.from_text(switched, "x.toml")
+    assert all(a.model.base_url == "https://api.openai.com/v1" for a in g2.agents.values())
+
+
+def test_long_cycles_are_found_without_recursion_and_named_briefly():
+    n = 3000
+    text = "[agents.a]\n" + "".join(
+        f'[[tasks]]\nid = "t{i}"\nagent = "a"\nneeds = ["t{(i + 1) % n}"]\n' for i in range(n))
+    p = only(text)
+    assert p.message.startswith("the tasks form a cycle: t0 needs t1 needs t2")
+    assert f"({n - 11} more)" in p.message and p.message.endswith("t2999 needs t0")
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_any_text_is_a_graph_or_a_graph_error(text):
+    try:
+        GraphSpec.from_text(text, "g.toml")
+    except GraphError as exc:
+        assert exc.problems and all(p.line >= 1 for p in exc.problems)
+
+
+@given(st.dictionaries(st.sampled_from(["id", "agent", "needs", "retries", "timeout", "prompt",
+                                        "fan_out", "bogus"]),
+                       st.one_of(st.integers(-3, 3), st.text(max_size=8), st.booleans(),
+                                 st.lists(st.text(max_size=3), max_size=2)), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_any_task_table_is_accepted_or_reported_with_a_line(table):
+    import json as _json
+    body = "".join(f"{k} = {_json.dumps(v)}\n" for k, v in table.items())
+    try:
+        GraphSpec.from_text("[agents.a]\n[[tasks]]\n" + body, "g.toml")
+    except GraphError as exc:
+        assert all(2 <= p.line <= 2 + len(table) for p in exc.problems), exc.render()
