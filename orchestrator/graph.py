@@ -294,11 +294,17 @@ class _Parser:
         return v
 
     def duration(self, table: dict[str, Any], key: str, section: tuple[str, ...], where: str,
-                 default: float) -> float:
+                 default: float, *, positive: bool = False) -> float:
         if key not in table:
             return default
         try:
-            return parse_duration(table[key])
+            seconds = parse_duration(table[key])
+            if positive and seconds <= 0:
+                self.problem(self.lines.of(section, key),
+                             f"{where}: {key} = {table[key]!r} must be longer than zero",
+                             f'write for example {key} = "30s"')
+                return default
+            return seconds
         except DurationError:
             self.problem(self.lines.of(section, key),
                          f"{where}: {key} = {table[key]!r} is not a duration",
@@ -366,7 +372,7 @@ class _Parser:
                                              d.max_concurrent, minimum=1),
             failure_policy=policy,
             retries=self.positive_int(t, "retries", sec, "[run]", d.retries, minimum=0),
-            timeout_s=self.duration(t, "timeout", sec, "[run]", d.timeout_s),
+            timeout_s=self.duration(t, "timeout", sec, "[run]", d.timeout_s, positive=True),
             backoff_s=self.duration(t, "backoff", sec, "[run]", d.backoff_s),
             backoff_max_s=self.duration(t, "backoff_max", sec, "[run]", d.backoff_max_s),
             jitter=float(jitter),
@@ -550,7 +556,8 @@ class _Parser:
                 prompt=self.get(task, "prompt", str, sec, where, "", what="a string"),
                 needs=tuple(needs),
                 retries=self.positive_int(task, "retries", sec, where, run.retries, minimum=0),
-                timeout_s=self.duration(task, "timeout", sec, where, run.timeout_s),
+                timeout_s=self.duration(task, "timeout", sec, where, run.timeout_s,
+                                        positive=True),
                 fan_out=fan_out, line=line,
             ))
         return out

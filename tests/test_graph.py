@@ -333,3 +333,9 @@ def test_any_task_table_is_accepted_or_reported_with_a_line(table):
         GraphSpec.from_text("[agents.a]\n[[tasks]]\n" + body, "g.toml")
     except GraphError as exc:
         assert all(2 <= p.line <= 2 + len(table) for p in exc.problems), exc.render()
+
+
+def test_zero_timeout_is_refused():
+    text = AGENTS + '[[tasks]]\nid = "a"\nagent = "coder"\ntimeout = "0s"\n'
+    p = only(text)
+    assert "must be longer than zero" in p.message and p.line == line_of(text, "timeout")
