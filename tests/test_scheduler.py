@@ -361,6 +361,7 @@ def test_random_dags_respect_dependencies_limits_and_retry_bounds(gx, seed, p_fa
     failures: dict[str, int] = {}
     losses: dict[str, int] = {}
     stopped: dict[str, int] = {}
+    timed_out: set[tuple[str, int]] = set()
     succeeded: set[str] = set()
     for _step in range(1000):
         for a in s.next_actions(now):
@@ -372,13 +373,24 @@ def test_random_dags_respect_dependencies_limits_and_retry_bounds(gx, seed, p_fa
                 assert a.attempt == attempts[a.task_id]
                 running[a.task_id] = a.attempt
                 s.on_started(a.task_id, a.attempt, now)
+            elif (a.task_id, a.attempt) in timed_out:
+                assert a.task_id not in running and a.reason.startswith("timed out")
             else:
                 assert running.pop(a.task_id) == a.attempt
                 stopped[a.task_id] = stopped.get(a.task_id, 0) + 1
         assert len(running) <= limit
         if s.done:
             break
-        if running:
+        if running and rng.random() < 0.1:
+            now += 601.0  # past every deadline (timeout 600 s): all running attempts time out
+            hit = s.check_timeouts(now)
+            # every running attempt times out, unless a stop already cancelled it
+            assert hit and set(hit) <= set(running)
+            assert len(hit) == len(running) or g.run.failure_policy == "stop"
+            for tid in hit:
+                timed_out.add((tid, running.pop(tid)))
+                failures[tid] = failures.get(tid, 0) + 1
+        elif running:
             tid = rng.choice(sorted(running))
             att = running.pop(tid)
             r = rng.random()
