@@ -333,8 +333,12 @@ class Scheduler:
         if agent not in self.graph.agents:
             raise SchedulerError(f"spawn: no agent {agent!r} in the graph (have: "
                                  f"{', '.join(sorted(self.graph.agents))})")
-        cid = task_id or f"{parent_id}/{len(p.dynamic) + 1}"
-        c = _Task(id=cid, kind="dynamic", agent=agent, parent=parent_id, needs=(),
+        return self._new_dynamic(p, prompt=prompt, agent=agent, now=now, task_id=task_id)
+
+    def _new_dynamic(self, p: _Task, *, prompt: str, agent: str, now: float,
+                     task_id: str | None) -> str:
+        cid = task_id or f"{p.id}/{len(p.dynamic) + 1}"
+        c = _Task(id=cid, kind="dynamic", agent=agent, parent=p.id, needs=(),
                   retries=self._run.retries, timeout_s=self._run.timeout_s, prompt=prompt)
         self._add(c)
         p.dynamic.append(cid)
@@ -366,35 +370,40 @@ class Scheduler:
             d = r.to_record() if isinstance(r, TaskView) else dict(r)
             recs[d["task_id"]] = d
         applied: set[str] = set()
-        changed = True
-        while changed:
-            changed = False
-            for tid, r in recs.items():
-                if tid in applied:
-                    continue
-                if tid not in s._tasks:
-                    if r.get("kind") == "dynamic" and r.get("parent") in s._tasks:
-                        s.spawn_child(r["parent"], prompt=r.get("prompt") or "",
-                                      agent=r.get("agent"), now=0.0, task_id=tid)
-                    else:
+        # successes first (to a fixpoint: each may unlock fan-outs and dynamic children),
+        # then failures and cancels, so a stop policy cannot hide a journaled success
+        for phase in (("succeeded", None), ("failed", "cancelled")):
+            changed = True
+            while changed:
+                changed = False
+                for tid, r in recs.items():
+                    state = r.get("state")
+                    if tid in applied or (state in ("failed", "cancelled")) != (
+                            phase[0] == "failed"):
                         continue
-                t = s._tasks[tid]
-                state = r.get("state")
-                if t.state == "waiting" and state in ("succeeded", "failed"):
-                    continue  # its inputs are restored later in this loop
-                t.attempt = max(t.attempt, int(r.get("attempt") or 0))
-                t.failures = int(r.get("failures") or 0)
-                s._touch(t)
-                if t.state == "fanned" or t.state in TERMINAL:
-                    pass  # a join derives its state from its children
-                elif state == "succeeded":
-                    s._succeed(t, r.get("result") or {"text": "", "outputs": {}}, 0.0)
-                elif state == "failed":
-                    s._final_fail(t, r.get("error") or "failed", 0.0)
-                elif state == "cancelled":
-                    s._cancel_tree(t, r.get("reason") or "cancelled", 0.0, [])
-                applied.add(tid)
-                changed = True
+                    if tid not in s._tasks:
+                        parent = r.get("parent")
+                        if r.get("kind") != "dynamic" or parent not in s._tasks:
+                            continue
+                        s._new_dynamic(s._tasks[parent], prompt=r.get("prompt") or "",
+                                       agent=r.get("agent") or s._tasks[parent].agent,
+                                       now=0.0, task_id=tid)
+                    t = s._tasks[tid]
+                    if t.state == "waiting" and state == "succeeded":
+                        continue  # its inputs are restored later in this loop
+                    t.attempt = max(t.attempt, int(r.get("attempt") or 0))
+                    t.failures = int(r.get("failures") or 0)
+                    s._touch(t)
+                    if t.state == "fanned" or t.state in TERMINAL:
+                        pass  # a join derives its state from its children
+                    elif state == "succeeded":
+                        s._succeed(t, r.get("result") or {"text": "", "outputs": {}}, 0.0)
+                    elif state == "failed":
+                        s._final_fail(t, r.get("error") or "failed", 0.0)
+                    elif state == "cancelled":
+                        s._cancel_tree(t, r.get("reason") or "cancelled", 0.0, [])
+                    applied.add(tid)
+                    changed = True
         s._out = []  # nothing was live before the restore
         return s
 

@@ -459,3 +459,68 @@ def test_stop_policy_names_the_failure_on_every_skipped_task():
         "y": ("cancelled", "run stopped: task x failed"),
         "z": ("not_run", "run stopped: task x failed"),
         "w": ("not_run", "run stopped: task x failed")}
+
+
+@given(dag_graphs(), st.integers(0, 2**32), st.integers(0, 30))
+@settings(max_examples=100, deadline=None)
+def test_restore_at_any_point_never_reruns_a_finished_task(gx, seed, crash_after):
+    g, needs, _, _ = gx
+    rng = random.Random(seed)
+    s = Scheduler(g)
+    running: dict[str, int] = {}
+    for _ in range(crash_after):
+        for a in s.next_actions(0.0):
+            if isinstance(a, StartAttempt):
+                s.on_started(a.task_id, a.attempt, 0.0)
+                running[a.task_id] = a.attempt
+            else:
+                running.pop(a.task_id, None)
+        if not running:
+            break
+        tid = rng.choice(sorted(running))
+        att = running.pop(tid)
+        if rng.random() < 0.8:
+            s.on_succeeded(tid, att, {"text": tid, "outputs": {}}, 0.0)
+        else:
+            s.on_failed(tid, att, "x", 0.0)
+    before = {t: v for t, v in s.task_states().items()}
+    finished = {t for t, v in before.items() if v.state in TERMINAL}
+    r = Scheduler.restore(g, [v.to_record() for v in before.values()])
+    for t in finished:
+        assert r.task_states()[t].state == before[t].state
+    for _ in range(200):
+        acts = r.next_actions(0.0)
+        for a in acts:
+            if isinstance(a, StartAttempt):
+                assert a.task_id not in finished
+                assert a.attempt > before[a.task_id].attempt
+                r.on_started(a.task_id, a.attempt, 0.0)
+                r.on_succeeded(a.task_id, a.attempt, {"text": "", "outputs": {}}, 0.0)
+        if r.done:
+            break
+        if not acts:
+            now = r.next_wakeup()
+            assert now is not None
+            r.check_timeouts(now)
+            for a in r.next_actions(now):
+                if isinstance(a, StartAttempt):
+                    r.on_started(a.task_id, a.attempt, now)
+                    r.on_succeeded(a.task_id, a.attempt, {"text": "", "outputs": {}}, now)
+    assert r.done
+
+
+def test_restore_brings_back_dynamic_children_of_a_finished_parent():
+    g = graph(task("x"))
+    s = Scheduler(g)
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    child = s.spawn_child("x", prompt="sub", agent="b", now=0.0)
+    [c] = s.next_actions(0.0)
+    s.on_started(child, 1, 0.0)
+    s.on_succeeded("x", 1, {"text": "done"}, 1.0)
+    r = Scheduler.restore(g, [v.to_record() for v in s.task_states().values()])
+    [c2] = r.next_actions(2.0)
+    assert (c2.task_id, c2.attempt, c2.agent, c2.prompt, c2.parent) == ("x/1", 2, "b", "sub", "x")
+    assert r.task_result("x")["text"] == "done"
+    with pytest.raises(SchedulerError, match="already ended"):
+        r.spawn_child("x", prompt="more", agent=None, now=2.0)
