@@ -370,16 +370,17 @@ class Scheduler:
             d = r.to_record() if isinstance(r, TaskView) else dict(r)
             recs[d["task_id"]] = d
         applied: set[str] = set()
-        # successes first (to a fixpoint: each may unlock fan-outs and dynamic children),
-        # then failures and cancels, so a stop policy cannot hide a journaled success
-        for phase in (("succeeded", None), ("failed", "cancelled")):
+        # successes (and in-flight records) first, to a fixpoint: each may unlock fan-outs and
+        # dynamic children; then cancels, then failures, so a stop policy re-applied by a
+        # failure cannot overwrite what the journal says
+        for phase in ("succeeded", "cancelled", "failed"):
             changed = True
             while changed:
                 changed = False
                 for tid, r in recs.items():
                     state = r.get("state")
-                    if tid in applied or (state in ("failed", "cancelled")) != (
-                            phase[0] == "failed"):
+                    if tid in applied or (state in ("failed", "cancelled") and state != phase) \
+                            or (phase != "succeeded" and state != phase):
                         continue
                     if tid not in s._tasks:
                         parent = r.get("parent")
