@@ -109,6 +109,8 @@ class Journal:
         is never written to.
         """
         p = pathlib.Path(path)
+        if not p.parent.is_dir():
+            raise JournalError(f"cannot open journal {p}: directory {p.parent} does not exist")
         _check_file(p)
         try:
             conn = sqlite3.connect(str(p), timeout=5.0, isolation_level=None,

@@ -210,3 +210,8 @@ def test_each_write_is_fast(jpath):
     per_call = (time.perf_counter() - t0) / (2 * n)
     print(f"journal write: {per_call * 1e6:.0f} us per call")
     assert per_call < 0.003, f"{per_call * 1e6:.0f} us per call"
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(JournalError, match="directory .*nope does not exist"):
+        Journal.open(tmp_path / "nope" / "journal.sqlite")
