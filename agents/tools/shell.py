@@ -1,0 +1,267 @@
+"""Owns the shell tool: one command in the workspace, in its own process group, ended as a group.
+
+Invariant: when `run_shell` returns or raises (trio.Cancelled included), no process of the
+command's process group is left running: SIGTERM to the group, up to a grace, SIGKILL to the
+group, and the leader reaped. Limit: a descendant that calls setsid() (or setpgid) itself leaves
+the group and is beyond reach; so do processes it hands work to (daemons). Use a container or
+cgroup if commands must be fully contained.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import attrs
+import trio
+
+from agents.tools.registry import Tool, ToolContext, ToolResult, render_bytes
+from agents.tools.schema import object_schema
+
+POLL_S = 0.01  # how often a dying group is checked
+KILL_WAIT_S = 1.0  # after SIGKILL, how long to wait for the kernel to finish the group
+DRAIN_S = 0.5  # after the command ended, how long to wait for the output pipe to close
+READ_CHUNK = 65536
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@attrs.frozen(kw_only=True)
+class ShellOutcome:
+    """What a command did. returncode < 0 means killed by that signal."""
+
+    returncode: int | None
+    output: str  # head and tail of stdout+stderr, with a note if bytes were cut
+    total_bytes: int
+    truncated_bytes: int
+    binary: bool
+    timed_out: bool
+    note: str | None = None  # something the model should know (e.g. a process escaped)
+
+
+class _Capture:
+    """Keeps the first `limit // 2` and the last `limit - limit // 2` bytes of a stream."""
+
+    def __init__(self, limit: int) -> None:
+        self.head_max = max(limit // 2, 0)
+        self.tail_max = max(limit - self.head_max, 0)
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.head_max - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data and self.tail_max:
+            if len(data) >= self.tail_max:
+                self.tail[:] = data[-self.tail_max:]
+            else:
+                self.tail += data
+                over = len(self.tail) - self.tail_max
+                if over > 0:
+                    del self.tail[:over]
+
+    def render(self) -> tuple[str, bool, int]:
+        cut = self.total - len(self.head) - len(self.tail)
+        return render_bytes(bytes(self.head), bytes(self.tail), cut)
+
+
+def group_alive(pgid: int) -> bool:
+    """True iff some process of group `pgid` is alive (zombies do not count: they hold nothing)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not sys.platform.startswith("linux"):
+        return True
+    # killpg also succeeds for zombies nobody reaped (orphans under a PID 1 that does not reap):
+    # look for a member that is not a zombie.
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def terminate_group(pgid: int, grace_s: float) -> bool:
+    """End every process of group `pgid`: SIGTERM, up to `grace_s`, then SIGKILL.
+
+    Returns True iff SIGKILL was needed. Takes at most grace_s + KILL_WAIT_S. Raises
+    trio.Cancelled if cancelled; run it shielded when it must finish.
+    """
+    if not group_alive(pgid):
+        return False
+    _signal_group(pgid, signal.SIGTERM)
+    _signal_group(pgid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
+    if await _wait_group_gone(pgid, grace_s):
+        return False
+    _signal_group(pgid, signal.SIGKILL)
+    await _wait_group_gone(pgid, KILL_WAIT_S)
+    return True
+
+
+async def _wait_group_gone(pgid: int, limit_s: float) -> bool:
+    """True iff group `pgid` emptied within `limit_s`. Polls: the kernel has no event for it
+    (a pidfd covers one process, and grandchildren are not ours to wait for)."""
+    with trio.move_on_after(limit_s):
+        while group_alive(pgid):  # noqa: ASYNC110
+            await trio.sleep(POLL_S)
+        return True
+    return False
+
+
+async def run_shell(
+    cmd: str,
+    *,
+    cwd: os.PathLike[str] | str,
+    env: dict[str, str],
+    timeout_s: float,
+    max_output_bytes: int = 16 * 1024,
+    kill_grace_s: float = 2.0,
+    cancel_grace_s: float = 0.5,
+) -> ShellOutcome:
+    """Run `/bin/sh -c cmd` in `cwd` with exactly `env`, stdout and stderr captured together.
+
+    On timeout the process group gets SIGTERM, then SIGKILL after `kill_grace_s`. When the
+    command's shell exits, processes it left in the background are ended the same way. Raises
+    trio.Cancelled when cancelled, after ending the group (SIGTERM, `cancel_grace_s`, SIGKILL);
+    raises OSError if the shell cannot be started.
+    """
+    proc = await trio.lowlevel.open_process(
+        ["/bin/sh", "-c", cmd], cwd=os.fspath(cwd), env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    pgid = proc.pid  # start_new_session: the shell leads a new session and process group
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    cap = _Capture(max_output_bytes)
+    eof = trio.Event()
+    timed_out = False
+    note: str | None = None
+    finished = False
+
+    async def pump() -> None:
+        try:
+            while True:
+                data = await stdout.receive_some(READ_CHUNK)
+                if not data:
+                    break
+                cap.feed(data)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        eof.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            with trio.move_on_after(timeout_s) as scope:
+                await proc.wait()
+            timed_out = scope.cancelled_caught
+            # The shell is done or out of time: end it and whatever it left in the background.
+            await terminate_group(pgid, kill_grace_s)
+            await proc.wait()
+            with trio.move_on_after(DRAIN_S) as drain:
+                await eof.wait()
+            if drain.cancelled_caught:
+                note = ("the output pipe was still held open by a process outside the command's "
+                        "process group (it called setsid); stopped reading")
+            nursery.cancel_scope.cancel()
+        finished = True
+    finally:
+        with trio.CancelScope(shield=True):
+            if not finished:  # cancelled or crashed: nothing of the group may outlive this call
+                await terminate_group(pgid, cancel_grace_s)
+                with trio.move_on_after(KILL_WAIT_S):
+                    await proc.wait()
+            await stdout.aclose()
+    text, binary, cut = cap.render()
+    return ShellOutcome(returncode=proc.returncode, output=text, total_bytes=cap.total,
+                        truncated_bytes=cut, binary=binary, timed_out=timed_out, note=note)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    return f"exit code {code}"
+
+
+def shell_tool(ctx: ToolContext) -> Tool:
+    """The `shell` tool bound to one task's workspace and environment."""
+    env = dict(ctx.env)
+    env.setdefault("PATH", DEFAULT_PATH)  # not a secret, and sh cannot find `ls` without it
+
+    async def shell(cmd: str, timeout_s: float | None = None) -> ToolResult:
+        limit = ctx.shell_timeout_s
+        if timeout_s is not None:
+            if not timeout_s > 0:
+                return ToolResult(ok=False, output="",
+                                  error=f"timeout_s must be a positive number, got {timeout_s}")
+            limit = min(float(timeout_s), ctx.shell_timeout_s)
+        if not ctx.workspace.is_dir():
+            return ToolResult(ok=False, output="",
+                              error=f"the workspace {ctx.workspace} does not exist")
+        out = await run_shell(cmd, cwd=ctx.workspace, env=env, timeout_s=limit,
+                              max_output_bytes=ctx.max_output_bytes,
+                              kill_grace_s=ctx.kill_grace_s, cancel_grace_s=ctx.cancel_grace_s)
+        status = _describe_exit(out.returncode)
+        footer = f"[{status}"
+        if out.truncated_bytes:
+            footer += f"; {out.total_bytes} bytes of output, {out.truncated_bytes} cut"
+        footer += "]"
+        if out.note:
+            footer += f"\n[{out.note}]"
+        text = out.output
+        text = f"{text}\n{footer}" if text and not text.endswith("\n") else text + footer
+        error: str | None = None
+        if out.timed_out:
+            error = (f"command timed out after {limit:g}s; its process group was terminated "
+                     f"({status}); output so far is below")
+        elif out.returncode != 0:
+            error = f"command failed ({status}); output is below"
+        return ToolResult(ok=error is None, output=text, error=error,
+                          truncated_bytes=out.truncated_bytes)
+
+    params: dict[str, Any] = {
+        "cmd": {"type": "string", "description": "The command, run by /bin/sh -c in the "
+                "workspace directory. stdout and stderr are captured together."},
+        "timeout_s": {"type": "number", "description": "Seconds before the command is killed "
+                      f"(default and maximum {ctx.shell_timeout_s:g})."},
+    }
+    return Tool(
+        name="shell",
+        description=("Run a shell command in the task's workspace directory and return its "
+                     f"output and exit code. Output beyond {ctx.max_output_bytes} bytes is cut "
+                     "from the middle. Background processes are ended when the command exits."),
+        parameters=object_schema(params, ["cmd"]),
+        fn=shell,
+    )
