@@ -286,10 +286,10 @@ def validate_tool_spec(spec: object) -> str | None:
         return (f"unknown tool {name!r}: built-in tools are {', '.join(BUILTIN_NAMES)}; agent "
                 f"tools are {', '.join(sorted(AGENT_LAYER_NAMES))}; Python function tools are "
                 "written 'package.module:function'")
-    from agents.tools import pyfunc
+    from agents.tools.pyfunc import load_function_tool
 
     try:
-        pyfunc.load_function_tool(name)
+        load_function_tool(name)
     except ToolSpecError as exc:
         return str(exc)
     return None
@@ -319,14 +319,21 @@ def build_registry(tool_specs: list[str | dict[str, Any]] | tuple[str, ...],
     Raises ToolSpecError naming the spec for an unknown name, a module that cannot be imported,
     a missing function, or a signature that cannot be described as a JSON schema.
     """
-    from agents.tools import files, pyfunc, shell
+    from agents.tools.files import (
+        apply_patch_tool,
+        list_files_tool,
+        read_file_tool,
+        write_file_tool,
+    )
+    from agents.tools.pyfunc import load_function_tool, make_caller, tool_name
+    from agents.tools.shell import shell_tool
 
     builtins: dict[str, Callable[[ToolContext], Tool]] = {
-        "shell": shell.shell_tool,
-        "read_file": files.read_file_tool,
-        "write_file": files.write_file_tool,
-        "list_files": files.list_files_tool,
-        "apply_patch": files.apply_patch_tool,
+        "shell": shell_tool,
+        "read_file": read_file_tool,
+        "write_file": write_file_tool,
+        "list_files": list_files_tool,
+        "apply_patch": apply_patch_tool,
     }
     registry = ToolRegistry(ctx)
     for spec in tool_specs:
@@ -341,9 +348,9 @@ def build_registry(tool_specs: list[str | dict[str, Any]] | tuple[str, ...],
         if ":" not in name:
             msg = validate_tool_spec(name)
             raise ToolSpecError(msg or f"unknown tool {name!r}")
-        fn, description, parameters = pyfunc.load_function_tool(name)
-        registry.register(pyfunc.tool_name(name), description, parameters,
-                          pyfunc.make_caller(fn), timeout_s=ctx.function_timeout_s)
+        fn, description, parameters = load_function_tool(name)
+        registry.register(tool_name(name), description, parameters, make_caller(fn),
+                          timeout_s=ctx.function_timeout_s)
     for tool in ctx.extra_tools:
         registry.add(tool)
     return registry

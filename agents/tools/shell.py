@@ -51,7 +51,7 @@ class _Capture:
         self.tail = bytearray()
         self.total = 0
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self.total += len(data)
         room = self.head_max - len(self.head)
         if room > 0:
