@@ -1,0 +1,245 @@
+"""The shell tool with real processes: cancellation and timeouts end the whole process group."""
+
+import json
+import os
+import signal
+import time
+
+import trio
+
+from agents.tools import ToolContext, build_registry
+from agents.tools.shell import run_shell
+
+
+def alive(pid: int) -> bool:
+    """True iff `pid` is a live (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+async def wait_for_pids(path, n: int) -> list[int]:
+    """The pids a command wrote to `path`, once there are `n` of them (real time)."""
+    while True:
+        if path.exists():
+            pids = [int(x) for x in path.read_text().split()]
+            if len(pids) >= n:
+                return pids
+        await trio.sleep(0.01)
+
+
+def kill_leftovers(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def make_ctx(tmp_path, **kw) -> ToolContext:
+    ws = tmp_path / "ws"
+    ws.mkdir(exist_ok=True)
+    kw.setdefault("env", {"PATH": "/usr/bin:/bin"})
+    return ToolContext(workspace=ws, **kw)
+
+
+# Grandchildren and great-grandchildren that ignore SIGTERM; each writes its pid to `pids`.
+STUBBORN = (
+    "for i in 1 2 3; do sh -c 'trap \"\" TERM; echo $$ >> pids; while :; do sleep 1; done' & done; "
+    "sh -c 'trap \"\" TERM; sh -c \"trap \\\"\\\" TERM; echo \\$\\$ >> pids; sleep 60\" & "
+    "echo $$ >> pids; wait' & "
+    "echo $$ >> pids; wait"
+)
+
+
+async def test_cancel_kills_grandchildren_that_ignore_sigterm_within_a_second(tmp_path):
+    ctx = make_ctx(tmp_path, cancel_grace_s=0.3)
+    registry = build_registry(["shell"], ctx)
+    pidfile = ctx.workspace / "pids"
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(registry.call, "shell", args(cmd=STUBBORN))
+                pids = await wait_for_pids(pidfile, 6)
+                assert all(alive(p) for p in pids)
+                t0 = time.monotonic()
+                scope.cancel()
+        took = time.monotonic() - t0
+    try:
+        survivors = [p for p in pids if alive(p)]
+        assert survivors == [], f"processes outlived the cancel: {survivors}"
+        assert took < 1.0, f"cancel took {took:.2f}s"
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_cancelled_propagates_out_of_the_tool(tmp_path):
+    ctx = make_ctx(tmp_path, cancel_grace_s=0.2)
+    registry = build_registry(["shell"], ctx)
+    with trio.fail_after(5):
+        with trio.move_on_after(0.2) as scope:
+            await registry.call("shell", '{"cmd": "sleep 30"}')
+    assert scope.cancelled_caught
+
+
+async def test_timeout_terms_then_kills_the_group_and_reports_an_error(tmp_path):
+    ctx = make_ctx(tmp_path, shell_timeout_s=0.3, kill_grace_s=0.2)
+    registry = build_registry(["shell"], ctx)
+    pidfile = ctx.workspace / "pids"
+    cmd = "echo started; sh -c 'trap \"\" TERM; echo $$ >> pids; sleep 60' & echo $$ >> pids; wait"
+    t0 = time.monotonic()
+    with trio.fail_after(5):
+        res = await registry.call("shell", args(cmd=cmd))
+    took = time.monotonic() - t0
+    pids = [int(x) for x in pidfile.read_text().split()]
+    try:
+        assert not res.ok
+        assert "timed out after 0.3s" in res.error
+        assert "started" in res.output
+        assert 0.3 <= took < 1.5
+        assert [p for p in pids if alive(p)] == []
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_model_can_shorten_but_not_extend_the_timeout(tmp_path):
+    ctx = make_ctx(tmp_path, shell_timeout_s=0.3, kill_grace_s=0.1)
+    registry = build_registry(["shell"], ctx)
+    with trio.fail_after(5):
+        res = await registry.call("shell", '{"cmd": "sleep 5", "timeout_s": 100}')
+        assert not res.ok and "timed out after 0.3s" in res.error
+        res = await registry.call("shell", '{"cmd": "sleep 5", "timeout_s": 0.1}')
+        assert not res.ok and "timed out after 0.1s" in res.error
+        res = await registry.call("shell", '{"cmd": "true", "timeout_s": -1}')
+        assert not res.ok and "positive" in res.error
+
+
+async def test_huge_output_is_capped_head_and_tail_and_returns_quickly(tmp_path):
+    ctx = make_ctx(tmp_path)
+    registry = build_registry(["shell"], ctx)
+    cmd = "echo FIRST; yes | head -c 50000000; echo LAST"
+    t0 = time.monotonic()
+    with trio.fail_after(10):
+        res = await registry.call("shell", args(cmd=cmd))
+    assert time.monotonic() - t0 < 5
+    assert res.ok, res.error
+    assert res.output.startswith("FIRST\n")
+    assert "LAST" in res.output[-200:]
+    assert res.truncated_bytes > 50_000_000 - 17 * 1024
+    assert "bytes cut from the middle" in res.output
+    assert len(res.output.encode()) < ctx.max_output_bytes + 1024
+    assert "[exit code 0; 50000011 bytes of output" in res.output
+
+
+async def test_binary_output_is_decoded_with_replacement_and_marked(tmp_path):
+    ctx = make_ctx(tmp_path)
+    registry = build_registry(["shell"], ctx)
+    with trio.fail_after(5):
+        res = await registry.call("shell", r'{"cmd": "printf \"ok\\377\\000\\376end\""}')
+    assert res.ok
+    assert res.output.startswith("[binary output")
+    assert "ok\ufffd\\0\ufffdend" in res.output
+
+
+async def test_multibyte_text_cut_in_the_middle_is_not_called_binary(tmp_path):
+    ctx = make_ctx(tmp_path, max_output_bytes=1001)
+    registry = build_registry(["shell"], ctx)
+    cmd = "i=0; while [ $i -lt 2000 ]; do printf 'é'; i=$((i+1)); done"
+    with trio.fail_after(5):
+        res = await registry.call("shell", args(cmd=cmd))
+    assert res.ok
+    assert "[binary output" not in res.output
+    assert "\ufffd" not in res.output
+    assert res.truncated_bytes > 0
+
+
+async def test_exit_code_and_stderr_are_reported(tmp_path):
+    ctx = make_ctx(tmp_path)
+    registry = build_registry(["shell"], ctx)
+    with trio.fail_after(5):
+        res = await registry.call("shell", '{"cmd": "echo out; echo err >&2; exit 3"}')
+    assert not res.ok
+    assert res.error == "command failed (exit code 3); output is below"
+    assert res.output == "out\nerr\n[exit code 3]"
+    with trio.fail_after(5):
+        res = await registry.call("shell", '{"cmd": "kill -9 $$"}')
+    assert not res.ok and "killed by SIGKILL" in res.output
+
+
+async def test_runs_in_the_workspace_with_only_the_explicit_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWITCHBOARD_TEST_SECRET", "hunter2")
+    ctx = make_ctx(tmp_path, env={"GREETING": "hi"})
+    registry = build_registry(["shell"], ctx)
+    with trio.fail_after(5):
+        res = await registry.call(
+            "shell", '{"cmd": "pwd; echo $GREETING-$SWITCHBOARD_TEST_SECRET-; ls /bin/sh"}')
+    assert res.ok, res.error
+    lines = res.output.splitlines()
+    assert lines[0] == str(ctx.workspace.resolve())
+    assert lines[1] == "hi--"  # the secret in the worker's environment was not passed
+    assert lines[2] == "/bin/sh"  # PATH defaults to the standard dirs when the env names none
+
+
+async def test_background_processes_are_ended_when_the_command_exits(tmp_path):
+    ctx = make_ctx(tmp_path, kill_grace_s=0.2)
+    registry = build_registry(["shell"], ctx)
+    cmd = "sh -c 'trap \"\" TERM; echo $$ > pids; exec sleep 60' & sleep 0.1; echo done"
+    t0 = time.monotonic()
+    with trio.fail_after(5):
+        res = await registry.call("shell", args(cmd=cmd))
+    pids = [int(x) for x in (ctx.workspace / "pids").read_text().split()]
+    try:
+        assert res.ok and res.output.startswith("done")
+        assert time.monotonic() - t0 < 1.5
+        assert [p for p in pids if alive(p)] == []
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_a_process_that_escapes_with_setsid_does_not_hang_the_tool(tmp_path):
+    # The documented limit: setsid leaves the group. The tool still returns and says so.
+    ctx = make_ctx(tmp_path, kill_grace_s=0.2)
+    registry = build_registry(["shell"], ctx)
+    cmd = "setsid sh -c 'echo $$ > pids; exec sleep 30' & sleep 0.1; echo done"
+    pids: list[int] = []
+    try:
+        with trio.fail_after(5):
+            res = await registry.call("shell", args(cmd=cmd))
+        pids = [int(x) for x in (ctx.workspace / "pids").read_text().split()]
+        assert res.ok
+        assert "outside the command's process group" in res.output
+    finally:
+        kill_leftovers(pids)
+
+
+async def test_run_shell_reports_total_bytes_and_returncode(tmp_path):
+    with trio.fail_after(5):
+        out = await run_shell("printf abc; exit 7", cwd=tmp_path, env={}, timeout_s=5)
+    assert (out.returncode, out.output, out.total_bytes, out.timed_out) == (7, "abc", 3, False)
+
+
+async def test_many_concurrent_commands_are_all_cancelled_quickly(tmp_path):
+    ctx = make_ctx(tmp_path, cancel_grace_s=0.3)
+    registry = build_registry(["shell"], ctx)
+    cmd = "sh -c 'trap \"\" TERM; echo $$ >> pids; sleep 60' & echo $$ >> pids; wait"
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(registry.call, "shell", args(cmd=cmd))
+                pids = await wait_for_pids(ctx.workspace / "pids", 40)
+                t0 = time.monotonic()
+                scope.cancel()
+        took = time.monotonic() - t0
+    try:
+        assert [p for p in pids if alive(p)] == []
+        assert took < 1.0, f"cancelling 20 commands took {took:.2f}s"
+    finally:
+        kill_leftovers(pids)
+
+
+def args(**kw) -> str:
+    return json.dumps(kw)
