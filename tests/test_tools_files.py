@@ -122,7 +122,7 @@ async def test_symlinks_resolving_outside_are_refused_for_every_tool(setup):
     assert not res.ok and "outside the workspace" in res.error
     assert (outside / "secret.txt").read_text() == "top secret\n"
     assert sorted(os.listdir(outside)) == ["secret.txt"]
-    assert os.path.islink(ws / "linkfile")  # not replaced by a regular file either
+    assert (ws / "linkfile").is_symlink()  # not replaced by a regular file either
 
 
 async def test_symlink_inside_the_workspace_is_written_through(setup):
@@ -132,7 +132,7 @@ async def test_symlink_inside_the_workspace_is_written_through(setup):
     res = await call(reg, "write_file", path="alias.txt", content="new\n")
     assert res.ok
     assert (ws / "real.txt").read_text() == "new\n"
-    assert os.path.islink(ws / "alias.txt")
+    assert (ws / "alias.txt").is_symlink()
 
 
 async def test_list_files_flat_and_recursive_without_following_symlinks(setup):
