@@ -60,8 +60,8 @@ def load_function_tool(spec: str) -> tuple[Callable[..., Any], str, dict[str, An
                                 f"{attr_path!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ToolSpecError(f"tool {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a "
-                            "function")
+        raise ToolSpecError(f"tool {spec!r}: {attr_path!r} is not a function (it is a "
+                            f"{type(obj).__name__})")
     description, parameters = describe(obj, spec)
     return obj, description, parameters
 
