@@ -243,3 +243,26 @@ async def test_many_concurrent_commands_are_all_cancelled_quickly(tmp_path):
 
 def args(**kw) -> str:
     return json.dumps(kw)
+
+
+def test_zombies_do_not_count_as_a_live_group():
+    # An unreaped child is a zombie: killpg still finds its group, but nothing runs there.
+    import subprocess
+
+    from agents.tools.shell import group_alive
+
+    proc = subprocess.Popen(["/bin/sh", "-c", "exit 0"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        while alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, 0)  # the zombie keeps the group id in use ...
+        assert not group_alive(proc.pid)  # ... yet the group counts as gone
+    finally:
+        proc.wait()
+    sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert group_alive(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

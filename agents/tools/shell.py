@@ -71,34 +71,43 @@ class _Capture:
         return render_bytes(bytes(self.head), bytes(self.tail), cut)
 
 
+def _live_member(pid: int, pgid: int) -> bool:
+    """True iff process `pid` exists, is not a zombie, and is still in group `pgid`."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid
+
+
+def group_members(pgid: int) -> set[int] | None:
+    """Live (non-zombie) pids of group `pgid` from one /proc scan; None where there is no /proc.
+
+    Zombies do not count: they hold nothing, and orphans under a PID 1 that does not reap
+    (a container without an init) stay zombies, so `killpg(pgid, 0)` alone would never
+    report the group gone.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    return {int(n) for n in entries if n.isdigit() and _live_member(int(n), pgid)}
+
+
 def group_alive(pgid: int) -> bool:
-    """True iff some process of group `pgid` is alive (zombies do not count: they hold nothing)."""
+    """True iff some process of group `pgid` is alive (zombies do not count)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    if not sys.platform.startswith("linux"):
-        return True
-    # killpg also succeeds for zombies nobody reaped (orphans under a PID 1 that does not reap):
-    # look for a member that is not a zombie.
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True
-    for name in entries:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    members = group_members(pgid)
+    return True if members is None else bool(members)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -127,11 +136,25 @@ async def terminate_group(pgid: int, grace_s: float) -> bool:
 
 async def _wait_group_gone(pgid: int, limit_s: float) -> bool:
     """True iff group `pgid` emptied within `limit_s`. Polls: the kernel has no event for it
-    (a pidfd covers one process, and grandchildren are not ours to wait for)."""
+    (a pidfd covers one process, and grandchildren are not ours to wait for). One /proc scan
+    finds the members, then only their own entries are polled, so a hundred groups dying at
+    once stay cheap; a rescan when they are gone catches any forked meanwhile."""
     with trio.move_on_after(limit_s):
-        while group_alive(pgid):  # noqa: ASYNC110
-            await trio.sleep(POLL_S)
-        return True
+        while True:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+            members = group_members(pgid)
+            if members is None:  # no /proc: trust killpg (zombies would keep it "alive")
+                await trio.sleep(POLL_S)
+                continue
+            if not members:
+                return True
+            while any(_live_member(pid, pgid) for pid in members):  # noqa: ASYNC110
+                await trio.sleep(POLL_S)
     return False
 
 
