@@ -124,6 +124,12 @@ async def test_async_function_tool_times_out_at_the_configured_limit(tmp_path, a
     assert not res.ok and "did not finish within 5s" in res.error
 
 
+async def test_a_tools_own_too_slow_error_is_not_mistaken_for_our_timeout(ctx):
+    reg = build_registry(["toolfns:own_deadline"], ctx)
+    res = await call(reg, "own_deadline", "{}")
+    assert not res.ok and res.error == "tool 'own_deadline' raised TooSlowError"
+
+
 async def test_sync_function_tool_timeout_abandons_its_thread(tmp_path):
     reg = build_registry(["toolfns:slow_sync"],
                          ToolContext(workspace=tmp_path, function_timeout_s=0.1))

@@ -67,3 +67,9 @@ def bad_hint(x: complex) -> str:
 
 
 NOT_CALLABLE = 42
+
+
+async def own_deadline() -> str:
+    with trio.fail_after(0.01):
+        await trio.sleep(1)
+    return "unreachable"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import pathlib
 import re
 import time
@@ -232,20 +233,21 @@ class ToolRegistry:
             return fail(f"invalid arguments for {name!r}: {err}")
         # Headroom for the notes a built-in adds around output it already capped itself.
         limit = self.ctx.max_output_bytes + NOTE_HEADROOM_BYTES
+        value: Any = None
+        # Only this scope's own deadline is a timeout; a TooSlowError the tool raises is its own.
+        deadline = trio.move_on_after(tool.timeout_s if tool.timeout_s is not None else math.inf)
         try:
-            if tool.timeout_s is not None:
-                with trio.fail_after(tool.timeout_s):
-                    value = await _invoke(tool.fn, args)
-            else:
+            with deadline:
                 value = await _invoke(tool.fn, args)
-        except trio.TooSlowError:
-            return fail(f"tool {name!r} did not finish within {tool.timeout_s:g}s and was "
-                        "abandoned")
         except ToolError as exc:
             out, cut = cap_text(exc.output, limit)
             return fail(str(exc), out, cut + exc.truncated_bytes)
         except Exception as exc:  # the tool's bug or the model's input: the agent goes on
-            return fail(f"tool {name!r} raised {type(exc).__name__}: {exc}")
+            detail = f": {exc}" if str(exc) else ""
+            return fail(f"tool {name!r} raised {type(exc).__name__}{detail}")
+        if deadline.cancelled_caught:
+            return fail(f"tool {name!r} did not finish within {tool.timeout_s:g}s and was "
+                        "abandoned")
         if isinstance(value, ToolResult):  # a built-in that reports its own outcome
             out, cut = cap_text(value.output, limit)
             return attrs.evolve(value, output=out, elapsed_s=time.perf_counter() - t0,
