@@ -221,3 +221,34 @@ async def test_apply_patch_keeps_file_mode(setup):
     res = await call(reg, "apply_patch", patch=udiff("run.sh", "echo 1\n", "echo 2\n"))
     assert res.ok
     assert os.stat(ws / "run.sh").st_mode & 0o777 == 0o755
+
+
+async def test_apply_patch_rolls_back_written_files_when_a_later_write_fails(setup):
+    ws, _, reg = setup
+    (ws / "a.txt").write_text("old\n")
+    (ws / "x").write_text("a file, not a directory\n")
+    patch = udiff("a.txt", "old\n", "new\n") + udiff("x/y.txt", "", "cannot be written\n")
+    res = await call(reg, "apply_patch", patch=patch)
+    assert not res.ok and "no file was changed" in res.error
+    assert (ws / "a.txt").read_text() == "old\n"
+    assert sorted(p.name for p in ws.iterdir()) == ["a.txt", "x"]  # no temporary files left
+
+
+async def test_apply_patch_renames_with_changes(setup):
+    ws, _, reg = setup
+    (ws / "old.py").write_text("a\nb\n")
+    patch = "--- a/old.py\n+++ b/pkg/new.py\n@@ -1,2 +1,2 @@\n a\n-b\n+B\n"
+    res = await call(reg, "apply_patch", patch=patch)
+    assert res.ok and res.output == "applied: renamed old.py to pkg/new.py (1 hunk)"
+    assert not (ws / "old.py").exists()
+    assert (ws / "pkg/new.py").read_text() == "a\nB\n"
+
+
+async def test_apply_patch_two_patches_to_one_file_in_one_diff(setup):
+    ws, _, reg = setup
+    (ws / "f.txt").write_text("1\n2\n3\n")
+    patch = ("--- a/f.txt\n+++ b/f.txt\n@@ -1,2 +1,2 @@\n-1\n+one\n 2\n"
+             "--- a/f.txt\n+++ b/f.txt\n@@ -2,2 +2,2 @@\n 2\n-3\n+three\n")
+    res = await call(reg, "apply_patch", patch=patch)
+    assert res.ok, res.error
+    assert (ws / "f.txt").read_text() == "one\n2\nthree\n"

@@ -7,6 +7,8 @@ import time
 import pytest
 import toolfns
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.tools import ToolContext, ToolError, ToolSpecError, build_registry, validate_tool_spec
 from agents.tools.schema import validate
@@ -242,3 +244,35 @@ def test_validator_subset():
         "argument 'flag' must be boolean, got integer"
     assert validate({"xs": {}}, schema) == "argument 'xs' must be array, got object"
     assert validate({"xs": [], "a": 1, "b": 2}, schema).startswith("unknown arguments 'a', 'b'")
+
+
+def test_two_function_tools_with_the_same_name_collide(ctx):
+    with pytest.raises(ToolSpecError, match="'add' is registered twice"):
+        build_registry(["toolfns:add", "toolfns:add"], ctx)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["add", "greet", "scale", "read_file", "shell", "nope", ""]),
+       st.one_of(st.text(max_size=40), json_values.map(json.dumps),
+                 st.dictionaries(st.sampled_from(["a", "b", "name", "style", "tags", "values",
+                                                  "factor", "path", "offset", "x"]),
+                                 json_values, max_size=4).map(json.dumps)))
+def test_hostile_arguments_never_raise(tmp_path_factory, name, arguments):
+    ws = tmp_path_factory.mktemp("ws")
+    reg = build_registry(["toolfns:add", "toolfns:greet", "toolfns:scale", "read_file"],
+                         ToolContext(workspace=ws))
+
+    async def go():
+        with trio.fail_after(5):
+            return await reg.call(name, arguments)
+
+    res = trio.run(go)
+    assert isinstance(res.output, str)
+    assert res.ok == (res.error is None)

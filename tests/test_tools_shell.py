@@ -266,3 +266,11 @@ def test_zombies_do_not_count_as_a_live_group():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+async def test_stdin_is_empty_so_commands_reading_it_do_not_hang(tmp_path):
+    ctx = make_ctx(tmp_path)
+    registry = build_registry(["shell"], ctx)
+    with trio.fail_after(5):
+        res = await registry.call("shell", args(cmd="cat; echo read-nothing"))
+    assert res.ok and res.output == "read-nothing\n[exit code 0]"
