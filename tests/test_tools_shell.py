@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+import pytest
 import trio
 
 from agents.tools import ToolContext, build_registry
@@ -221,22 +222,23 @@ async def test_run_shell_reports_total_bytes_and_returncode(tmp_path):
     assert (out.returncode, out.output, out.total_bytes, out.timed_out) == (7, "abc", 3, False)
 
 
-async def test_many_concurrent_commands_are_all_cancelled_quickly(tmp_path):
-    ctx = make_ctx(tmp_path, cancel_grace_s=0.3)
+@pytest.mark.slow
+async def test_a_hundred_concurrent_commands_are_all_gone_within_a_second_of_cancel(tmp_path):
+    ctx = make_ctx(tmp_path)  # the default cancel grace, 0.5 s
     registry = build_registry(["shell"], ctx)
     cmd = "sh -c 'trap \"\" TERM; echo $$ >> pids; sleep 60' & echo $$ >> pids; wait"
     with trio.fail_after(10):
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                for _ in range(20):
+                for _ in range(100):
                     nursery.start_soon(registry.call, "shell", args(cmd=cmd))
-                pids = await wait_for_pids(ctx.workspace / "pids", 40)
+                pids = await wait_for_pids(ctx.workspace / "pids", 200)
                 t0 = time.monotonic()
                 scope.cancel()
         took = time.monotonic() - t0
     try:
         assert [p for p in pids if alive(p)] == []
-        assert took < 1.0, f"cancelling 20 commands took {took:.2f}s"
+        assert took < 1.0, f"cancelling 100 commands took {took:.2f}s"
     finally:
         kill_leftovers(pids)
 

@@ -9,10 +9,12 @@ cgroup if commands must be fully contained.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import attrs
@@ -71,31 +73,69 @@ class _Capture:
         return render_bytes(bytes(self.head), bytes(self.tail), cut)
 
 
-def _live_member(pid: int, pgid: int) -> bool:
-    """True iff process `pid` exists, is not a zombie, and is still in group `pgid`."""
+def _read_stat(pid: int | str) -> tuple[bytes, int] | None:
+    """(state, pgrp) of a process from /proc, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
+        return None
     fields = stat[stat.rfind(b")") + 2:].split()
-    return len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid
+    if len(fields) < 3:
+        return None
+    return fields[0], int(fields[2])
+
+
+def _live_member(pid: int, pgid: int) -> bool:
+    """True iff process `pid` exists, is not a zombie, and is still in group `pgid`."""
+    st = _read_stat(pid)
+    return st is not None and st[0] != b"Z" and st[1] == pgid
+
+
+class _ProcessTable:
+    """Live (non-zombie) pids by process group, from a /proc scan shared by all who ask at once.
+
+    A scan reads one file per process (milliseconds); a hundred tools killed at once, each
+    scanning for itself, would block the event loop for a second. A caller says how fresh the
+    answer must be: a scan begun after `newer_than`.
+    """
+
+    def __init__(self) -> None:
+        self.started = -math.inf
+        self.groups: dict[int, set[int]] = {}
+
+    def members(self, pgid: int, newer_than: float) -> set[int] | None:
+        """Live pids of group `pgid`; None where there is no /proc (not Linux)."""
+        if not sys.platform.startswith("linux"):
+            return None
+        if self.started < newer_than:
+            started = time.monotonic()
+            try:
+                entries = os.listdir("/proc")
+            except OSError:
+                return None
+            groups: dict[int, set[int]] = {}
+            for name in entries:
+                if name.isdigit():
+                    st = _read_stat(name)
+                    if st is not None and st[0] != b"Z":
+                        groups.setdefault(st[1], set()).add(int(name))
+            self.started, self.groups = started, groups
+        return set(self.groups.get(pgid, ()))
+
+
+_table = _ProcessTable()
 
 
 def group_members(pgid: int) -> set[int] | None:
-    """Live (non-zombie) pids of group `pgid` from one /proc scan; None where there is no /proc.
+    """Live (non-zombie) pids of group `pgid` from one /proc scan; None without /proc.
 
     Zombies do not count: they hold nothing, and orphans under a PID 1 that does not reap
-    (a container without an init) stay zombies, so `killpg(pgid, 0)` alone would never
-    report the group gone.
+    (a container without an init) stay zombies, so `killpg(pgid, 0)` alone would never report
+    the group gone. A scan reads one file per process, so it is the slow path (milliseconds
+    each): used once when the cheap check keeps saying "alive" after SIGKILL.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    return {int(n) for n in entries if n.isdigit() and _live_member(int(n), pgid)}
+    return _table.members(pgid, time.monotonic())
 
 
 def group_alive(pgid: int) -> bool:
@@ -117,45 +157,55 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-async def terminate_group(pgid: int, grace_s: float) -> bool:
-    """End every process of group `pgid`: SIGTERM, up to `grace_s`, then SIGKILL.
-
-    Returns True iff SIGKILL was needed. Takes at most grace_s + KILL_WAIT_S. Raises
-    trio.Cancelled if cancelled; run it shielded when it must finish.
-    """
-    if not group_alive(pgid):
+def _group_exists(pgid: int, leader: trio.Process | None) -> bool:
+    """Cheap check: True iff the kernel still knows group `pgid` (zombies included)."""
+    if leader is not None:
+        leader.poll()  # reap our own child, so its zombie does not keep the group id alive
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
         return False
-    _signal_group(pgid, signal.SIGTERM)
-    _signal_group(pgid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
-    if await _wait_group_gone(pgid, grace_s):
-        return False
-    _signal_group(pgid, signal.SIGKILL)
-    await _wait_group_gone(pgid, KILL_WAIT_S)
+    except PermissionError:
+        return True
     return True
 
 
-async def _wait_group_gone(pgid: int, limit_s: float) -> bool:
-    """True iff group `pgid` emptied within `limit_s`. Polls: the kernel has no event for it
-    (a pidfd covers one process, and grandchildren are not ours to wait for). One /proc scan
-    finds the members, then only their own entries are polled, so a hundred groups dying at
-    once stay cheap; a rescan when they are gone catches any forked meanwhile."""
-    with trio.move_on_after(limit_s):
-        while True:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+async def terminate_group(pgid: int, grace_s: float, leader: trio.Process | None = None) -> bool:
+    """End every process of group `pgid`: SIGTERM, up to `grace_s`, then SIGKILL.
+
+    `leader` is the group leader if it is our child (it is reaped on the way). Returns True iff
+    SIGKILL was needed. Takes at most grace_s + KILL_WAIT_S. Raises trio.Cancelled if
+    cancelled; run it shielded when it must finish.
+    """
+    if not _group_exists(pgid, leader):
+        return False
+    if leader is not None and leader.returncode is not None and not group_members(pgid):
+        return False  # only zombies left (a PID 1 that does not reap): nothing to end
+    _signal_group(pgid, signal.SIGTERM)
+    _signal_group(pgid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
+    with trio.move_on_after(grace_s):
+        while _group_exists(pgid, leader):  # noqa: ASYNC110 (no kernel event for a group)
+            await trio.sleep(POLL_S)
+        return False
+    # Past the grace. The kernel refuses fork() to a process with SIGKILL pending, so after
+    # this no member can be added: the group only shrinks.
+    killed_at = time.monotonic()
+    _signal_group(pgid, signal.SIGKILL)
+    with trio.move_on_after(KILL_WAIT_S):
+        for _ in range(5):  # where PID 1 reaps at once, the group id is gone within ms
+            if not _group_exists(pgid, leader):
                 return True
-            except PermissionError:
-                pass
-            members = group_members(pgid)
-            if members is None:  # no /proc: trust killpg (zombies would keep it "alive")
+            await trio.sleep(POLL_S)
+        # Zombies nobody reaps yet keep the id alive: look for live members instead. Any scan
+        # begun after SIGKILL is complete (no new members), so groups killed together share one.
+        members = _table.members(pgid, killed_at)
+        if members is None:
+            while _group_exists(pgid, leader):  # noqa: ASYNC110
                 await trio.sleep(POLL_S)
-                continue
-            if not members:
-                return True
+        else:
             while any(_live_member(pid, pgid) for pid in members):  # noqa: ASYNC110
                 await trio.sleep(POLL_S)
-    return False
+    return True
 
 
 async def run_shell(
@@ -205,7 +255,7 @@ async def run_shell(
                 await proc.wait()
             timed_out = scope.cancelled_caught
             # The shell is done or out of time: end it and whatever it left in the background.
-            await terminate_group(pgid, kill_grace_s)
+            await terminate_group(pgid, kill_grace_s, proc)
             await proc.wait()
             with trio.move_on_after(DRAIN_S) as drain:
                 await eof.wait()
@@ -217,7 +267,7 @@ async def run_shell(
     finally:
         with trio.CancelScope(shield=True):
             if not finished:  # cancelled or crashed: nothing of the group may outlive this call
-                await terminate_group(pgid, cancel_grace_s)
+                await terminate_group(pgid, cancel_grace_s, proc)
                 with trio.move_on_after(KILL_WAIT_S):
                     await proc.wait()
             await stdout.aclose()
