@@ -276,3 +276,15 @@ async def test_stdin_is_empty_so_commands_reading_it_do_not_hang(tmp_path):
     with trio.fail_after(5):
         res = await registry.call("shell", args(cmd="cat; echo read-nothing"))
     assert res.ok and res.output == "read-nothing\n[exit code 0]"
+
+
+async def test_background_leftovers_that_obey_sigterm_do_not_cost_the_whole_grace(tmp_path):
+    # Even where PID 1 reaps orphans late (their zombies keep the group id in use), the call
+    # returns as soon as every live member is gone, not after kill_grace_s.
+    ctx = make_ctx(tmp_path)  # kill_grace_s = 2.0
+    registry = build_registry(["shell"], ctx)
+    t0 = time.monotonic()
+    with trio.fail_after(5):
+        res = await registry.call("shell", args(cmd="sleep 60 & sleep 60 & echo hi"))
+    assert res.ok and res.output.startswith("hi")
+    assert time.monotonic() - t0 < 1.0

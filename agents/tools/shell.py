@@ -181,31 +181,45 @@ async def terminate_group(pgid: int, grace_s: float, leader: trio.Process | None
         return False
     if leader is not None and leader.returncode is not None and not group_members(pgid):
         return False  # only zombies left (a PID 1 that does not reap): nothing to end
+    term_at = time.monotonic()
     _signal_group(pgid, signal.SIGTERM)
     _signal_group(pgid, signal.SIGCONT)  # a stopped process acts on SIGTERM only once resumed
     with trio.move_on_after(grace_s):
-        while _group_exists(pgid, leader):  # noqa: ASYNC110 (no kernel event for a group)
-            await trio.sleep(POLL_S)
-        return False
+        if await _members_gone(pgid, leader, term_at):
+            return False
+    # Past the grace, or every member seen at SIGTERM has exited but the id lingers (zombies
+    # nobody reaped yet, or a child forked after the scan): SIGKILL settles it either way.
     # Past the grace. The kernel refuses fork() to a process with SIGKILL pending, so after
     # this no member can be added: the group only shrinks.
     killed_at = time.monotonic()
     _signal_group(pgid, signal.SIGKILL)
     with trio.move_on_after(KILL_WAIT_S):
-        for _ in range(5):  # where PID 1 reaps at once, the group id is gone within ms
-            if not _group_exists(pgid, leader):
-                return True
-            await trio.sleep(POLL_S)
-        # Zombies nobody reaps yet keep the id alive: look for live members instead. Any scan
-        # begun after SIGKILL is complete (no new members), so groups killed together share one.
-        members = _table.members(pgid, killed_at)
-        if members is None:
-            while _group_exists(pgid, leader):  # noqa: ASYNC110
-                await trio.sleep(POLL_S)
-        else:
-            while any(_live_member(pid, pgid) for pid in members):  # noqa: ASYNC110
-                await trio.sleep(POLL_S)
+        # Any scan begun after SIGKILL is complete: no member can be added any more.
+        await _members_gone(pgid, leader, killed_at)
     return True
+
+
+async def _members_gone(pgid: int, leader: trio.Process | None, signalled_at: float) -> bool:
+    """Wait until the group is gone (True), or until every member a /proc scan begun after
+    `signalled_at` listed has exited while the group id lingers (False). Runs until cancelled
+    otherwise.
+
+    Zombies nobody reaps yet keep the id alive, so after a few cheap checks the live members
+    are listed (one scan, shared by groups signalled together) and only their own /proc
+    entries are polled.
+    """
+    for _ in range(5):  # where PID 1 reaps at once, the group id is gone within ms
+        if not _group_exists(pgid, leader):
+            return True
+        await trio.sleep(POLL_S)
+    members = _table.members(pgid, signalled_at)
+    if members is None:  # no /proc: the cheap check is all there is
+        while _group_exists(pgid, leader):  # noqa: ASYNC110
+            await trio.sleep(POLL_S)
+        return True
+    while any(_live_member(pid, pgid) for pid in members):  # noqa: ASYNC110
+        await trio.sleep(POLL_S)
+    return not _group_exists(pgid, leader)
 
 
 async def run_shell(
