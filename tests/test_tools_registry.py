@@ -276,3 +276,46 @@ def test_hostile_arguments_never_raise(tmp_path_factory, name, arguments):
     res = trio.run(go)
     assert isinstance(res.output, str)
     assert res.ok == (res.error is None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=300) | st.text(max_size=100).map(str.encode), max_size=20),
+       st.integers(2, 600))
+def test_capture_keeps_exact_head_and_tail_and_counts_the_cut(chunks, limit):
+    from agents.tools.shell import _Capture
+
+    cap = _Capture(limit)
+    for c in chunks:
+        cap.feed(c)
+    data = b"".join(chunks)
+    head, tail = limit // 2, limit - limit // 2
+    assert cap.total == len(data)
+    if len(data) <= limit:
+        assert bytes(cap.head) + bytes(cap.tail) == data
+    else:
+        assert bytes(cap.head) == data[:head] and bytes(cap.tail) == data[-tail:]
+    text, binary, cut = cap.render()
+    assert cut >= max(0, len(data) - limit)
+    assert binary == (b"\x00" in data or _not_utf8(data)) or cut  # seams may hide a bad byte
+    assert len(text.encode()) <= limit * 3 + 300  # replacement chars take 3 bytes each
+
+
+def _not_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=3000), st.integers(10, 2000))
+def test_cap_text_bounds_the_size_and_keeps_both_ends(text, limit):
+    from agents.tools.registry import cap_text
+
+    out, cut = cap_text(text, limit)
+    if len(text.encode("utf-8", "surrogatepass")) <= limit:
+        assert (out, cut) == (text, 0)
+    else:
+        assert cut > 0
+        assert len(out.encode("utf-8", "surrogatepass")) <= limit + 300

@@ -71,7 +71,7 @@ class Tool:
 class ToolContext:
     """Everything the built-in tools of one task need. Frozen: change with attrs.evolve."""
 
-    workspace: pathlib.Path  # the task's workspace; file tools are confined to it
+    workspace: pathlib.Path = attrs.field(converter=pathlib.Path)  # file tools stay inside it
     env: dict[str, str] = attrs.field(factory=dict)  # the whole environment shell commands get
     shell_timeout_s: float = 60.0
     max_output_bytes: int = 16 * 1024  # per call; the model sees head and tail beyond this
@@ -109,7 +109,9 @@ def render_bytes(head: bytes, tail: bytes, cut: int) -> tuple[str, bool, int]:
 
     Output that holds NUL bytes or is not UTF-8 is decoded with errors="replace" and marked.
     """
-    if cut:  # characters cut at the seams would look like binary: trim them first
+    if not cut:  # nothing between them: one text (a character may span the two)
+        head, tail = head + tail, b""
+    else:  # characters cut at the seams would look like binary: trim them first
         n = len(head) + len(tail)
         head = _cut_utf8_head(head)
         tail = _cut_utf8_tail(tail)
