@@ -319,3 +319,16 @@ def test_cap_text_bounds_the_size_and_keeps_both_ends(text, limit):
     else:
         assert cut > 0
         assert len(out.encode("utf-8", "surrogatepass")) <= limit + 300
+
+
+async def test_example_function_tools_for_graphs(ctx):
+    specs = ["agents.tools.examples:word_count", "agents.tools.examples:convert_case"]
+    assert [validate_tool_spec(s) for s in specs] == [None, None]
+    reg = build_registry(specs, ctx)
+    res = await call(reg, "word_count", json.dumps({"text": "a b a\nc", "top": 1}))
+    assert res.ok and json.loads(res.output) == {"words": 4, "lines": 2,
+                                                 "most_common": [["a", 2]]}
+    res = await call(reg, "convert_case", '{"text": "hi there", "to": "title"}')
+    assert res.ok and res.output == "Hi There"
+    assert reg.schemas()[1]["parameters"]["properties"]["to"]["enum"] == ["upper", "lower",
+                                                                         "title"]
