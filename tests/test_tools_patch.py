@@ -142,3 +142,19 @@ def test_any_difflib_diff_applies_and_gives_the_new_text(old, new, context):
         assert a == b
         return
     assert apply(a, patch) == b
+
+
+patch_lines = st.sampled_from(["--- a/f", "+++ b/f", "--- /dev/null", "+++ /dev/null",
+                               "@@ -1,2 +1,2 @@", "@@ -0,0 +1 @@", "@@ -1 +0,0 @@", " a", "-a",
+                               "+b", "", "\\ No newline at end of file", "@@ x @@", "diff --git"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(patch_lines, max_size=12), st.text(alphabet="ab\n", max_size=12))
+def test_hostile_patches_fail_only_with_patch_error(lines, content):
+    try:
+        fps = parse_patch("\n".join(lines))
+        for fp in fps:
+            apply_hunks(Text.parse(content), fp)
+    except PatchError:
+        pass
