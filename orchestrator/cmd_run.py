@@ -1,0 +1,115 @@
+"""`orchestrator run FILE` and `orchestrator resume RUN`: the main job."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+EXIT_OK, EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 1, 2, 3, 130
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    import os
+
+    p.add_argument("--workers", type=int, default=2,
+                   help="local worker processes to start (default 2; 0 = remote workers only)")
+    p.add_argument("--capacity", type=int, default=16,
+                   help="task attempts each local worker runs at once (default 16)")
+    p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"),
+                   help="journal, logs and workspaces (default $SWITCHBOARD_HOME or ./.switchboard)")
+    p.add_argument("--bus-host", default="127.0.0.1",
+                   help="address the embedded bus listens on (default 127.0.0.1; remote workers "
+                   "need a reachable one, and then a token)")
+    p.add_argument("--bus-port", type=int, default=0, help="bus port (default: any free port)")
+    p.add_argument("--bus-url", default=None,
+                   help="use an external hub (orchestrator bus) instead of the embedded one")
+    p.add_argument("--model-url", default=None,
+                   help="use an external model server for agents on the sim provider")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="bus token (else SWITCHBOARD_TOKEN; else a random one for local workers)")
+    p.add_argument("--lease-ttl", type=float, default=5.0,
+                   help="seconds without a heartbeat after which a worker's attempts are re-queued")
+    p.add_argument("--progress", choices=["auto", "tty", "plain", "none"], default="auto",
+                   help="live progress on a terminal, plain lines otherwise (default auto)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--sim-ttft", type=float, default=None,
+                   help="embedded sim: seconds to first token")
+    p.add_argument("--sim-prefill", type=float, default=None,
+                   help="embedded sim: seconds per uncached input token")
+    p.add_argument("--sim-decode", type=float, default=None,
+                   help="embedded sim: seconds per output token")
+    p.add_argument("--sim-zero", action="store_true",
+                   help="embedded sim: model time zero (benchmarks of pure overhead)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "run", help="run a task graph (the main job)",
+        description="Validate FILE, start the bus, the embedded sim model and local workers, "
+        "and run the graph to the end. Ctrl-C cancels the run cleanly.",
+        epilog="exit codes: 0 all tasks succeeded, 1 a task failed, 2 bad input, 3 internal "
+        "error, 130 cancelled")
+    p.add_argument("file", metavar="FILE", help="the task graph (TOML)")
+    _common(p)
+    p.set_defaults(func=run)
+    r = sub.add_parser(
+        "resume", help="finish a run after the orchestrator was killed",
+        description="Resume RUN from the journal: tasks that finished are not run again; "
+        "attempts that were in flight are run again.")
+    r.add_argument("run", metavar="RUN", help="run id, unique prefix, or 'latest'")
+    _common(r)
+    r.set_defaults(func=run_resume)
+
+
+def _options(args: argparse.Namespace, token: str | None) -> object:
+    from modellink.sim import SimConfig
+    from orchestrator.supervisor import RunOptions
+
+    sim = SimConfig()
+    if args.sim_zero:
+        sim = SimConfig.zero()
+    changes = {k: v for k, v in (("ttft_s", args.sim_ttft), ("prefill_s_per_token",
+                                                           args.sim_prefill),
+                                 ("decode_s_per_token", args.sim_decode)) if v is not None}
+    if changes:
+        import attrs
+
+        sim = attrs.evolve(sim, **changes)
+    return RunOptions(state_dir=pathlib.Path(args.state_dir), workers=args.workers,
+                      worker_capacity=args.capacity, bus_host=args.bus_host,
+                      bus_port=args.bus_port, bus_url=args.bus_url, token=token,
+                      model_url=args.model_url, sim=sim, lease_ttl_s=args.lease_ttl,
+                      progress=args.progress)
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    from bus.tokens import is_loopback
+
+    if args.workers < 0:
+        return "--workers must be 0 or more"
+    if args.capacity < 1:
+        return "--capacity must be at least 1"
+    if args.lease_ttl <= 0:
+        return "--lease-ttl must be positive"
+    if not (0 <= args.bus_port <= 65535):
+        return "--bus-port must be 0..65535"
+    if args.bus_url is None and not is_loopback(args.bus_host) and args.token is None:
+        return (f"--bus-host {args.bus_host} is reachable from other machines, so the bus needs "
+                "a token: set SWITCHBOARD_TOKEN or pass --token-file")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.runner import start_run
+
+    return start_run(args, resume_run=None)
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    from orchestrator.runner import start_run
+
+    return start_run(args, resume_run=args.run)
+
+
+__all__ = ["add_parser", "run", "run_resume", "_options", "_check_args", "sys"]

@@ -1,0 +1,120 @@
+"""Owns starting and resuming a run from the CLI: graph, journal, log file, supervisor, exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any
+
+EXIT_OK, EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 1, 2, 3, 130
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
+    import trio
+
+    from bus.logs import configure_logging
+    from bus.tokens import TokenError, load_token
+    from orchestrator import scheduler as S
+    from orchestrator.cmd_run import _check_args, _options
+    from orchestrator.graph import GraphError, GraphSpec
+    from orchestrator.journal import Journal, JournalError
+    from orchestrator.runs import run_dir
+    from orchestrator.supervisor import Supervisor, bind_run, new_run_id
+
+    try:
+        token = load_token(args.token_file)
+    except TokenError as exc:
+        _err(str(exc))
+        return EXIT_BAD_INPUT
+    args.token = token
+    problem = _check_args(args)
+    if problem:
+        _err(problem)
+        return EXIT_BAD_INPUT
+    state = pathlib.Path(args.state_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        journal = Journal.open(state / "journal.sqlite")
+    except JournalError as exc:
+        _err(str(exc))
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        _err(f"cannot use state directory {state}: {exc}")
+        return EXIT_BAD_INPUT
+
+    if resume_run is None:
+        try:
+            graph = GraphSpec.from_toml(pathlib.Path(args.file))
+        except GraphError as exc:
+            print(exc.render(), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as exc:
+            _err(f"cannot read graph file {args.file!r}: {exc.strerror or exc}")
+            return EXIT_BAD_INPUT
+        run_id = new_run_id()
+        journal.create_run(run_id, graph_path=str(args.file), graph_text=graph.source_text)
+        sched = S.Scheduler(graph)
+    else:
+        try:
+            row = journal.find_run(resume_run)
+        except JournalError as exc:
+            _err(str(exc))
+            return EXIT_BAD_INPUT
+        run_id = row["run_id"]
+        if row["status"] in ("succeeded", "failed", "cancelled"):
+            _err(f"run {run_id} already ended ({row['status']}); nothing to resume")
+            return EXIT_BAD_INPUT
+        try:
+            graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
+        except GraphError as exc:
+            print(exc.render(), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        sched = S.Scheduler.restore(graph, journal.task_records(run_id))
+        journal.event(run_id, None, "resumed", {})
+
+    rdir = run_dir(state, run_id)
+    rdir.mkdir(parents=True, exist_ok=True)
+    log_f = open(rdir / "log.jsonl", "ab", buffering=0)  # noqa: SIM115 - lives for the run
+
+    def sink(line: bytes) -> None:
+        log_f.write(line + b"\n")
+
+    try:
+        configure_logging(json=True, level=args.log_level, tee=sink, quiet=True)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_BAD_INPUT
+    bind_run(run_id)
+    opts = _options(args, token)
+    sup = Supervisor(graph=graph, journal=journal, run_id=run_id, opts=opts,  # type: ignore[arg-type]
+                     scheduler=sched)
+    sup._sink = sink  # type: ignore[attr-defined]
+    print(f"run {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
+          file=sys.stderr)
+    try:
+        outcome = trio.run(sup.run)
+    except KeyboardInterrupt:
+        journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted twice")
+        return EXIT_CANCELLED
+    finally:
+        log_f.close()
+    print_summary(outcome.summary, outcome.status, graph=graph)
+    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(outcome.status,
+                                                                    EXIT_TASK_FAILED)
+
+
+def print_summary(summary: dict[str, Any], status: str, *, graph: Any) -> None:
+    usage = summary.get("usage") or {}
+    total = usage.get("total") or {}
+    print(f"run {summary.get('run_id')} {status} in {summary.get('seconds')}s: "
+          f"{json.dumps(summary.get('counts'))}", file=sys.stderr)
+    if total:
+        print(f"tokens: input {total.get('input_tokens', 0)} (cached "
+              f"{total.get('cached_tokens', 0)}), output {total.get('output_tokens', 0)}; "
+              f"cost ${total.get('cost_usd', 0.0):.4f}", file=sys.stderr)
