@@ -17,6 +17,7 @@ import os
 import pathlib
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -155,6 +156,47 @@ class Journal:
         except BaseException:
             conn.close()
             raise
+        return cls(conn, p)
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> Journal:
+        """Open an existing journal for reading only (`status`, `cancel` checks), never writing.
+
+        Safe while a run writes it: WAL readers see the last committed state and never block
+        the writer. Raises JournalError when there is no journal at `path`, when it is not a
+        journal, or when its schema is not the current one (a writing command upgrades it).
+        """
+        p = pathlib.Path(path)
+        if not p.is_file():
+            raise JournalError(f"no journal at {p}: start a run with `orchestrator run FILE`, "
+                               "or pass --state-dir (or set SWITCHBOARD_HOME) where your runs are")
+        _check_file(p)
+        uri = "file:" + urllib.parse.quote(str(p.resolve())) + "?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {p}: {exc}") from None
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA query_only = 1")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise JournalError(f"journal {p} is corrupt or unreadable ({exc})") from None
+        if version != SCHEMA_VERSION:
+            conn.close()
+            if version == 0:
+                raise JournalError(f"{p} is not a Switchboard journal (no schema version)")
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {p} has schema version {version}, newer than this Switchboard "
+                    f"understands (up to {SCHEMA_VERSION}); upgrade Switchboard.")
+            raise JournalError(
+                f"journal {p} has schema version {version} (this Switchboard reads "
+                f"{SCHEMA_VERSION}); `orchestrator resume` or a new `orchestrator run` with the "
+                "same --state-dir upgrades it in place.")
         return cls(conn, p)
 
     def close(self) -> None:
@@ -430,6 +472,12 @@ class Journal:
         cur = self._tx("INSERT INTO requests (run_id, kind, task_id, arg, created) "
                        "VALUES (?, ?, ?, ?, ?)", (run_id, kind, task_id, arg, time.time()))
         return int(cur.lastrowid or 0)
+
+    def open_requests(self, run_id: str) -> list[dict[str, Any]]:
+        """The requests for `run_id` the orchestrator has not taken yet, oldest first (read only)."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT id, run_id, kind, task_id, arg, created FROM requests "
+            "WHERE run_id = ? AND handled IS NULL ORDER BY id", (run_id,))]
 
     def take_requests(self, run_id: str) -> list[dict[str, Any]]:
         """The open requests for `run_id`, oldest first, marked handled in the same transaction."""

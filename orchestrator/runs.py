@@ -14,6 +14,11 @@ def state_dir(value: str | None = None) -> pathlib.Path:
     return pathlib.Path(value or os.environ.get("SWITCHBOARD_HOME", ".switchboard"))
 
 
+def journal_path(state: pathlib.Path) -> pathlib.Path:
+    """The run journal (SQLite) every command of one state directory shares."""
+    return state / "journal.sqlite"
+
+
 def runs_dir(state: pathlib.Path) -> pathlib.Path:
     return state / "runs"
 

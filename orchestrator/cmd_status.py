@@ -1,0 +1,112 @@
+"""`orchestrator status [RUN]`: a run's tasks, attempts, times and token costs, read from the journal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+from orchestrator.cli import EXIT_BAD_INPUT, EXIT_OK
+from orchestrator.journal import Journal, JournalError
+from orchestrator.runs import journal_path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "status", help="show a run's tasks, attempts, times and token costs",
+        description="Show one run from the journal: every task with its state, attempts, "
+        "worker, start and end times, duration, error, and tokens (input, cached, output) and "
+        "cost. Fan-out children and spawned (dynamic) children are listed under their parent, "
+        "and a parent's totals include them. Works while the run is going (it only reads the "
+        "journal) and after it ended.",
+        epilog="examples:\n  orchestrator status                 the newest run\n"
+        "  orchestrator status 20260301-1203   a run by a unique prefix of its id\n"
+        "  orchestrator status --json | jq '.tasks[] | {task_id, state}'\n"
+        "  orchestrator status --runs          every run, newest first\n\n"
+        "exit codes: 0 shown, 2 no such run or no journal (bad input)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", default="latest", metavar="RUN",
+                   help="run id, a unique prefix of one, or 'latest' (the default)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (run, tasks in tree order with attempts and "
+                   "usage, pending requests) instead of the table")
+    p.add_argument("--attempts", "-a", action="store_true",
+                   help="list every attempt under its task (worker, times, tokens, error)")
+    p.add_argument("--runs", action="store_true", help="list every run instead, newest first")
+    p.add_argument("--utc", action="store_true", help="show times in UTC (default: local time)")
+    p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"),
+                   help="where the journal is (default $SWITCHBOARD_HOME or ./.switchboard)")
+    p.set_defaults(func=run)
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def load_status(journal: Journal, ref: str | None, *, now: float) -> Any:
+    """The RunStatus of run `ref` (id, prefix, 'latest'), read in one snapshot of the journal.
+
+    Raises JournalError when there is no such run.
+    """
+    from orchestrator.graph import GraphError, GraphSpec
+    from orchestrator.status import build_status
+
+    conn = journal.conn
+    conn.execute("BEGIN")  # one read transaction: rows, attempts and requests agree
+    try:
+        if ref in (None, "", "latest") and journal.latest_run() is None:
+            raise JournalError(f"no runs yet in {journal.path}: start one with "
+                               "`orchestrator run FILE`, or pass --state-dir where your runs are")
+        row = journal.find_run(ref)
+        rid = row["run_id"]
+        rows = journal.task_rows(rid)
+        attempts = journal.attempts(rid)
+        requests = journal.open_requests(rid)
+    finally:
+        conn.execute("ROLLBACK")
+    try:
+        graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
+    except GraphError:
+        graph = None  # the journaled rows still say everything that ran
+    return build_status(row, rows, attempts, graph=graph, requests=requests, now=now)
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime
+
+    from orchestrator.status import render_runs, render_text, to_json
+
+    path = journal_path(pathlib.Path(args.state_dir))
+    try:
+        journal = Journal.open_readonly(path)
+    except JournalError as exc:
+        return _err(str(exc))
+    tz = datetime.UTC if args.utc else None
+    now = time.time()
+    try:
+        if args.runs:
+            runs = journal.list_runs()
+            if args.json:
+                print(json.dumps({"runs": runs}, indent=2, default=str))
+            else:
+                print(render_runs(runs, tz=tz, now=now))
+            return EXIT_OK
+        try:
+            st = load_status(journal, args.run, now=now)
+        except JournalError as exc:
+            return _err(str(exc))
+    finally:
+        journal.close()
+    try:
+        if args.json:
+            print(json.dumps(to_json(st), indent=2, ensure_ascii=False))
+        else:
+            print(render_text(st, tz=tz, attempts=args.attempts))
+    except BrokenPipeError:  # `status | head`
+        pass
+    return EXIT_OK
