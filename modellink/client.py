@@ -1,0 +1,538 @@
+"""Owns the model session: one persistent link per agent session, the context sent as deltas.
+
+Transports behind one `ModelSession.turn`:
+  * "ws": one WebSocket kept for the session (GET {base_url}/responses); each turn sends
+    `response.create` with only the items the server has not seen plus `previous_response_id`.
+    When the server no longer holds the context (`previous_response_not_found`, the connection
+    dropped, or `websocket_connection_limit_reached` at its age limit) the turn transparently
+    sends the full context once (previous_response_id null) and sets `resent_full_context`.
+  * "http": POST {base_url}/responses with the full context every turn and store=false, on one
+    kept-alive connection (or a new one per turn with `keepalive=False`); `stream=True` reads SSE.
+
+Cancelling a turn (a trio cancel scope around `turn`) sends `response.cancel` (WS) or closes the
+HTTP connection; the session stays usable. The cancelled turn's new items stay in the context
+(they happened: a tool ran, the user spoke); its partial output is dropped, and the next turn
+continues from the last completed response (`turn([])` asks again without adding anything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from bus.logs import get_logger
+from bus.ws import WsClosed, WsConfig, WsConnectTimeout, WsHandshakeError, WsRejected, open_ws
+from modellink import protocol as P
+from modellink.httpclient import HttpConnection, HttpError, Origin
+from modellink.turns import (
+    ContextBook,
+    FunctionCall,
+    ModelAuthError,
+    ModelConnectionError,
+    ModelError,
+    ModelRequestError,
+    ModelServerError,
+    TurnResult,
+    Usage,
+    context_item,
+    error_from_event,
+    read_response,
+)
+
+__all__ = [
+    "FunctionCall", "ModelAuthError", "ModelConnectionError", "ModelEndpoint", "ModelError",
+    "ModelRequestError", "ModelServerError", "ModelSession", "SessionStats", "TurnResult", "Usage",
+    "fetch_server_stats", "open_model_session",
+]
+
+log = get_logger("modellink.client")
+
+TRANSPORTS = ("ws", "http")
+ENCODINGS = ("msgpack", "json")
+# A response.cancel that cannot be written within this long means the link is stuck: drop it.
+CANCEL_SEND_TIMEOUT_S = 2.0
+# Frames are sent shielded (a send cut in half would corrupt the stream), but never for longer.
+SEND_TIMEOUT_S = 30.0
+USER_AGENT = "switchboard-modellink/0.1"
+
+# Client side: up to 64 whole received events wait for us; beyond that the WebSocket reader stops
+# and TCP pushes back on the server. Events are small (deltas), responses are read at once.
+_WS_CONFIG = WsConfig(message_queue_size=64, max_message_size=P.MAX_MESSAGE_BYTES)
+
+
+def _one_of(allowed: tuple[str, ...]) -> Any:
+    def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"ModelEndpoint.{attr.name} = {value!r} is not allowed: use "
+                             + " or ".join(repr(a) for a in allowed))
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class ModelEndpoint:
+    """Where and how to reach a model. `keepalive` and `stream` matter for transport "http" only."""
+
+    base_url: str
+    model: str = "sim"
+    transport: str = attrs.field(default="ws", validator=_one_of(TRANSPORTS))
+    encoding: str = attrs.field(default="msgpack", validator=_one_of(ENCODINGS))
+    api_key: str | None = attrs.field(default=None, repr=False)
+    keepalive: bool = True
+    stream: bool = False
+    connect_timeout_s: float = 10.0
+
+    @property
+    def origin(self) -> Origin:
+        return Origin.from_url(self.base_url)
+
+
+@attrs.frozen(kw_only=True)
+class SessionStats:
+    """Counters over a session's life (`ModelSession.statistics()`)."""
+
+    turns: int
+    bytes_sent: int
+    bytes_received: int
+    connects: int  # connections opened (WS, or HTTP)
+    resends: int  # turns that had to resend the full context
+    cancelled_turns: int
+
+
+class _LinkLost(Exception):
+    """The WebSocket is gone (closed, reset, or at its age limit); the server lost our context."""
+
+
+@attrs.define
+class _WsLink:
+    """One WebSocket, held open by a task in the session's nursery until `done` is set."""
+
+    conn: Any  # bus.ws.WsConnection
+    done: trio.Event = attrs.Factory(trio.Event)
+    dead: bool = False
+    # True iff a cancelled response may still send events that must be read before the next turn.
+    drain_pending: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.dead and self.conn.closed is None
+
+
+def _frame_size(frame: str | bytes) -> int:
+    if isinstance(frame, str):
+        return len(frame) if frame.isascii() else len(frame.encode("utf-8"))
+    return len(frame)
+
+
+class ModelSession:
+    """One agent's conversation with a model. Use `open_model_session`; one turn at a time."""
+
+    def __init__(self, endpoint: ModelEndpoint, nursery: trio.Nursery, *,
+                 instructions: str | None, tools: list[dict[str, Any]] | None,
+                 metadata: dict[str, str] | None) -> None:
+        self.endpoint = endpoint
+        self._origin = endpoint.origin
+        self._nursery = nursery
+        self._instructions = instructions
+        self._tools = list(tools) if tools else None
+        self._metadata = dict(metadata) if metadata else None
+        self._encoding: P.Encoding = P.JSON if endpoint.encoding == "json" else P.MSGPACK
+        self._book = ContextBook()
+        self._link: _WsLink | None = None
+        self._http: HttpConnection | None = None
+        self._busy = False
+        self._tx = 0  # this turn's bytes
+        self._rx = 0
+        self._stats = {"turns": 0, "bytes_sent": 0, "bytes_received": 0, "connects": 0,
+                       "resends": 0, "cancelled_turns": 0}
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """The session's whole context (read it, do not change it)."""
+        return self._book.items
+
+    @property
+    def last_response_id(self) -> str | None:
+        return self._book.last_response_id
+
+    def statistics(self) -> SessionStats:
+        return SessionStats(**self._stats)
+
+    async def turn(self, new_items: list[dict[str, Any]]) -> TurnResult:
+        """Add `new_items` to the context, run one model response, add its output.
+
+        Raises ModelAuthError (credentials), ModelRequestError (the endpoint refused the
+        request; ModelServerError when it failed on its side), ModelConnectionError (the
+        network or peer broke the link even after one full resend). trio.Cancelled propagates
+        after the response is cancelled at the server; the session stays usable.
+        """
+        if self._busy:
+            raise RuntimeError("ModelSession.turn is already running: one turn at a time")
+        self._busy = True
+        self._tx = self._rx = 0
+        try:
+            if self.endpoint.transport == "ws":
+                return await self._turn_ws(new_items)
+            return await self._turn_http(new_items)
+        except trio.Cancelled:
+            self._stats["cancelled_turns"] += 1
+            raise
+        finally:
+            self._busy = False
+            self._stats["bytes_sent"] += self._tx
+            self._stats["bytes_received"] += self._rx
+
+    async def aclose(self) -> None:
+        """Close the link (the WebSocket's close handshake runs in the session's nursery)."""
+        self._drop_link()
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    # ------------------------------------------------------------ results
+
+    def _finish(self, response: Any, fallback: list[dict[str, Any]], t0: float,
+                resent: bool) -> TurnResult:
+        r = read_response(response, fallback)
+        if r.status == "failed":
+            # A failed continuation evicts its parent at the server: next turn sends everything.
+            self._book.forget_server()
+            log.warning("model.response_failed", response_id=r.response_id, error=r.error)
+        else:
+            kept = [c for c in map(context_item, r.output_items) if c is not None]
+            self._book.complete(r.response_id, kept)
+        self._stats["turns"] += 1
+        if resent:
+            self._stats["resends"] += 1
+        return TurnResult(response_id=r.response_id, status=r.status, text=r.text,
+                          function_calls=r.function_calls, output_items=r.output_items,
+                          usage=r.usage, bytes_sent=self._tx, bytes_received=self._rx,
+                          elapsed_s=trio.current_time() - t0, resent_full_context=resent)
+
+    def _create_event(self, items: list[dict[str, Any]], previous: str | None, *,
+                      http: bool) -> dict[str, Any]:
+        ev = P.response_create_event(
+            model=self.endpoint.model, input=items, previous_response_id=previous,
+            instructions=self._instructions, tools=self._tools, store=False,
+            metadata=self._metadata)
+        if http:
+            del ev["type"]
+            if self.endpoint.stream:
+                ev["stream"] = True
+        return ev
+
+    # ------------------------------------------------------------ WebSocket
+
+    async def _turn_ws(self, new_items: list[dict[str, Any]]) -> TurnResult:
+        t0 = trio.current_time()
+        self._book.add_new(new_items)
+        retried = resent = False
+        while True:
+            try:
+                link = await self._ensure_ws()
+                await self._drain(link)
+                resent = resent or self._book.would_resend()
+                items, previous = self._book.request()
+                event, seen = await self._exchange(link, items, previous)
+            except _LinkLost as exc:
+                self._drop_link()
+                if retried:
+                    raise ModelConnectionError(
+                        f"the model WebSocket to {self._origin.ws_url('/responses')} broke "
+                        f"again after a full resend: {exc}") from None
+                retried = True
+                log.info("model.link_lost", reason=str(exc), resend_items=len(self._book.items))
+                continue
+            kind = event["type"]
+            if kind == "error":
+                code = (event.get("error") or {}).get("code")
+                if not retried and code == P.ErrorCode.PREVIOUS_RESPONSE_NOT_FOUND:
+                    retried = True
+                    self._book.forget_server()
+                    log.info("model.cache_miss", resend_items=len(self._book.items))
+                    continue
+                if not retried and code == P.ErrorCode.CONNECTION_LIMIT:
+                    retried = True
+                    self._drop_link()
+                    log.info("model.connection_limit", resend_items=len(self._book.items))
+                    continue
+                self._book.forget_server()  # a refused continuation evicts its parent
+                raise error_from_event(event)
+            return self._finish(event.get("response"), seen, t0, resent)
+
+    async def _ensure_ws(self) -> _WsLink:
+        if self._link is not None and not self._link.alive:
+            self._drop_link()
+        if self._link is None:
+            self._book.forget_server()  # a new connection's cache is empty
+            self._link = await self._connect_ws()
+            self._stats["connects"] += 1
+        return self._link
+
+    async def _connect_ws(self) -> _WsLink:
+        url = self._origin.ws_url("/responses")
+        headers = [(b"User-Agent", USER_AGENT.encode())]
+        if self.endpoint.api_key:
+            headers.append((b"Authorization", b"Bearer " + self.endpoint.api_key.encode()))
+        try:
+            link: _WsLink = await self._nursery.start(self._hold_ws, url, headers)
+        except WsRejected as exc:
+            status = getattr(exc, "status_code", None)
+            if status in (401, 403):
+                raise ModelAuthError(f"the model endpoint {url} refused the credentials "
+                                     f"({status}); check the API key") from None
+            raise ModelConnectionError(
+                f"the model endpoint {url} refused the WebSocket upgrade with HTTP {status}; "
+                "if it has no WebSocket mode use transport \"http\"") from None
+        except (WsHandshakeError, WsConnectTimeout, OSError, trio.BrokenResourceError) as exc:
+            cause = exc.__cause__ or exc.__context__ or exc
+            raise ModelConnectionError(f"cannot open the model WebSocket {url}: {cause!r}") from None
+        return link
+
+    async def _hold_ws(self, url: str, headers: list[tuple[bytes, bytes]], *,
+                       task_status: trio.TaskStatus[_WsLink] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold one WebSocket open in the session's nursery (not in a turn's cancel scope)."""
+        started = False
+        config = attrs.evolve(_WS_CONFIG, connect_timeout=self.endpoint.connect_timeout_s)
+        try:
+            async with open_ws(url, headers=headers, config=config) as conn:
+                link = _WsLink(conn=conn)
+                task_status.started(link)
+                started = True
+                await link.done.wait()
+        except Exception as exc:  # after start, a failed close must not end the session
+            if not started:
+                raise
+            log.debug("model.ws_close_failed", error=repr(exc))
+
+    def _drop_link(self) -> None:
+        if self._link is not None:
+            self._link.dead = True
+            self._link.done.set()
+            self._link = None
+
+    async def _send(self, link: _WsLink, event: dict[str, Any], timeout_s: float) -> None:
+        frame = P.encode_event(event, self._encoding)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(timeout_s) as scope:
+                try:
+                    await link.conn.send_message(frame)
+                except WsClosed as exc:
+                    link.dead = True
+                    raise _LinkLost(f"closed ({_close_reason(exc)})") from None
+        if scope.cancelled_caught:
+            link.dead = True
+            raise _LinkLost(f"a frame could not be sent within {timeout_s}s")
+        self._tx += _frame_size(frame)
+
+    async def _recv(self, link: _WsLink) -> dict[str, Any]:
+        try:
+            frame = await link.conn.get_message()
+        except WsClosed as exc:
+            link.dead = True
+            raise _LinkLost(f"closed ({_close_reason(exc)})") from None
+        self._rx += _frame_size(frame)
+        try:
+            return P.decode_event(frame)
+        except P.ProtocolError as exc:
+            self._drop_link()
+            raise ModelConnectionError(f"the model server sent a bad event: {exc}") from None
+
+    async def _exchange(self, link: _WsLink, items: list[dict[str, Any]], previous: str | None
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Send one response.create and read its events up to the terminal one (or an error)."""
+        await self._send(link, self._create_event(items, previous, http=False), SEND_TIMEOUT_S)
+        self._book.mark_sent()
+        response_id: str | None = None
+        seen: list[dict[str, Any]] = []  # output items, for a terminal event without output
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                event = await self._recv(link)
+                kind = event["type"]
+                if kind == "response.output_item.done":
+                    seen.append(event.get("item") or {})
+                elif kind == "response.created":
+                    response_id = (event.get("response") or {}).get("id")
+                elif kind in P.TERMINAL_TYPES or kind == "error":
+                    return event, seen
+        except trio.Cancelled:
+            await self._cancel_ws(link, response_id)
+            raise
+
+    async def _cancel_ws(self, link: _WsLink, response_id: str | None) -> None:
+        if not link.alive:
+            return
+        link.drain_pending = True
+        try:
+            await self._send(link, P.response_cancel_event(response_id), CANCEL_SEND_TIMEOUT_S)
+        except _LinkLost:
+            self._drop_link()
+
+    async def _drain(self, link: _WsLink) -> None:
+        """Read what a cancelled response still sends, up to its terminal event."""
+        while link.drain_pending:
+            event = await self._recv(link)
+            if event["type"] == "error" and (event.get("error") or {}).get("code") \
+                    == P.ErrorCode.CONNECTION_LIMIT:
+                link.dead = True
+                raise _LinkLost("the connection reached its age limit")
+            if P.is_terminal(event):
+                link.drain_pending = False
+
+    # ------------------------------------------------------------ HTTP
+
+    def _http_headers(self) -> list[tuple[str, str]]:
+        headers = [("User-Agent", USER_AGENT), ("Content-Type", "application/json"),
+                   ("Accept", "text/event-stream" if self.endpoint.stream else "application/json")]
+        if self.endpoint.api_key:
+            headers.append(("Authorization", f"Bearer {self.endpoint.api_key}"))
+        if not self.endpoint.keepalive:
+            headers.append(("Connection", "close"))
+        return headers
+
+    async def _http_connection(self) -> HttpConnection:
+        if self._http is not None and not self._http.reusable:
+            await self._http.aclose()
+            self._http = None
+        if self._http is None:
+            try:
+                self._http = await HttpConnection.connect(
+                    self._origin, timeout_s=self.endpoint.connect_timeout_s)
+            except HttpError as exc:
+                raise ModelConnectionError(str(exc)) from None
+            self._stats["connects"] += 1
+        return self._http
+
+    async def _turn_http(self, new_items: list[dict[str, Any]]) -> TurnResult:
+        t0 = trio.current_time()
+        self._book.add_new(new_items)
+        body = P.dumps_json(self._create_event(self._book.items, None, http=True))
+        headers = self._http_headers()
+        for attempt in (1, 2):
+            conn = await self._http_connection()
+            sent0, recv0 = conn.bytes_sent, conn.bytes_received
+            try:
+                response, seen = await self._exchange_http(conn, body, headers)
+            except HttpError as exc:
+                await self._close_http()
+                if exc.reusable_failure and attempt == 1:
+                    continue  # the server closed an idle kept-alive connection: once more
+                raise ModelConnectionError(f"POST {self._origin.target('/responses')} on "
+                                           f"{self._origin.host_header}: {exc}") from None
+            except BaseException:
+                await self._close_http()  # cancelled: closing tells the server to stop
+                raise
+            finally:
+                self._tx += conn.bytes_sent - sent0
+                self._rx += conn.bytes_received - recv0
+            if not self.endpoint.keepalive or not conn.reusable:
+                await self._close_http()
+            self._book.mark_sent()
+            return self._finish(response, seen, t0, False)
+        raise AssertionError("unreachable")
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    async def _exchange_http(self, conn: HttpConnection, body: bytes,
+                             headers: list[tuple[str, str]]
+                             ) -> tuple[Any, list[dict[str, Any]]]:
+        head = await conn.send_request("POST", "/responses", headers=headers, body=body)
+        ctype = head.header(b"content-type") or b""
+        if head.status != 200 or not ctype.startswith(b"text/event-stream"):
+            data = await conn.read_body()
+            try:
+                obj = P.loads_json(data) if data else {}
+            except P.ProtocolError:
+                obj = {"error": {"message": data[:300].decode("utf-8", "replace")}}
+            if head.status != 200:
+                raise error_from_event(obj if isinstance(obj, dict) else {}, http_status=head.status)
+            return obj, []
+        decoder = P.SseDecoder()
+        seen: list[dict[str, Any]] = []
+        terminal: dict[str, Any] | None = None
+        while (chunk := await conn.next_body_chunk()) is not None:
+            try:
+                events = decoder.feed(chunk)
+            except P.ProtocolError as exc:
+                raise HttpError(f"the server sent a bad event: {exc}") from None
+            for event in events:
+                kind = event["type"]
+                if kind == "response.output_item.done":
+                    seen.append(event.get("item") or {})
+                elif kind == "error":
+                    raise error_from_event(event)
+                elif kind in P.TERMINAL_TYPES:
+                    terminal = event
+        if terminal is None:
+            raise HttpError("the event stream ended without a terminal response event")
+        return terminal.get("response"), seen
+
+
+def _close_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    code = getattr(reason, "code", None)
+    text = getattr(reason, "reason", None)
+    return f"code {code}" + (f": {text}" if text else "")
+
+
+@asynccontextmanager
+async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | None = None,
+                             tools: list[dict[str, Any]] | None = None,
+                             metadata: dict[str, str] | None = None
+                             ) -> AsyncIterator[ModelSession]:
+    """Open a session; over "ws" its WebSocket is connected before this yields.
+
+    Raises ModelAuthError / ModelConnectionError when the WebSocket cannot be opened, ValueError
+    for a malformed base_url.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            session = ModelSession(endpoint, nursery, instructions=instructions, tools=tools,
+                                   metadata=metadata)
+            try:
+                if endpoint.transport == "ws":
+                    await session._ensure_ws()
+                yield session
+            finally:
+                with trio.CancelScope(shield=True):
+                    await session.aclose()
+    except BaseExceptionGroup as group:
+        # The nursery only holds connections that never raise after they start, so a group
+        # carries the body's own exception: give the caller that, not a wrapper.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
+
+
+async def fetch_server_stats(base_url: str, *, timeout_s: float = 10.0) -> dict[str, Any]:
+    """GET {base_url}/switchboard/stats from a Switchboard model server: its JSON counters.
+
+    Raises ModelConnectionError when the server cannot be reached or answers badly.
+    """
+    origin = Origin.from_url(base_url)
+    try:
+        with trio.fail_after(timeout_s):
+            conn = await HttpConnection.connect(origin, timeout_s=timeout_s)
+            try:
+                head = await conn.send_request("GET", "/switchboard/stats",
+                                               headers=[("Connection", "close")])
+                body = await conn.read_body()
+            finally:
+                await conn.aclose()
+    except (HttpError, trio.TooSlowError) as exc:
+        raise ModelConnectionError(f"cannot read {base_url}/switchboard/stats: {exc!r}") from None
+    if head.status != 200:
+        raise ModelConnectionError(f"{base_url}/switchboard/stats answered HTTP {head.status}")
+    stats = P.loads_json(body)
+    if not isinstance(stats, dict):
+        raise ModelConnectionError(f"{base_url}/switchboard/stats is not a JSON object")
+    return stats
