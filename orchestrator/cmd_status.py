@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from orchestrator.cli import EXIT_BAD_INPUT, EXIT_OK
+from orchestrator.cmd_cancel import wrap
 from orchestrator.journal import Journal, JournalError
 from orchestrator.runs import journal_path
 
@@ -18,11 +19,12 @@ from orchestrator.runs import journal_path
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "status", help="show a run's tasks, attempts, times and token costs",
-        description="Show one run from the journal: every task with its state, attempts, "
+        description=wrap(
+            "Show one run from the journal: every task with its state, attempts, "
         "worker, start and end times, duration, error, and tokens (input, cached, output) and "
         "cost. Fan-out children and spawned (dynamic) children are listed under their parent, "
         "and a parent's totals include them. Works while the run is going (it only reads the "
-        "journal) and after it ended.",
+        "journal) and after it ended."),
         epilog="examples:\n  orchestrator status                 the newest run\n"
         "  orchestrator status 20260301-1203   a run by a unique prefix of its id\n"
         "  orchestrator status --json | jq '.tasks[] | {task_id, state}'\n"

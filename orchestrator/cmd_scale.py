@@ -1,0 +1,46 @@
+"""`orchestrator scale N`: ask a running orchestrator to grow or drain its worker pool to N."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.cli import EXIT_BAD_INPUT, EXIT_OK
+from orchestrator.cmd_cancel import ControlError, add_state_dir, wrap, write_request
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "scale", help="change how many workers a running run uses",
+        description=wrap(
+            "Ask the orchestrator running a run to use N workers. Growing starts local "
+        "worker processes; shrinking drains the least loaded workers (local or remote): they "
+        "finish the attempts they hold, take no new ones, and exit. The request goes through "
+        "the journal and is picked up within a second. Workers on Kubernetes are scaled by "
+        "their Deployment (kubectl scale, HPA, KEDA), not by this command."),
+        epilog="examples:\n  orchestrator scale 8                  the newest run\n"
+        "  orchestrator scale 2 --run 20260301-1203\n\n"
+        "exit codes: 0 request written, 2 N < 0, unknown run, run already ended",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("n", type=int, metavar="N", help="the number of workers wanted (0 or more)")
+    p.add_argument("--run", default="latest", metavar="RUN",
+                   help="run id, a unique prefix of one, or 'latest' (the default)")
+    add_state_dir(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 0:
+        print(f"error: N must be 0 or more, not {args.n}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        rid, req = write_request(args.state_dir, args.run, "scale", arg=str(args.n))
+    except ControlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"scale to {args.n} worker{'s' if args.n != 1 else ''} requested for run {rid} "
+          f"(request {req}); the running orchestrator picks it up within a second.")
+    if args.n == 0:
+        print("note: with 0 workers the run makes no progress until workers join again "
+              "(remote workers, or another `orchestrator scale`)", file=sys.stderr)
+    return EXIT_OK

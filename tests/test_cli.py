@@ -1,0 +1,313 @@
+"""The `orchestrator` CLI: help, argument errors and exit codes, cancel/scale requests, examples."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator import cli
+from orchestrator.cli import main
+from orchestrator.journal import Journal
+from orchestrator.scheduler import Scheduler, StartAttempt
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+BAD = ROOT / "tests" / "data" / "graphs" / "bad_many.toml"
+SCRIPT = pathlib.Path(sys.executable).parent / "orchestrator"
+
+GRAPH = """
+[agents.a]
+[agents.b]
+[[tasks]]
+id = "plan"
+agent = "a"
+[[tasks]]
+id = "build"
+agent = "b"
+needs = ["plan"]
+"""
+
+
+def registered() -> list[str]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return list(sub.choices)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- help and parsing
+
+
+def test_top_level_help_lists_commands_and_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("run", "validate", "status", "logs", "scale", "cancel", "resume", "worker"):
+        assert f"    {name} " in out, name
+    assert "exit codes: 0 success, 1 a task failed, 2 bad input" in " ".join(out.split())
+    assert "130 cancelled" in out
+
+
+def test_every_command_has_informative_help(capsys):
+    names = registered()
+    assert {"status", "cancel", "scale", "validate", "logs"} <= set(names)
+    for name in names:
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: orchestrator {name}"), name
+        body = out.split("\n\n", 2)[1]
+        assert len(body.split()) >= 8, f"{name} --help has no description: {body!r}"
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == cli.EXIT_BAD_INPUT
+    assert "usage: orchestrator" in capsys.readouterr().out
+
+
+def test_unknown_command_and_bad_arguments_exit_2(capsys):
+    for argv in (["frobnicate"], ["scale", "many"], ["cancel"], ["status", "--bogus"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == cli.EXIT_BAD_INPUT, argv
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- validate and the examples
+
+
+def test_validate_bad_graph_exits_2_with_file_line_and_hint(capsys):
+    assert main(["validate", str(BAD)]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"{BAD}:2: unknown key 'max_concurent' in [run]" in err
+    assert "hint: did you mean 'max_concurrent'?" in err
+    assert err.rstrip().endswith(f"10 problems in {BAD}")
+
+
+def test_validate_missing_file_exits_2(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "nope.toml")]) == cli.EXIT_BAD_INPUT
+    assert "cannot read graph file" in capsys.readouterr().err
+
+
+def test_validate_toml_syntax_error_names_line_and_column(tmp_path, capsys):
+    p = tmp_path / "g.toml"
+    p.write_text('[agents.a]\n[[tasks]]\nid = "x\n')
+    assert main(["validate", str(p)]) == cli.EXIT_BAD_INPUT
+    assert f"{p}:3:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["quickstart.toml", "real-model.toml"])
+def test_examples_validate(name, capsys):
+    assert main(["validate", str(EXAMPLES / name)]) == cli.EXIT_OK
+    assert capsys.readouterr().out.strip() == "OK: 3 tasks, 3 agents"
+
+
+def test_quickstart_has_fan_out_join_retry_and_several_agents():
+    from orchestrator.graph import GraphSpec
+
+    g = GraphSpec.from_toml(EXAMPLES / "quickstart.toml")
+    assert g.model.base_url is None  # the embedded sim
+    write, edit = g.task("write"), g.task("edit")
+    assert write.fan_out == "plan.outputs.sections" and edit.needs == ("write",)
+    assert edit.retries >= 1 and edit.timeout_s <= 2
+    assert len({t.agent for t in g.tasks}) >= 2
+
+
+def test_real_model_differs_from_quickstart_in_the_model_section():
+    from orchestrator.graph import GraphSpec
+
+    q = GraphSpec.from_toml(EXAMPLES / "quickstart.toml")
+    r = GraphSpec.from_toml(EXAMPLES / "real-model.toml")
+    assert r.model.base_url == "https://api.openai.com/v1"
+    assert r.model.api_key_env == "OPENAI_API_KEY"
+    assert [(t.id, t.agent, t.needs, t.fan_out, t.prompt) for t in q.tasks] == \
+        [(t.id, t.agent, t.needs, t.fan_out, t.prompt) for t in r.tasks]
+    assert {n: (a.instructions, a.tools, a.script) for n, a in q.agents.items()} == \
+        {n: (a.instructions, a.tools, a.script) for n, a in r.agents.items()}
+
+
+needs_runtime = pytest.mark.skipif(
+    importlib.util.find_spec("bus.hub") is None
+    or importlib.util.find_spec("modellink.server") is None,
+    reason="bus.hub / modellink.server not written yet")
+
+
+@needs_runtime
+def test_run_with_a_bad_graph_exits_2_with_file_line(tmp_path, capsys):
+    code = main(["run", str(BAD), "--state-dir", str(tmp_path / "s"), "--progress", "none"])
+    assert code == cli.EXIT_BAD_INPUT
+    assert f"{BAD}:2:" in capsys.readouterr().err
+
+
+@needs_runtime
+def test_run_with_a_missing_file_exits_2(tmp_path, capsys):
+    code = main(["run", str(tmp_path / "nope.toml"), "--state-dir", str(tmp_path / "s")])
+    assert code == cli.EXIT_BAD_INPUT
+    assert "cannot read graph file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- cancel and scale
+
+
+@pytest.fixture
+def live(tmp_path):
+    """A journal with one running run: plan running, build waiting."""
+    j = Journal.open(tmp_path / "journal.sqlite")
+    from orchestrator.graph import GraphSpec
+
+    j.create_run("20260301-120000-aaaaaa", graph_path="g.toml", graph_text=GRAPH)
+    s = Scheduler(GraphSpec.from_text(GRAPH, "g.toml"))
+    [a] = [x for x in s.next_actions(0.0) if isinstance(x, StartAttempt)]
+    s.on_started(a.task_id, a.attempt, 0.0)
+    j.sync_tasks("20260301-120000-aaaaaa", s.task_states())
+    yield tmp_path, j, s
+    j.close()
+
+
+RID = "20260301-120000-aaaaaa"
+
+
+def sd(tmp_path) -> list[str]:
+    return ["--state-dir", str(tmp_path)]
+
+
+def test_cancel_run_writes_a_request_the_supervisor_takes(live, capsys):
+    tmp_path, j, _ = live
+    assert main(["cancel", RID[:8], *sd(tmp_path)]) == cli.EXIT_OK
+    assert f"cancel requested for run {RID}" in capsys.readouterr().out
+    [req] = j.take_requests(RID)
+    assert (req["kind"], req["task_id"], req["arg"]) == ("cancel", None, None)
+
+
+def test_cancel_task_writes_its_id(live, capsys):
+    tmp_path, j, _ = live
+    assert main(["cancel", "latest", "build", *sd(tmp_path)]) == cli.EXIT_OK
+    [req] = j.take_requests(RID)
+    assert (req["kind"], req["task_id"]) == ("cancel", "build")
+
+
+def test_cancel_accepts_a_dynamic_child_from_the_journal(live, capsys):
+    tmp_path, j, s = live
+    child = s.spawn_child("plan", prompt="sub", agent=None, now=1.0)
+    j.sync_tasks(RID, s.task_states())
+    assert main(["cancel", RID, child, *sd(tmp_path)]) == cli.EXIT_OK
+    assert j.take_requests(RID)[0]["task_id"] == "plan/1"
+
+
+def test_cancel_unknown_task_exits_2_with_a_suggestion(live, capsys):
+    tmp_path, j, _ = live
+    assert main(["cancel", RID, "buidl", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "run has no task 'buidl'; did you mean 'build'?" in err
+    assert j.take_requests(RID) == []
+
+
+def test_cancel_a_finished_task_with_finished_children_exits_2(live, capsys):
+    tmp_path, j, s = live
+    s.on_succeeded("plan", 1, {"text": "ok", "outputs": {}}, 1.0)
+    j.sync_tasks(RID, s.task_states())
+    assert main(["cancel", RID, "plan", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    assert "already ended (succeeded)" in capsys.readouterr().err
+
+
+def test_cancel_a_finished_parent_whose_spawned_child_still_runs(live, capsys):
+    tmp_path, j, s = live
+    s.spawn_child("plan", prompt="sub", agent=None, now=1.0)
+    s.on_succeeded("plan", 1, {"text": "ok", "outputs": {}}, 1.0)
+    j.sync_tasks(RID, s.task_states())
+    assert main(["cancel", RID, "plan", *sd(tmp_path)]) == cli.EXIT_OK
+
+
+def test_cancel_unknown_run_exits_2(live, capsys):
+    assert main(["cancel", "19990101", *sd(live[0])]) == cli.EXIT_BAD_INPUT
+    assert "no run '19990101'" in capsys.readouterr().err
+
+
+def test_cancel_ended_run_exits_2(live, capsys):
+    tmp_path, j, _ = live
+    j.finish_run(RID, "succeeded", summary={})
+    assert main(["cancel", RID, *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    assert f"run {RID} already ended (succeeded)" in capsys.readouterr().err
+    assert j.take_requests(RID) == []
+
+
+def test_cancel_without_a_journal_exits_2_and_creates_nothing(tmp_path, capsys):
+    assert main(["cancel", "latest", *sd(tmp_path / "s")]) == cli.EXIT_BAD_INPUT
+    assert "no journal at" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_ambiguous_run_prefix_exits_2(live, capsys):
+    tmp_path, j, _ = live
+    j.create_run("20260301-120000-bbbbbb", graph_path="g.toml", graph_text=GRAPH)
+    assert main(["cancel", "20260301", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    assert "ambiguous" in capsys.readouterr().err
+
+
+def test_scale_writes_a_request_for_the_latest_run(live, capsys):
+    tmp_path, j, _ = live
+    assert main(["scale", "3", *sd(tmp_path)]) == cli.EXIT_OK
+    assert "scale to 3 workers requested" in capsys.readouterr().out
+    [req] = j.take_requests(RID)
+    assert (req["kind"], req["arg"], req["task_id"]) == ("scale", "3", None)
+    assert int(req["arg"]) == 3  # what supervisor._poll_control parses
+
+
+def test_scale_to_zero_warns(live, capsys):
+    tmp_path, j, _ = live
+    assert main(["scale", "0", "--run", RID, *sd(tmp_path)]) == cli.EXIT_OK
+    assert "no progress" in capsys.readouterr().err
+    assert j.take_requests(RID)[0]["arg"] == "0"
+
+
+def test_scale_negative_exits_2_and_writes_nothing(live, capsys):
+    tmp_path, j, _ = live
+    assert main(["scale", "-1", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    assert "N must be 0 or more" in capsys.readouterr().err
+    assert j.take_requests(RID) == []
+
+
+def test_scale_unknown_or_ended_run_exits_2(live, capsys):
+    tmp_path, j, _ = live
+    assert main(["scale", "2", "--run", "nope", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    j.finish_run(RID, "failed", summary={})
+    assert main(["scale", "2", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "no run 'nope'" in err and "already ended (failed)" in err
+
+
+# ---------------------------------------------------------------- the installed console script
+
+
+def console(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess[str]:
+    exe = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "orchestrator"]
+    return subprocess.run([*exe, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_console_script_help_and_exit_codes(tmp_path):
+    r = console("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "exit codes" in r.stdout
+    r = console("validate", str(BAD), cwd=tmp_path)
+    assert r.returncode == 2 and f"{BAD}:2:" in r.stderr
+    r = console("validate", str(EXAMPLES / "quickstart.toml"), cwd=tmp_path)
+    assert (r.returncode, r.stdout.strip()) == (0, "OK: 3 tasks, 3 agents")
+
+
+def test_console_script_scale_and_status_through_the_environment(live):
+    tmp_path, j, _ = live
+    import os
+
+    env = {**os.environ, "SWITCHBOARD_HOME": str(tmp_path)}
+    exe = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "orchestrator"]
+    r = subprocess.run([*exe, "scale", "4"], env=env, cwd=tmp_path.parent, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert j.take_requests(RID)[0]["arg"] == "4"
+    r = subprocess.run([*exe, "status", "--json"], env=env, cwd=tmp_path.parent,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and '"run_id": "20260301-120000-aaaaaa"' in r.stdout
