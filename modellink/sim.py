@@ -1,0 +1,419 @@
+"""Owns the sim model with no I/O: rendering contexts to tokens, the prefix cache, scripts, timing.
+
+The sim is a deterministic stand-in for a model. What it does to its input is real work (every
+item it is sent is validated, rendered and tokenized with a real BPE tokenizer); what a model
+would spend on a GPU is simulated time at stated rates (SimConfig), which the server pays with
+`trio.sleep` as it streams. Two caches, kept apart on purpose:
+
+* RenderedContext: the tokens of one conversation. The server keeps the last one per WebSocket
+  connection (the *connection cache*), so a continuation renders only its new items. HTTP
+  requests (and cache misses) render the whole context again: that is the real cost saved.
+* PrefixCache: the *model's* KV-style cache, global to one SimModel (so across transports and
+  connections): an LRU of hashes of fixed-size token blocks, each hash chained to the previous
+  block's. The same context gets the same cached_tokens and the same simulated time whether it
+  came as a full HTTP request or as a WebSocket delta.
+
+Scripts (metadata["sim_script"], a JSON string): a list of steps, one per model turn,
+`{"text": str, "output_tokens"?: int}`, `{"call": {"name": str, "arguments": obj}}` or
+`{"calls": [call, ...]}`. The turn index is the number of model responses already in the
+context; past the end of the script the sim answers with the script's last text step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any, Final
+
+import attrs
+
+from modellink.protocol import ErrorCode, ProtocolError
+from modellink.tokenizer import Tokenizer, get_tokenizer
+
+DEFAULT_TEXT: Final = "I have read the context. Done."
+
+# Words used to pad a text step to its output_tokens; each is one token of our BPE.
+_FILLER_CANDIDATES: Final = (
+    " the", " and", " to", " of", " in", " is", " it", " that", " for", " file", " test",
+    " code", " agent", " tool", " model", " run", " line", " value", " result", " read",
+)
+
+
+@attrs.frozen(kw_only=True)
+class SimConfig:
+    """Simulated model time and sim behaviour.
+
+    Defaults resemble a fast coding model: 50 ms to first token, prefill 20 µs per uncached
+    input token (50k tokens/s), decode 1 ms per output token (1,000 tokens/s).
+    """
+
+    ttft_s: float = 0.05
+    prefill_s_per_token: float = 0.00002
+    decode_s_per_token: float = 0.001
+    # Tokens per text/arguments delta event (the last delta may be shorter).
+    chunk_tokens: int = 8
+    # Model names served; any other name gets model_not_found (unless accept_any_model).
+    models: tuple[str, ...] = ("sim",)
+    accept_any_model: bool = False
+    # The script used when a request's metadata has no sim_script (JSON string); None -> a
+    # short text answer.
+    default_script: str | None = None
+    seed: int = 0
+    # Prefix cache geometry: block_tokens per block, at most prefix_cache_blocks blocks (LRU).
+    block_tokens: int = 32
+    prefix_cache_blocks: int = 65_536
+
+    @classmethod
+    def zero(cls) -> SimConfig:
+        """No simulated model time at all: benchmarks of pure overhead, fast tests."""
+        return cls(ttft_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.0)
+
+
+# --------------------------------------------------------------------------- prefix cache
+
+
+class PrefixCache:
+    """LRU set of chained block hashes. `match(hashes)` = leading blocks already cached."""
+
+    def __init__(self, max_blocks: int) -> None:
+        self._max = max_blocks
+        self._lru: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def match(self, hashes: list[int]) -> int:
+        """Number of leading blocks present (each hash chains its prefix, so the first miss ends
+        the match); hits are refreshed."""
+        n = 0
+        lru = self._lru
+        for h in hashes:
+            if h not in lru:
+                break
+            lru.move_to_end(h)
+            n += 1
+        return n
+
+    def insert(self, hashes: Iterable[int]) -> None:
+        lru = self._lru
+        for h in hashes:
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+        while len(lru) > self._max:
+            lru.popitem(last=False)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _is_model_output(item: dict[str, Any]) -> bool:
+    kind = item.get("type")
+    return kind == "function_call" or (kind == "message" and item.get("role") == "assistant")
+
+
+class RenderedContext:
+    """The tokens of one conversation: a prefix (instructions, tools) then every item.
+
+    Invariant: `tokens` is exactly render(prefix) + render(item) for each item in order, and
+    `hashes[i]` is the chained hash of block i of `tokens` (full blocks only), so two contexts
+    with the same items have the same tokens and hashes however they were built.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, block_tokens: int) -> None:
+        self._tk = tokenizer
+        self._block = block_tokens
+        self.tokens: list[int] = []
+        self.hashes: list[int] = []
+        self.items: list[dict[str, Any]] = []
+        self.prefix_key: tuple[str | None, str] | None = None
+        self.model_turns = 0  # model responses (runs of output items) in the context
+        self._in_output_run = False
+        sp = tokenizer.special
+        self._start, self._end = sp["<|im_start|>"], sp["<|im_end|>"]
+        self._role = {r: sp[f"<|{r}|>"] for r in ("system", "developer", "user", "assistant")}
+        self._call, self._result = sp["<|tool_call|>"], sp["<|tool_result|>"]
+
+    def copy(self) -> RenderedContext:
+        """An independent copy (a fork of a conversation); no rendering, lists copied."""
+        c = RenderedContext(self._tk, self._block)
+        c.tokens, c.hashes, c.items = list(self.tokens), list(self.hashes), list(self.items)
+        c.prefix_key, c.model_turns = self.prefix_key, self.model_turns
+        c._in_output_run = self._in_output_run
+        return c
+
+    def set_prefix(self, instructions: str | None, tools: list[dict[str, Any]]) -> int:
+        """Make the context start with these instructions and tools; returns tokens rendered.
+
+        Unchanged -> nothing to do. Changed -> the prefix and every item are rendered again.
+        """
+        tools_json = json.dumps(tools, sort_keys=True, separators=(",", ":")) if tools else ""
+        key = (instructions, tools_json)
+        if key == self.prefix_key:
+            return 0
+        items = self.items
+        self.tokens, self.hashes, self.items = [], [], []
+        self.model_turns, self._in_output_run = 0, False
+        self.prefix_key = key
+        toks: list[int] = []
+        if instructions:
+            toks += [self._start, self._role["system"], *self._tk.encode(instructions), self._end]
+        if tools_json:
+            toks += [self._start, self._role["system"], *self._tk.encode(tools_json), self._end]
+        self._extend(toks)
+        return len(toks) + self.append_items(items)
+
+    def append_items(self, items: list[dict[str, Any]]) -> int:
+        """Render and append items (already validated by protocol); returns tokens rendered."""
+        n = 0
+        for item in items:
+            toks = self.render_item(item)
+            n += len(toks)
+            self._extend(toks)
+            self.items.append(item)
+            out = _is_model_output(item)
+            if out and not self._in_output_run:
+                self.model_turns += 1
+            self._in_output_run = out
+        return n
+
+    def render_item(self, item: dict[str, Any]) -> list[int]:
+        enc = self._tk.encode
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item["content"]
+            toks = [self._start, self._role[item["role"]]]
+            if isinstance(content, str):
+                toks += enc(content)
+            else:
+                for part in content:
+                    toks += enc(part.get("text", part.get("refusal", "")))
+            toks.append(self._end)
+            return toks
+        if kind == "function_call":
+            return [self._call, *enc(item["name"]), *enc(item["arguments"]), self._end]
+        out = item["output"]
+        text = out if isinstance(out, str) else "".join(p["text"] for p in out)
+        return [self._result, *enc(item["call_id"]), *enc(text), self._end]
+
+    def _extend(self, toks: list[int]) -> None:
+        b = self._block
+        start = len(self.hashes) * b
+        self.tokens += toks
+        prev = self.hashes[-1] if self.hashes else 0
+        while start + b <= len(self.tokens):
+            prev = hash((prev, tuple(self.tokens[start : start + b])))
+            self.hashes.append(prev)
+            start += b
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+@attrs.frozen(kw_only=True)
+class ScriptCall:
+    name: str
+    arguments: str  # JSON text
+
+
+@attrs.frozen(kw_only=True)
+class ScriptStep:
+    text: str | None = None
+    output_tokens: int | None = None
+    calls: tuple[ScriptCall, ...] = ()
+
+
+def parse_script(text: str, *, param: str = "metadata.sim_script") -> tuple[ScriptStep, ...]:
+    """Parse a sim script; raises ProtocolError(invalid_value, param) saying what to fix."""
+
+    def bad(msg: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.INVALID_VALUE, f"{param}: {msg}", param=param)
+
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    if not isinstance(raw, list) or not raw:
+        raise bad("must be a non-empty JSON list of steps")
+
+    def call(c: Any, where: str) -> ScriptCall:
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+            raise bad(f"{where} must be an object with a non-empty string 'name'")
+        args = c.get("arguments", {})
+        if isinstance(args, str):
+            return ScriptCall(name=c["name"], arguments=args)
+        return ScriptCall(name=c["name"], arguments=json.dumps(args, separators=(",", ":")))
+
+    steps: list[ScriptStep] = []
+    for i, s in enumerate(raw):
+        where = f"step {i}"
+        if not isinstance(s, dict):
+            raise bad(f"{where} must be an object")
+        if "text" in s:
+            if not isinstance(s["text"], str):
+                raise bad(f"{where}.text must be a string")
+            n = s.get("output_tokens")
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                raise bad(f"{where}.output_tokens must be a non-negative integer")
+            steps.append(ScriptStep(text=s["text"], output_tokens=n))
+        elif "call" in s:
+            steps.append(ScriptStep(calls=(call(s["call"], f"{where}.call"),)))
+        elif "calls" in s:
+            cs = s["calls"]
+            if not isinstance(cs, list) or not cs:
+                raise bad(f"{where}.calls must be a non-empty list")
+            steps.append(
+                ScriptStep(calls=tuple(call(c, f"{where}.calls[{j}]") for j, c in enumerate(cs)))
+            )
+        else:
+            raise bad(f"{where} needs one of 'text', 'call', 'calls'")
+    return tuple(steps)
+
+
+def step_for_turn(steps: tuple[ScriptStep, ...], turn: int) -> ScriptStep:
+    """Step `turn` of the script; past the end, the last text step (or the default text)."""
+    if turn < len(steps):
+        return steps[turn]
+    for s in reversed(steps):
+        if s.text is not None:
+            return s
+    return ScriptStep(text=DEFAULT_TEXT)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@attrs.frozen(kw_only=True)
+class OutputPlan:
+    """One output item to stream: text (a message) or a function call, in delta chunks.
+
+    `chunks` are (delta, tokens) pairs; joined, the deltas are the whole text / arguments.
+    """
+
+    kind: str  # "text" | "call"
+    chunks: tuple[tuple[str, int], ...]
+    name: str = ""  # function name for calls
+
+    @property
+    def full(self) -> str:
+        return "".join(c for c, _ in self.chunks)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+
+@attrs.frozen(kw_only=True)
+class Generation:
+    """What the model will do for one request, and what it costs in simulated time."""
+
+    input_tokens: int
+    cached_tokens: int
+    prefill_s: float  # ttft + prefill of the uncached tokens, paid before the first event
+    decode_s_per_token: float
+    outputs: tuple[OutputPlan, ...]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(o.tokens for o in self.outputs)
+
+
+class SimModel:
+    """The sim backend's model: one per server, so its prefix cache is shared by all transports."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.tokenizer = get_tokenizer()
+        self.prefix_cache = PrefixCache(config.prefix_cache_blocks)
+        self._default_steps = (
+            parse_script(config.default_script, param="default_script")
+            if config.default_script
+            else (ScriptStep(text=DEFAULT_TEXT),)
+        )
+        self._filler = tuple(w for w in _FILLER_CANDIDATES if len(self.tokenizer.encode(w)) == 1)
+        if not self._filler:  # pragma: no cover - the embedded corpus guarantees some
+            self._filler = (" a",)
+
+    def check_model(self, model: str) -> None:
+        """Raises ProtocolError(model_not_found) for a model this server does not serve."""
+        if not self.config.accept_any_model and model not in self.config.models:
+            raise ProtocolError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"the model {model!r} does not exist on this server: use one of "
+                f"{', '.join(self.config.models)}",
+                param="model",
+            )
+
+    def new_context(self) -> RenderedContext:
+        return RenderedContext(self.tokenizer, self.config.block_tokens)
+
+    def script_for(self, metadata: dict[str, str]) -> tuple[ScriptStep, ...]:
+        text = metadata.get("sim_script")
+        if text is None:
+            return self._default_steps
+        return parse_script(text)
+
+    def plan(self, ctx: RenderedContext, metadata: dict[str, str], *, generate: bool = True
+             ) -> Generation:
+        """Decide the output for `ctx` and price it. Registers the prompt's blocks as cached
+        (prefill fills the cache). Raises ProtocolError for a bad script."""
+        steps = self.script_for(metadata)
+        cfg = self.config
+        cached_blocks = self.prefix_cache.match(ctx.hashes)
+        cached = min(cached_blocks * cfg.block_tokens, len(ctx.tokens))
+        self.prefix_cache.insert(ctx.hashes[cached_blocks:])
+        uncached = len(ctx.tokens) - cached
+        outputs: tuple[OutputPlan, ...] = ()
+        if generate:
+            step = step_for_turn(steps, ctx.model_turns)
+            outputs = self._outputs(step, ctx.model_turns)
+        return Generation(
+            input_tokens=len(ctx.tokens),
+            cached_tokens=cached,
+            prefill_s=(cfg.ttft_s + cfg.prefill_s_per_token * uncached) if generate else 0.0,
+            decode_s_per_token=cfg.decode_s_per_token,
+            outputs=outputs,
+        )
+
+    def finish(self, ctx: RenderedContext, output_items: list[dict[str, Any]]) -> None:
+        """Append the response's output to the context and cache its blocks (decode fills the
+        cache too, so the next turn's prefix hits)."""
+        ctx.append_items(output_items)
+        self.prefix_cache.insert(ctx.hashes)
+
+    def _outputs(self, step: ScriptStep, turn: int) -> tuple[OutputPlan, ...]:
+        if step.calls:
+            return tuple(
+                OutputPlan(kind="call", name=c.name, chunks=self._chunks(c.arguments))
+                for c in step.calls
+            )
+        text = step.text or ""
+        chunks = list(self._chunks(text))
+        have = sum(n for _, n in chunks)
+        if step.output_tokens is not None and step.output_tokens > have:
+            rng = random.Random(f"{self.config.seed}:{turn}")
+            pad = [rng.choice(self._filler) for _ in range(step.output_tokens - have)]
+            k = self.config.chunk_tokens
+            chunks += [("".join(pad[i : i + k]), len(pad[i : i + k]))
+                       for i in range(0, len(pad), k)]
+        return (OutputPlan(kind="text", chunks=tuple(chunks)),)
+
+    def _chunks(self, text: str) -> tuple[tuple[str, int], ...]:
+        """Split text into deltas of about chunk_tokens tokens, on pre-tokenizer boundaries
+        (never inside a UTF-8 character)."""
+        k = max(1, self.config.chunk_tokens)
+        out: list[tuple[str, int]] = []
+        buf: list[str] = []
+        n = 0
+        for piece in self.tokenizer.split(text):
+            buf.append(piece)
+            n += len(self.tokenizer.encode(piece))
+            if n >= k:
+                out.append(("".join(buf), n))
+                buf, n = [], 0
+        if buf:
+            out.append(("".join(buf), n))
+        return tuple(out)
