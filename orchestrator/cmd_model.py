@@ -1,0 +1,110 @@
+"""`orchestrator model-server`: run the sim model server (Responses over WebSocket and HTTP)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+from bus.tokens import TokenError, is_loopback, load_token
+
+if TYPE_CHECKING:
+    from modellink.sim import SimConfig
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 130
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "model-server",
+        help="serve the sim model over the Responses protocol (WebSocket and HTTP)",
+        description="Serve the deterministic sim model on one port: WebSocket and POST on "
+        "/v1/responses, counters on GET /v1/switchboard/stats. Runs until SIGINT/SIGTERM. "
+        "Clients must send 'Authorization: Bearer <token>' when a token is configured "
+        "(SWITCHBOARD_TOKEN or --token-file, never the command line); without one the server "
+        "only listens on a loopback host.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+    p.add_argument("--ttft", type=float, default=None, metavar="S",
+                   help="seconds to first token (default 0.05)")
+    p.add_argument("--prefill", type=float, default=None, metavar="S",
+                   help="seconds per input token not in the model's prefix cache "
+                   "(default 0.00002)")
+    p.add_argument("--decode", type=float, default=None, metavar="S",
+                   help="seconds per output token (default 0.001, i.e. 1,000 tokens/s)")
+    p.add_argument("--zero", action="store_true",
+                   help="no simulated model time at all (measures pure overhead)")
+    p.add_argument("--max-connection-age", type=float, default=3600.0, metavar="S",
+                   help="close WebSockets older than this with code 1001 (default 3600)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+
+
+def sim_config_from_args(args: argparse.Namespace) -> SimConfig:
+    """The SimConfig the flags ask for; raises ValueError naming a bad flag."""
+    import attrs
+
+    from modellink.sim import SimConfig
+
+    sim = SimConfig.zero() if args.zero else SimConfig()
+    changes: dict[str, Any] = {}
+    for flag, field in (("ttft", "ttft_s"), ("prefill", "prefill_s_per_token"),
+                        ("decode", "decode_s_per_token")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"--{flag} must be zero or more seconds, got {value}")
+            changes[field] = value
+    return attrs.evolve(sim, **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio  # imported here so `orchestrator --help` stays fast
+
+    from bus.logs import configure_logging
+
+    try:
+        token = load_token(args.token_file)
+    except TokenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if token is None and not is_loopback(args.host):
+        print(f"error: refusing to serve on {args.host!r} without a token: anyone who can reach "
+              "it could use it. Set SWITCHBOARD_TOKEN or --token-file, or listen on 127.0.0.1",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not 0 <= args.port <= 65535:
+        print(f"error: --port {args.port} is not a TCP port (0-65535)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.max_connection_age <= 0:
+        print("error: --max-connection-age must be more than 0 seconds", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        sim = sim_config_from_args(args)
+        configure_logging(json=True, level=args.log_level)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from modellink.server import ModelServerConfig, serve_model  # after logging is configured
+
+    config = ModelServerConfig(host=args.host, port=args.port, token=token, sim=sim,
+                               max_connection_age_s=args.max_connection_age)
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(serve_model, config)
+            print(f"model server listening on {info.base_url}", file=sys.stderr, flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+                async for _ in sigs:
+                    break
+            nursery.cancel_scope.cancel()
+        return EXIT_OK
+
+    try:
+        return trio.run(main)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
