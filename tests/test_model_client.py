@@ -1,0 +1,346 @@
+"""Model link client: session bookkeeping (plain tests), then turns against the real sim server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from modellink.client import (
+    FunctionCall,
+    ModelAuthError,
+    ModelConnectionError,
+    ModelEndpoint,
+    ModelRequestError,
+    ModelServerError,
+    fetch_server_stats,
+    open_model_session,
+)
+from modellink.httpclient import Origin
+from modellink.server import ModelServerConfig, ModelServerInfo, serve_model
+from modellink.sim import SimConfig
+from modellink.turns import ContextBook, context_item, error_from_event, read_response
+
+# ------------------------------------------------------------------ no I/O
+
+
+def _user(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": text}
+
+
+def test_book_sends_only_items_the_server_has_not_seen():
+    book = ContextBook()
+    book.add_new([_user("a")])
+    assert book.request() == ([_user("a")], None)
+    book.mark_sent()
+    book.complete("resp_1", [{"type": "message", "role": "assistant", "content": "b"}])
+    book.add_new([_user("c")])
+    items, prev = book.request()
+    assert (items, prev) == ([_user("c")], "resp_1")
+    assert not book.would_resend()
+
+
+def test_book_keeps_one_list_and_resends_it_whole_after_the_server_forgets():
+    book = ContextBook()
+    ctx = book.items
+    book.add_new([_user("a")])
+    book.mark_sent()
+    book.complete("resp_1", [_user("b")])
+    book.add_new([_user("c")])
+    book.forget_server()
+    items, prev = book.request()
+    assert items is ctx and prev is None  # the context itself, not a copy
+    assert book.would_resend()
+    assert [i["content"] for i in items] == ["a", "b", "c"]
+
+
+def test_first_turn_is_not_a_resend():
+    book = ContextBook()
+    book.add_new([_user("a")])
+    assert not book.would_resend()
+
+
+def test_context_items_drop_ids_and_unreplayable_reasoning():
+    item = {"id": "fc_1", "type": "function_call", "call_id": "c", "name": "n", "arguments": "{}"}
+    assert context_item(item) == {"type": "function_call", "call_id": "c", "name": "n",
+                                  "arguments": "{}"}
+    assert context_item({"type": "reasoning", "id": "rs_1", "summary": []}) is None
+    kept = context_item({"type": "reasoning", "encrypted_content": "x", "summary": []})
+    assert kept is not None and kept["encrypted_content"] == "x"
+
+
+def test_read_response_collects_text_calls_and_usage():
+    resp = {
+        "id": "resp_9", "status": "completed",
+        "output": [
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "hi "}, {"type": "output_text",
+                                                                  "text": "there"}]},
+            {"type": "function_call", "call_id": "call_1", "name": "grep", "arguments": "{}"},
+        ],
+        "usage": {"input_tokens": 10, "input_tokens_details": {"cached_tokens": 4},
+                  "output_tokens": 3},
+    }
+    r = read_response(resp)
+    assert r.text == "hi there"
+    assert r.function_calls == [FunctionCall(call_id="call_1", name="grep", arguments="{}")]
+    assert (r.usage.input_tokens, r.usage.cached_tokens, r.usage.output_tokens) == (10, 4, 3)
+
+
+def test_read_response_refuses_what_is_not_a_response():
+    with pytest.raises(ModelConnectionError):
+        read_response({"no": "id"})
+
+
+def test_errors_say_whose_fault():
+    def ev(status: int, code: str) -> dict[str, Any]:
+        return {"type": "error", "status": status,
+                "error": {"code": code, "message": "m", "param": "input[0]"}}
+    assert isinstance(error_from_event(ev(401, "invalid_api_key")), ModelAuthError)
+    server = error_from_event(ev(500, "server_error"))
+    assert isinstance(server, ModelServerError)
+    req = error_from_event(ev(400, "invalid_value"))
+    assert type(req) is ModelRequestError
+    assert (req.code, req.param, req.status) == ("invalid_value", "input[0]", 400)
+    # OpenAI's HTTP error body has no status of its own.
+    http = error_from_event({"error": {"code": "x", "message": "m"}}, http_status=404)
+    assert isinstance(http, ModelRequestError) and http.status == 404
+
+
+def test_origin_maps_base_urls_to_targets_and_websocket_urls():
+    o = Origin.from_url("https://api.openai.com/v1/")
+    assert (o.host, o.port, o.target("/responses")) == ("api.openai.com", 443, "/v1/responses")
+    assert o.ws_url("/responses") == "wss://api.openai.com/v1/responses"
+    local = Origin.from_url("http://127.0.0.1:8000/v1")
+    assert local.ws_url("/responses") == "ws://127.0.0.1:8000/v1/responses"
+    with pytest.raises(ValueError, match="http"):
+        Origin.from_url("ftp://x/v1")
+
+
+def test_endpoint_refuses_unknown_transport_and_encoding():
+    with pytest.raises(ValueError, match="transport"):
+        ModelEndpoint(base_url="http://x/v1", transport="grpc")
+    with pytest.raises(ValueError, match="encoding"):
+        ModelEndpoint(base_url="http://x/v1", encoding="xml")
+
+
+async def test_unreachable_endpoint_is_a_connection_error():
+    with trio.fail_after(5):
+        with pytest.raises(ModelConnectionError, match="127.0.0.1:1"):
+            async with open_model_session(ModelEndpoint(base_url="http://127.0.0.1:1/v1")):
+                pass
+        ep = ModelEndpoint(base_url="http://127.0.0.1:1/v1", transport="http")
+        async with open_model_session(ep) as s:
+            with pytest.raises(ModelConnectionError):
+                await s.turn([_user("hi")])
+
+
+
+# ------------------------------------------------------------------ against the sim server
+
+TOOLS = [{"type": "function", "name": "read_file", "description": "Read a file.",
+          "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                         "required": ["path"]}}]
+TRANSPORTS = [
+    pytest.param({"transport": "ws", "encoding": "msgpack"}, id="ws-msgpack"),
+    pytest.param({"transport": "ws", "encoding": "json"}, id="ws-json"),
+    pytest.param({"transport": "http"}, id="http-keepalive"),
+    pytest.param({"transport": "http", "keepalive": False}, id="http-new-connection"),
+    pytest.param({"transport": "http", "stream": True}, id="http-sse"),
+]
+
+
+async def _serve(nursery: trio.Nursery, **kw: Any) -> ModelServerInfo:
+    kw.setdefault("sim", SimConfig.zero())
+    info: ModelServerInfo = await nursery.start(serve_model, ModelServerConfig(
+        host="127.0.0.1", port=0, **kw))
+    return info
+
+
+def _script(*steps: dict[str, Any]) -> dict[str, str]:
+    return {"sim_script": json.dumps(list(steps))}
+
+
+def _reads(n: int) -> list[dict[str, Any]]:
+    return [{"call": {"name": "read_file", "arguments": {"path": f"f{i}.py"}}} for i in range(n)]
+
+
+def _outputs(result: Any, text: str) -> list[dict[str, Any]]:
+    return [{"type": "function_call_output", "call_id": c.call_id, "output": text}
+            for c in result.function_calls]
+
+
+TOOL_TEXT = "line of a file with some code in it = value(42)\n" * 60
+
+
+@pytest.mark.parametrize("opts", TRANSPORTS)
+async def test_function_call_conversation_over_each_transport(opts: dict[str, Any]):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url, **opts)
+            meta = _script(*_reads(4), {"text": "all read"})
+            results = []
+            async with open_model_session(ep, instructions="be brief", tools=TOOLS,
+                                          metadata=meta) as s:
+                r = await s.turn([_user("read the files")])
+                while r.function_calls:
+                    results.append(r)
+                    r = await s.turn(_outputs(r, TOOL_TEXT))
+                results.append(r)
+                assert len(s.items) == 1 + 4 * 2 + 1  # user, 4 x (call, output), answer
+            nursery.cancel_scope.cancel()
+    assert [c.arguments for r in results[:4] for c in r.function_calls] == [
+        json.dumps({"path": f"f{i}.py"}, separators=(",", ":")) for i in range(4)] or [
+        json.loads(c.arguments)["path"] for r in results[:4] for c in r.function_calls] == [
+        f"f{i}.py" for i in range(4)]
+    assert all(r.function_calls[0].name == "read_file" for r in results[:4])
+    final = results[-1]
+    assert (final.status, final.text, final.function_calls) == ("completed", "all read", [])
+    assert not any(r.resent_full_context for r in results)
+    sent = [r.bytes_sent for r in results]
+    if opts["transport"] == "ws":
+        # Only the new items travel: every continuation costs about the same.
+        assert max(sent[1:]) < 1.2 * min(sent[1:]), sent
+    else:
+        # The whole context every turn: each turn sends one tool output more than the last.
+        steps = [b - a for a, b in zip(sent[1:], sent[2:], strict=False)]
+        assert all(st > len(TOOL_TEXT) for st in steps), sent
+    assert all(r.bytes_received > 0 and r.elapsed_s >= 0 for r in results)
+    # The model's prefix cache is the same for every transport: each turn finds the last one's
+    # context cached (up to one 32-token block).
+    for prev, r in zip(results, results[1:], strict=False):
+        assert r.usage.cached_tokens >= prev.usage.input_tokens - 32
+
+
+async def test_connection_age_limit_resends_the_full_context_once(autojump_clock: Any):
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery, max_connection_age_s=30.0)
+            ep = ModelEndpoint(base_url=info.base_url)
+            meta = _script(*_reads(3), {"text": "done"})
+            async with open_model_session(ep, tools=TOOLS, metadata=meta) as s:
+                r1 = await s.turn([_user("go")])
+                await trio.sleep(31)  # the server says the age limit and closes with 1001
+                r2 = await s.turn(_outputs(r1, TOOL_TEXT))
+                r3 = await s.turn(_outputs(r2, TOOL_TEXT))
+                r4 = await s.turn(_outputs(r3, TOOL_TEXT))
+                stats = s.statistics()
+            server = await fetch_server_stats(info.base_url)
+            nursery.cancel_scope.cancel()
+    assert [r.resent_full_context for r in (r1, r2, r3, r4)] == [False, True, False, False]
+    # The resent turn carries the whole context; the next one is a delta again.
+    assert r2.bytes_sent > r1.bytes_sent + len(TOOL_TEXT) and r3.bytes_sent < r2.bytes_sent
+    assert [json.loads(r.function_calls[0].arguments)["path"] for r in (r1, r2, r3)] == [
+        "f0.py", "f1.py", "f2.py"]
+    assert r4.text == "done"
+    assert stats.connects == 2 and stats.resends == 1
+    assert server["ws_connections_total"] == 2
+
+
+async def test_cache_miss_resends_the_full_context_and_carries_on():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url, encoding="json")
+            meta = _script(*_reads(2), {"text": "done"})
+            async with open_model_session(ep, tools=TOOLS, metadata=meta) as s:
+                r1 = await s.turn([_user("go")])
+                s._book.last_response_id = "resp_the_server_never_saw"  # force a miss
+                r2 = await s.turn(_outputs(r1, TOOL_TEXT))
+                r3 = await s.turn(_outputs(r2, TOOL_TEXT))
+                assert s.statistics().connects == 1  # a miss needs no new connection
+            nursery.cancel_scope.cancel()
+    assert (r2.resent_full_context, r3.resent_full_context) == (True, False)
+    assert json.loads(r2.function_calls[0].arguments)["path"] == "f1.py"
+    assert r3.text == "done"
+
+
+async def test_a_dropped_connection_is_redialled_and_the_context_resent():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            async with open_model_session(ep, tools=TOOLS,
+                                          metadata=_script(*_reads(1), {"text": "ok"})) as s:
+                r1 = await s.turn([_user("go")])
+                assert s._link is not None
+                await s._link.conn.aclose()  # the network drops the link between turns
+                r2 = await s.turn(_outputs(r1, TOOL_TEXT))
+            nursery.cancel_scope.cancel()
+    assert r2.resent_full_context and r2.text == "ok"
+
+
+LONG = {"text": "a long answer", "output_tokens": 5000}
+
+
+@pytest.mark.parametrize("opts", TRANSPORTS[:4])
+async def test_cancelling_a_turn_stops_generation_and_the_session_goes_on(
+        opts: dict[str, Any], autojump_clock: Any):
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            # 1 ms per output token: the long answer would take 5 s of model time.
+            info = await _serve(nursery, sim=SimConfig(ttft_s=0.01))
+            ep = ModelEndpoint(base_url=info.base_url, **opts)
+            meta = _script(*_reads(1), LONG, {"text": "short"})
+            async with open_model_session(ep, tools=TOOLS, metadata=meta) as s:
+                r1 = await s.turn([_user("go")])
+                t0 = trio.current_time()
+                with trio.move_on_after(1.0) as scope:
+                    await s.turn(_outputs(r1, TOOL_TEXT))
+                assert scope.cancelled_caught
+                await trio.sleep(0.1)
+                stats = await fetch_server_stats(info.base_url)
+                assert stats["responses_cancelled"] == 1 and stats["in_flight"] == 0
+                # Generation stopped at the cancel, not after 5,000 tokens.
+                assert stats["output_tokens"] < 2000
+                # The next turn starts from the last completed response: the tool output is
+                # still in the context, the partial answer is not, so the long step comes again.
+                r2 = await s.turn([])
+                assert trio.current_time() - t0 >= 5.0
+                assert r2.status == "completed" and r2.usage.output_tokens >= 5000
+                # (Over WS this is a delta when the server still holds the last completed
+                # response after a cancel, and one full resend when it does not.)
+                r3 = await s.turn([_user("and?")])
+                assert r3.text == "short"
+                assert [i.get("type") for i in s.items] == [
+                    "message", "function_call", "function_call_output", "message", "message",
+                    "message"]
+                assert s.statistics().cancelled_turns == 1
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("opts", TRANSPORTS[:3])
+async def test_wrong_or_missing_key_is_an_auth_error(opts: dict[str, Any]):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery, token="sesame")
+            for key in (None, "wrong"):
+                ep = ModelEndpoint(base_url=info.base_url, api_key=key, **opts)
+                with pytest.raises(ModelAuthError):
+                    async with open_model_session(ep) as s:
+                        await s.turn([_user("hi")])
+            ep = ModelEndpoint(base_url=info.base_url, api_key="sesame", **opts)
+            async with open_model_session(ep) as s:
+                assert (await s.turn([_user("hi")])).status == "completed"
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("opts", TRANSPORTS[:3])
+async def test_a_refused_request_names_the_field(opts: dict[str, Any]):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url, **opts)
+            async with open_model_session(ep) as s:
+                with pytest.raises(ModelRequestError) as err:
+                    await s.turn([{"type": "message", "role": "wizard", "content": "x"}])
+                assert err.value.code == "invalid_value" and err.value.param == "input[0].role"
+            bad_model = ModelEndpoint(base_url=info.base_url, model="gpt-9", **opts)
+            async with open_model_session(bad_model) as s:
+                with pytest.raises(ModelRequestError, match="model_not_found"):
+                    await s.turn([_user("x")])
+            nursery.cancel_scope.cancel()
