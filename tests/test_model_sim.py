@@ -1,0 +1,251 @@
+"""Sim model with no I/O: tokenizer, rendering, the prefix cache, scripts, outputs and timing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modellink import tokenizer as tk_mod
+from modellink.protocol import ErrorCode, ProtocolError
+from modellink.sim import (
+    DEFAULT_TEXT,
+    PrefixCache,
+    ScriptStep,
+    SimConfig,
+    SimModel,
+    parse_script,
+    step_for_turn,
+)
+from modellink.tokenizer import Tokenizer, get_tokenizer
+
+
+def user(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": text}
+
+
+def call(call_id: str, name: str = "f", args: str = "{}") -> dict[str, Any]:
+    return {"type": "function_call", "call_id": call_id, "name": name, "arguments": args}
+
+
+def result(call_id: str, out: str) -> dict[str, Any]:
+    return {"type": "function_call_output", "call_id": call_id, "output": out}
+
+
+def assistant(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": text}]}
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=300))
+def test_tokenizer_round_trips_any_text(text: str):
+    tk = get_tokenizer()
+    assert tk.decode(tk.encode(text)) == text
+
+
+def test_tokenizer_training_is_deterministic_and_compresses():
+    a = Tokenizer(tk_mod._train(tk_mod._CORPUS, tk_mod.N_MERGES))
+    b = get_tokenizer()
+    text = "def main(argv: list[str]) -> int:\n    return 0  # the agent calls the tool"
+    assert a.encode(text) == b.encode(text)
+    assert len(b.encode(text)) < len(text.encode()) / 2  # merges do real work
+    assert b.vocab_size > 256 + 200
+
+
+def test_piece_cache_is_bounded(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(tk_mod, "_PIECE_CACHE_MAX", 10)
+    tk = Tokenizer(tk_mod._train(tk_mod._CORPUS, 50))
+    tk.encode(" ".join(f"w{i}x" for i in range(100)))
+    assert len(tk._cache) <= 10
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _ctx(model: SimModel, items: list[dict[str, Any]], instructions: str | None = "be brief"):
+    ctx = model.new_context()
+    rendered = ctx.set_prefix(instructions, [{"type": "function", "name": "f"}])
+    rendered += ctx.append_items(items)
+    return ctx, rendered
+
+
+def test_incremental_rendering_equals_full_rendering():
+    model = SimModel(SimConfig(block_tokens=4))
+    items = [user("hello there"), call("c1", "read", '{"path": "a.py"}'),
+             result("c1", "print('hi')\n" * 5), assistant("done"), user("again")]
+    full, full_rendered = _ctx(model, items)
+    inc, rendered = _ctx(model, items[:2])
+    for item in items[2:]:
+        rendered += inc.append_items([item])
+    assert inc.tokens == full.tokens and inc.hashes == full.hashes
+    assert rendered == full_rendered == len(full.tokens)
+    assert len(full.hashes) == len(full.tokens) // 4
+
+
+def test_changing_instructions_renders_everything_again():
+    model = SimModel(SimConfig())
+    ctx, _ = _ctx(model, [user("hello"), assistant("hi")])
+    before = list(ctx.tokens)
+    n = ctx.set_prefix("be verbose", [{"type": "function", "name": "f"}])
+    assert n == len(ctx.tokens) and ctx.tokens != before
+    assert ctx.set_prefix("be verbose", [{"type": "function", "name": "f"}]) == 0
+    assert ctx.model_turns == 1
+
+
+def test_turns_count_model_responses_and_parallel_calls_are_one_turn():
+    model = SimModel(SimConfig())
+    ctx, _ = _ctx(model, [user("go"), call("a"), call("b"), result("a", "1"), result("b", "2"),
+                          call("c"), result("c", "3"), assistant("done"), user("more")])
+    assert ctx.model_turns == 3
+
+
+def test_copy_is_independent():
+    model = SimModel(SimConfig())
+    ctx, _ = _ctx(model, [user("x")])
+    fork = ctx.copy()
+    fork.append_items([user("y")])
+    assert len(fork.tokens) > len(ctx.tokens) and len(ctx.items) == 1
+
+
+# ------------------------------------------------------------------ prefix cache
+
+
+def test_prefix_cache_matches_leading_blocks_and_evicts_least_recent():
+    cache = PrefixCache(3)
+    cache.insert([1, 2, 3])
+    assert cache.match([1, 2, 9]) == 2
+    assert cache.match([9, 1]) == 0  # chained: a miss ends the match
+    cache.insert([4])  # evicts 3, the least recently used
+    assert cache.match([1, 2, 3]) == 2 and len(cache) == 3
+
+
+def test_second_request_for_a_context_hits_the_prefix_cache_up_to_the_last_full_block():
+    cfg = SimConfig(block_tokens=8, ttft_s=0.1, prefill_s_per_token=0.01)
+    model = SimModel(cfg)
+    items = [user("the agent reads the file and runs the tests " * 4)]
+    ctx, _ = _ctx(model, items)
+    g1 = model.plan(ctx, {})
+    assert g1.cached_tokens == 0
+    assert g1.prefill_s == pytest.approx(0.1 + 0.01 * len(ctx.tokens))
+    again, _ = _ctx(model, items)  # a second, full rendering (HTTP) of the same context
+    g2 = model.plan(again, {})
+    assert g2.cached_tokens == len(ctx.tokens) // 8 * 8
+    assert g2.prefill_s == pytest.approx(0.1 + 0.01 * (len(ctx.tokens) - g2.cached_tokens))
+
+
+def test_finished_output_is_cached_for_the_next_turn():
+    model = SimModel(SimConfig(block_tokens=4))
+    ctx, _ = _ctx(model, [user("hello")])
+    model.plan(ctx, {})
+    model.finish(ctx, [assistant("an answer of several tokens, long enough")])
+    n = len(ctx.tokens)
+    ctx.append_items([user("next")])
+    assert model.plan(ctx, {}).cached_tokens == n // 4 * 4
+
+
+# ------------------------------------------------------------------ scripts and output
+
+
+SCRIPT = json.dumps([
+    {"call": {"name": "read", "arguments": {"path": "a.py"}}},
+    {"calls": [{"name": "a", "arguments": {}}, {"name": "b", "arguments": "{\"x\":1}"}]},
+    {"text": "all done"},
+    {"call": {"name": "late", "arguments": {}}},
+])
+
+
+def test_script_turns_follow_the_model_responses_in_the_context():
+    model = SimModel(SimConfig.zero())
+    meta = {"sim_script": SCRIPT}
+    ctx, _ = _ctx(model, [user("go")])
+    out = model.plan(ctx, meta).outputs
+    assert [(o.kind, o.name, o.full) for o in out] == [("call", "read", '{"path":"a.py"}')]
+    ctx.append_items([call("c1", "read"), result("c1", "x")])
+    out = model.plan(ctx, meta).outputs
+    assert [(o.name, o.full) for o in out] == [("a", "{}"), ("b", '{"x":1}')]
+    ctx.append_items([call("c2", "a"), call("c3", "b"), result("c2", ""), result("c3", "")])
+    assert model.plan(ctx, meta).outputs[0].full == "all done"
+
+
+def test_past_the_end_of_the_script_the_last_text_step_answers():
+    steps = parse_script(SCRIPT)
+    assert step_for_turn(steps, 3).calls[0].name == "late"
+    assert step_for_turn(steps, 4).text == "all done"
+    assert step_for_turn(steps, 99).text == "all done"
+    only_calls = parse_script(json.dumps([{"call": {"name": "x"}}]))
+    assert step_for_turn(only_calls, 1) == ScriptStep(text=DEFAULT_TEXT)
+
+
+def test_without_a_script_the_server_default_or_a_short_answer_is_used():
+    assert SimModel(SimConfig()).plan(_ctx(SimModel(SimConfig()), [user("x")])[0], {}) \
+        .outputs[0].full == DEFAULT_TEXT
+    model = SimModel(SimConfig(default_script=json.dumps([{"text": "custom"}])))
+    assert model.plan(_ctx(model, [user("x")])[0], {}).outputs[0].full == "custom"
+
+
+def test_output_tokens_pads_a_text_step_exactly_and_deterministically():
+    meta = {"sim_script": json.dumps([{"text": "start", "output_tokens": 500}])}
+    a = SimModel(SimConfig(chunk_tokens=8))
+    ga = a.plan(_ctx(a, [user("x")])[0], meta)
+    assert ga.output_tokens == 500
+    assert all(n <= 8 for _, n in ga.outputs[0].chunks[:-1])
+    assert ga.outputs[0].full.startswith("start ")
+    b = SimModel(SimConfig(chunk_tokens=8))
+    assert b.plan(_ctx(b, [user("x")])[0], meta).outputs == ga.outputs  # same seed, same output
+    c = SimModel(SimConfig(chunk_tokens=8, seed=1))
+    assert c.plan(_ctx(c, [user("x")])[0], meta).outputs[0].full != ga.outputs[0].full
+
+
+@given(st.text(max_size=200), st.integers(1, 20))
+def test_chunks_join_to_the_text_and_count_its_tokens(text: str, k: int):
+    model = SimModel(SimConfig(chunk_tokens=k))
+    chunks = model._chunks(text)
+    assert "".join(c for c, _ in chunks) == text
+    assert sum(n for _, n in chunks) == sum(len(model.tokenizer.encode(c)) for c, _ in chunks)
+
+
+def test_generate_false_plans_no_output_and_no_model_time():
+    model = SimModel(SimConfig())
+    g = model.plan(_ctx(model, [user("warm up")])[0], {}, generate=False)
+    assert g.outputs == () and g.prefill_s == 0.0 and g.input_tokens > 0
+
+
+@pytest.mark.parametrize(("script", "fragment"), [
+    ("not json", "not valid JSON"),
+    ("[]", "non-empty JSON list"),
+    ('{"text": "x"}', "non-empty JSON list"),
+    ('["x"]', "step 0 must be an object"),
+    ('[{"text": 5}]', "step 0.text"),
+    ('[{"text": "x", "output_tokens": -1}]', "output_tokens"),
+    ('[{"call": {"arguments": {}}}]', "step 0.call"),
+    ('[{"text": "a"}, {"calls": []}]', "step 1.calls"),
+    ('[{"say": "x"}]', "needs one of"),
+])
+def test_bad_scripts_say_what_to_fix(script: str, fragment: str):
+    model = SimModel(SimConfig())
+    with pytest.raises(ProtocolError) as info:
+        model.plan(_ctx(model, [user("x")])[0], {"sim_script": script})
+    assert info.value.code == ErrorCode.INVALID_VALUE
+    assert info.value.param == "metadata.sim_script" and fragment in info.value.message
+
+
+def test_unknown_models_are_refused_unless_configured():
+    with pytest.raises(ProtocolError) as info:
+        SimModel(SimConfig()).check_model("gpt-5")
+    assert (info.value.code, info.value.param) == (ErrorCode.MODEL_NOT_FOUND, "model")
+    SimModel(SimConfig(models=("sim", "gpt-5"))).check_model("gpt-5")
+    SimModel(SimConfig(accept_any_model=True)).check_model("anything")
+
+
+def test_zero_config_has_no_model_time():
+    z = SimConfig.zero()
+    assert (z.ttft_s, z.prefill_s_per_token, z.decode_s_per_token) == (0.0, 0.0, 0.0)
+    d = SimConfig()
+    assert d.decode_s_per_token == 0.001  # ~1,000 output tokens/s
