@@ -290,7 +290,7 @@ async def test_response_cancel_stops_generation_at_once_and_the_connection_goes_
         async with running(sim) as info, ws(info) as c:
             await c.send(p.response_create_event(model="sim", input=[user("go")], store=False,
                                                  metadata=long_script(10_000)))
-            while (ev := await c.recv())["type"] != "response.output_text.delta":
+            while (await c.recv())["type"] != "response.output_text.delta":
                 pass
             t0 = trio.current_time()
             await c.send(p.response_cancel_event())
