@@ -20,22 +20,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Show the log lines of one run (the orchestrator's and every worker's, "
         "gathered in STATE_DIR/runs/RUN/log.jsonl). RUN is a run id, a unique prefix of one, "
         "or 'latest'.")
-    p.add_argument("run", nargs="?", default="latest", metavar="RUN")
-    p.add_argument("--task", help="only lines of this task (and its fan-out children)")
+    p.add_argument("run", nargs="?", default="latest", metavar="RUN",
+                   help="run id, a unique prefix of one, or 'latest' (the default)")
+    p.add_argument("--task", help="only lines of this task and its children (fan-out TASK[i], "
+                   "spawned TASK/n)")
     p.add_argument("--agent", help="only lines of this agent")
     p.add_argument("--level", help="minimum level: debug, info, warning, error")
     p.add_argument("--since", help="only lines newer than this: 90s, 5m, 2h or an ISO time")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
     p.add_argument("--json", action="store_true", help="print the JSON lines as they are")
-    p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"))
+    p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"),
+                   help="where the runs are (default $SWITCHBOARD_HOME or ./.switchboard)")
     p.set_defaults(func=run)
+
+
+def _journal_run_id(state: pathlib.Path, ref: str) -> str:
+    """The run id the journal gives for `ref` (so `logs latest` and `status latest` agree: the
+    journal knows when runs started, directory times do not); `ref` as typed without one."""
+    from orchestrator.journal import Journal, JournalError
+    from orchestrator.runs import journal_path
+
+    try:
+        journal = Journal.open_readonly(journal_path(state))
+    except JournalError:
+        return ref
+    try:
+        return str(journal.find_run(ref)["run_id"])
+    except JournalError:
+        return ref  # the directory scan below says what exists
+    finally:
+        journal.close()
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         flt = LogFilter.build(task=args.task, agent=args.agent, level=args.level,
                               since=args.since)
-        run_dir = resolve_run_dir(pathlib.Path(args.state_dir), args.run)
+        run_dir = resolve_run_dir(pathlib.Path(args.state_dir),
+                                  _journal_run_id(pathlib.Path(args.state_dir), args.run))
     except (LogFilterError, RunNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

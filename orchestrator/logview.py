@@ -42,7 +42,8 @@ class LogFilter:
     def accepts(self, rec: dict[str, Any]) -> bool:
         if self.task is not None and rec.get("task_id") != self.task:
             tid = rec.get("task_id")
-            if not (isinstance(tid, str) and tid.startswith(self.task + "[")):
+            # fan-out children are TASK[i], spawned ones TASK/n (and theirs TASK/n/m, ...)
+            if not (isinstance(tid, str) and tid.startswith((self.task + "[", self.task + "/"))):
                 return False
         if self.agent is not None and rec.get("agent_id") != self.agent:
             return False

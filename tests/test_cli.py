@@ -311,3 +311,34 @@ def test_console_script_scale_and_status_through_the_environment(live):
     r = subprocess.run([*exe, "status", "--json"], env=env, cwd=tmp_path.parent,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and '"run_id": "20260301-120000-aaaaaa"' in r.stdout
+
+
+# ---------------------------------------------------------------- logs
+
+
+def test_logs_task_filter_includes_spawned_children():
+    from orchestrator.logview import LogFilter
+
+    f = LogFilter.build(task="plan", agent=None, level=None, since=None)
+    ids = ["plan", "plan[0]", "plan/1", "plan/1/2", "planner", "plan2", None]
+    assert [t for t in ids if f.accepts({"task_id": t})] == ["plan", "plan[0]", "plan/1",
+                                                              "plan/1/2"]
+
+
+def test_logs_latest_is_the_journal_latest_not_the_newest_directory(tmp_path, capsys):
+    import os
+
+    j = Journal.open(tmp_path / "journal.sqlite")
+    j.create_run("20260301-120000-aaaaaa", graph_path="g.toml", graph_text=GRAPH)
+    j.create_run("20260301-130000-bbbbbb", graph_path="g.toml", graph_text=GRAPH)
+    j.close()
+    for rid, line in (("20260301-120000-aaaaaa", "old"), ("20260301-130000-bbbbbb", "new")):
+        d = tmp_path / "runs" / rid
+        d.mkdir(parents=True)
+        (d / "log.jsonl").write_text(f'{{"event": "{line}"}}\n')
+    old = tmp_path / "runs" / "20260301-120000-aaaaaa"
+    os.utime(old, (2_000_000_000, 2_000_000_000))  # touched later (e.g. resumed), started earlier
+    assert main(["logs", "--json", "--state-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == '{"event": "new"}\n'
+    assert main(["logs", "2026", "--state-dir", str(tmp_path)]) == 2
+    assert "matches 2 runs" in capsys.readouterr().err
