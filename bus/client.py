@@ -33,6 +33,7 @@ from bus.errors import (
     BusRemoteError,
     BusTimeoutError,
     ProtocolError,
+    describe_close,
 )
 from bus.logs import get_logger
 from bus.ws import WsClosed, WsConnection, WsHandshakeError, open_ws
@@ -425,7 +426,7 @@ class BusClient:
         return conn
 
     def _classify_close(self, exc: WsClosed, *, during_handshake: bool = False) -> _LinkEnd:
-        code, why = exc.reason.code, exc.reason.reason or exc.reason.name
+        code, why = describe_close(exc.reason)
         if self._closing and code == CLOSE_NORMAL:
             return _LinkEnd("closed", code=code, clean=True)
         if code == CLOSE_POLICY:

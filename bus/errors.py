@@ -68,3 +68,12 @@ class BusRemoteError(BusError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def describe_close(reason: object | None) -> tuple[int | None, str]:
+    """(code, text) from a WebSocket CloseReason (or None when the library has none)."""
+    if reason is None:
+        return None, "connection closed without a close frame"
+    code = getattr(reason, "code", None)
+    text = getattr(reason, "reason", None) or getattr(reason, "name", None) or ""
+    return code, str(text)

@@ -32,6 +32,7 @@ from bus.errors import (
     CLOSE_RESUME_REFUSED,
     CLOSE_TRY_LATER,
     ProtocolError,
+    describe_close,
 )
 from bus.logs import get_logger
 from bus.ws import WsClosed, WsConnection, WsRequest, serve_ws
@@ -184,9 +185,8 @@ class Hub:
             link.finish(exc.close_code, str(exc), "bus.auth_failed"
                         if auth and exc.close_code == CLOSE_POLICY else "bus.protocol_error")
         except WsClosed as exc:
-            r = exc.reason
-            link.finish(None, f"peer closed ({r.code} {r.reason or r.name})".strip(),
-                        "bus.disconnect")
+            code, text = describe_close(exc.reason)
+            link.finish(None, f"peer closed ({code} {text})", "bus.disconnect")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             link.finish(None, f"connection lost: {exc!r}", "bus.disconnect")
 
