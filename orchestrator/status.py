@@ -191,6 +191,12 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         own = by_task.get(tid, [])
         usage = _sum(a.usage for a in own)
         state = str(r.get("state") or "waiting")
+        error = r.get("error") or None
+        if state in ("queued", "running") and own and own[-1].state == "succeeded" \
+                and own[-1].attempt >= int(r.get("attempt") or 0):
+            # the live attempt's success is journaled but the task row was not synced after
+            # it (a crash, or the run's last step): what `resume` would restore, too
+            state, error = "succeeded", None
         starts = [a.started for a in own if a.started is not None]
         ends = [a.ended for a in own if a.ended is not None]
         if not starts:  # a fan-out join never runs itself: its children's times are its own
@@ -200,8 +206,7 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         if state in TERMINAL:
             ended = max(ends) if ends else r.get("updated")
         workers = [a.worker_id for a in own if a.worker_id]
-        error = r.get("error") or None
-        if error is None and state not in ("succeeded",) and own and own[-1].error:
+        if error is None and state != "succeeded" and own and own[-1].error:
             error = own[-1].error
         ts = TaskStatus(
             task_id=tid, kind=str(r.get("kind") or "task"), parent=r.get("parent"),

@@ -381,3 +381,27 @@ def test_readonly_open_refuses_an_older_schema(tmp_path):
     conn.close()
     with pytest.raises(J.JournalError, match="schema version 1.*upgrades it in place"):
         Journal.open_readonly(path)
+
+
+def test_a_journaled_success_counts_when_the_task_row_was_not_synced_after_it(state, clock):
+    tmp_path, j, d = state
+    review = by_id(load(tmp_path))["review"]
+    assert review.state == "running"
+    # the run's last result: journaled, then the run ended before the rows were synced
+    j.attempt_ended(RUN, "review", 1, "succeeded", result={"text": "ok", "outputs": {}},
+                    usage=usage(5, 0, 1, 0.0))
+    j.finish_run(RUN, "succeeded", summary={})
+    t = by_id(load(tmp_path))["review"]
+    assert (t.state, t.error, t.ended) == ("succeeded", None, clock.t)
+    assert load(tmp_path).counts == {"succeeded": 6}
+
+
+def test_a_stale_success_of_an_earlier_attempt_does_not_count(state, clock):
+    tmp_path, j, d = state
+    # attempt 1 of review timed out and attempt 2 runs; attempt 1's late success arrives
+    j.attempt_ended(RUN, "review", 1, "failed", error="timed out after 1s")
+    d.s.check_timeouts(1e9)
+    d.sync()
+    j.attempt_ended(RUN, "review", 1, "succeeded", result={"text": "late", "outputs": {}})
+    t = by_id(load(tmp_path))["review"]
+    assert t.state != "succeeded"
