@@ -124,6 +124,7 @@ class BusClient:
         self._next_corr = 1
         self._last_rx = 0.0
         self._conn_ok = False  # True iff the latest dial reached WELCOME
+        self._reader_blocked = False  # True iff the reader waits for inbox room (not reading)
         self._max_body = C.envelope_size_limit(config.limits)
         self._sent = self._received = self._frames_out = self._frames_in = 0
         self._reconnects = self._no_route = self._late = self._dups = 0
@@ -474,8 +475,14 @@ class BusClient:
         seq = self._seq
         waiters = self._waiters
         while True:
-            while len(inbox) >= limit:  # backpressure: stop reading until the app catches up
-                await self._reader_lot.park()
+            if len(inbox) >= limit:  # backpressure: stop reading until the app catches up
+                self._reader_blocked = True
+                try:
+                    while len(inbox) >= limit:
+                        await self._reader_lot.park()
+                finally:
+                    self._reader_blocked = False
+                self._last_rx = trio.current_time()  # our silence was not the hub's
             data = await ws.get_message()
             self._last_rx = trio.current_time()
             self._frames_in += 1
@@ -529,7 +536,7 @@ class BusClient:
             now = trio.current_time()
             quiet_until = self._last_rx + cfg.keepalive_interval
             dead_at = quiet_until + cfg.keepalive_timeout
-            if now >= dead_at:
+            if now >= dead_at and not self._reader_blocked:
                 raise _LinkEnd(f"nothing heard from the hub for "
                                f"{cfg.keepalive_interval + cfg.keepalive_timeout:g}s",
                                code=CLOSE_KEEPALIVE)
@@ -537,7 +544,8 @@ class BusClient:
                 pinged_for = self._last_rx
                 conn.ping_due = True
                 self._wake_writer()
-            await trio.sleep_until(dead_at if pinged_for == self._last_rx else quiet_until)
+            await trio.sleep_until(max(now + 0.01, dead_at) if pinged_for == self._last_rx
+                                   else quiet_until)
 
 
 def _corr_of(msg: Message) -> int:

@@ -167,8 +167,11 @@ class Hub:
             with link.scope:
                 with self._map_errors(link):
                     await self._run_link(link)
-        except trio.Cancelled:
-            link.finish(CLOSE_GOING_AWAY, "hub shutting down", "bus.shutdown")
+        except BaseException as exc:
+            if _only_cancelled(exc):  # the hub is being shut down around us
+                link.finish(CLOSE_GOING_AWAY, "hub shutting down", "bus.shutdown")
+            else:  # a bug: close 1011 and let it propagate
+                link.finish(CLOSE_INTERNAL, f"internal error: {exc!r}", "bus.internal_error")
             raise
         finally:
             with trio.CancelScope(shield=True) as cs:
@@ -275,8 +278,10 @@ class Hub:
         fields = {"peer": link.peer, "code": code, "reason": reason}
         if s is not None:
             fields.update(endpoint_id=s.endpoint_id, session=s.session_id)
-        if event in ("bus.protocol_error", "bus.auth_failed", "bus.slow_consumer",
-                     "bus.keepalive_timeout"):
+        if event == "bus.internal_error":
+            log.error(event, **fields)
+        elif event in ("bus.protocol_error", "bus.auth_failed", "bus.slow_consumer",
+                       "bus.keepalive_timeout"):
             if event == "bus.auth_failed":
                 self.auth_failures += 1
             elif event == "bus.protocol_error":
@@ -516,6 +521,12 @@ class Hub:
             self._topic_cache.clear()
         self._topic_cache[topic] = targets
         return targets
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
 
 
 async def serve_bus(config: HubConfig, *,
