@@ -72,6 +72,8 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
     With `tee`, every JSON line is also handed to it (the run's log file, a log shipper);
     `quiet` then stops the copy to the stream.
     """
+    global _generation
+    _generation += 1
     out = stream if stream is not None else sys.stderr
     if tee is not None:
         structlog.configure(
@@ -97,12 +99,12 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
         processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
         binary = getattr(out, "buffer", None)
         factory: Any = (structlog.BytesLoggerFactory(file=binary) if binary is not None
-                        else structlog.PrintLoggerFactory(file=out))
+                        else structlog.PrintLoggerFactory(file=out)  # type: ignore[arg-type])
         if binary is None:
             processors.append(lambda _l, _m, ev: ev.decode() if isinstance(ev, bytes) else ev)
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
-        factory = structlog.PrintLoggerFactory(file=out)
+        factory = structlog.PrintLoggerFactory(file=out)  # type: ignore[arg-type]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level_number(level)),
@@ -111,6 +113,30 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
     )
 
 
+_generation = 0  # bumped by every configure_logging; loggers rebuild themselves when it moves
+
+
+class _NamedLogger:
+    """A logger that binds `logger=name` against the configuration in force when it logs.
+
+    Modules make their loggers at import, before `configure_logging` runs (and tests configure
+    more than once), so binding at creation would pin the default configuration forever.
+    """
+
+    __slots__ = ("_name", "_gen", "_bound")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._gen = -1
+        self._bound: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._gen != _generation:
+            self._bound = structlog.get_logger().bind(logger=self._name)
+            self._gen = _generation
+        return getattr(self._bound, attr)
+
+
 def get_logger(name: str) -> Any:
-    """A structlog logger carrying `logger=name` on each line."""
-    return structlog.get_logger().bind(logger=name)
+    """A structlog logger carrying `logger=name` on each line (see _NamedLogger)."""
+    return _NamedLogger(name)
