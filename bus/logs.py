@@ -99,7 +99,7 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
         processors.append(structlog.processors.JSONRenderer(serializer=_dumps))
         binary = getattr(out, "buffer", None)
         factory: Any = (structlog.BytesLoggerFactory(file=binary) if binary is not None
-                        else structlog.PrintLoggerFactory(file=out)  # type: ignore[arg-type])
+                        else structlog.PrintLoggerFactory(file=out))  # type: ignore[arg-type]
         if binary is None:
             processors.append(lambda _l, _m, ev: ev.decode() if isinstance(ev, bytes) else ev)
     else:
