@@ -668,8 +668,14 @@ class _HttpConn:
             await _WsSession(self.server, ws, nursery).run()
         finally:
             st.ws_connections_open -= 1
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await ws.aclose()
+            # Cancelled from outside: the server is shutting down. The library's reader task is
+            # being cancelled too, so the peer's close reply may never be read: wait briefly.
+            stopping = trio.current_effective_deadline() == -math.inf
+            with trio.CancelScope(shield=True), trio.move_on_after(0.1 if stopping else 1):
+                if stopping:
+                    await ws.aclose(p.CLOSE_GOING_AWAY, "server shutting down")
+                else:
+                    await ws.aclose()
 
     async def _post_response(self) -> None:
         raw = await self._read_body()

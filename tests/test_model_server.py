@@ -468,6 +468,24 @@ async def test_max_connection_age_sends_an_error_then_closes_with_1001(autojump_
             assert info_.value.reason.code == 1001
 
 
+async def test_server_shutdown_closes_websockets_with_1001():
+    server_scope = trio.CancelScope()
+
+    async def server(task_status: trio.TaskStatus[ModelServerInfo]) -> None:
+        with server_scope:
+            await serve_model(ModelServerConfig(sim=SimConfig.zero()), task_status=task_status)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(server)
+            async with ws(info) as c:
+                completed(await c.create(input=[user("x")]))
+                server_scope.cancel()
+                with pytest.raises(WsClosed) as closed:
+                    await c.recv()
+            assert closed.value.reason.code == 1001
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -636,3 +654,53 @@ async def test_stats_count_what_happened():
             assert s["output_tokens"] == r["usage"]["output_tokens"]
             assert s["input_tokens"] == r["usage"]["input_tokens"]
             assert (s["in_flight"], s["responses_cancelled"], s["errors_sent"]) == (0, 0, 1)
+
+
+# ------------------------------------------------------------------ the command
+
+
+def test_cli_refuses_a_public_host_without_a_token(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]):
+    from orchestrator.cli import main
+
+    monkeypatch.delenv("SWITCHBOARD_TOKEN", raising=False)
+    assert main(["model-server", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "refusing to serve on '0.0.0.0' without a token" in capsys.readouterr().err
+    assert main(["model-server", "--port", "0", "--decode", "-1"]) == 2
+    assert "--decode must be zero or more" in capsys.readouterr().err
+
+
+async def test_cli_serves_with_a_token_file_until_sigint(tmp_path: Any):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-123\n")
+    env = {k: v for k, v in os.environ.items() if k != "SWITCHBOARD_TOKEN"}
+    with trio.fail_after(20):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "orchestrator", "model-server", "--port", "0", "--zero",
+             "--token-file", str(token_file)], stderr=subprocess.PIPE, env=env)
+        try:
+            assert proc.stderr is not None
+            buf = b""
+            while b"listening on " not in buf or not buf.endswith(b"\n"):
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, buf
+                buf += chunk
+            url = buf.split(b"listening on ")[1].split()[0].decode()
+            host, port = url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+            info = ModelServerInfo(host=host, port=int(port), base_url=url, server=None)  # type: ignore[arg-type]
+            status, _, _ = await http(info, "GET", "/v1/switchboard/stats")
+            assert status == 401
+            status, _, raw = await http(info, "GET", "/v1/switchboard/stats",
+                                        headers=[("authorization", "Bearer tok-123")])
+            assert status == 200 and json.loads(raw)["responses_started"] == 0
+            proc.send_signal(signal.SIGINT)
+            assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
