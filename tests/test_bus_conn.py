@@ -95,7 +95,7 @@ def test_envelopes_flow_in_order_and_are_acked_cumulatively():
 
 def test_one_frame_carries_many_envelopes_up_to_the_envelope_limit():
     client = BusConn(Role.CLIENT, max_frame_envelopes=10)
-    for i in range(25):
+    for _ in range(25):
         client.seq.queue(C.SEND, "", "b", 0, b"x")
     sizes = []
     while (data := client.data_to_send()) is not None:
