@@ -59,6 +59,8 @@ Decisions (see docs/model-protocol.md)
       once; it ends with `response.incomplete` whose response has status "incomplete" and
       incomplete_details {"reason": "cancelled"}. A cancel with nothing in flight, or naming a
       response that is no longer in flight, is a no-op (it raced the end of the response).
+      After a cancel the connection cache holds the response the cancelled one continued, so
+      the client continues from its last completed response sending only unanswered items.
     * usage["x_switchboard"] = {"context_source": "connection_cache" | "store" | "request",
       "tokens_rendered": N} says where the context came from and how many tokens were rendered
       (tokenized) for this request.

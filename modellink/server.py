@@ -163,6 +163,9 @@ class _Run:
     partial_text: tuple[str, str] | None = None  # (item id, text so far) of a text in progress
     output_tokens: int = 0
     status: str = "in_progress"
+    # For a continuation of a connection-cache context: the response it continued and the
+    # context's mark before this request, so a cancel can give the lane its parent back.
+    parent: tuple[str, tuple[Any, ...]] | None = None
 
     def usage(self) -> dict[str, Any]:
         return p.make_usage(
@@ -477,7 +480,10 @@ class _WsSession:
                             break
                 if cached is None and (not req.store or prev not in self.server.store):
                     raise _not_found(prev)
+            mark = cached.mark() if cached is not None else None
             run = self.server.prepare(req, cached, source, req.stream_id)
+            if prev is not None and mark is not None:
+                run.parent = (prev, mark)
         except ProtocolError:
             if prev is not None and lane.cached_id == prev:  # OpenAI: a failed continuation
                 lane.cached_id, lane.cached_ctx = None, None  # evicts the id it referenced
@@ -490,8 +496,13 @@ class _WsSession:
             await self.server.generate(run, self._emit)
         finally:
             lane.run = None
-        if run.status in ("completed", "incomplete"):
+        if run.status == "completed":
             lane.cached_id, lane.cached_ctx = run.id, run.ctx
+        elif run.status == "incomplete" and run.parent is not None \
+                and run.ctx.truncate(run.parent[1]):
+            # Cancelled: its partial output is not worth continuing from; the lane holds the
+            # response it continued again, so the client resends only the unanswered items.
+            lane.cached_id, lane.cached_ctx = run.parent[0], run.ctx
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -145,6 +145,21 @@ class RenderedContext:
         c._in_output_run = self._in_output_run
         return c
 
+    def mark(self) -> tuple[Any, ...]:
+        """A point to `truncate` back to (e.g. when a continuation is cancelled)."""
+        return (len(self.tokens), len(self.hashes), len(self.items), self.model_turns,
+                self._in_output_run, self.prefix_key)
+
+    def truncate(self, mark: tuple[Any, ...]) -> bool:
+        """Drop everything appended since `mark`; False (and no change) if the prefix was
+        re-rendered since, which a truncation cannot undo."""
+        n_tokens, n_hashes, n_items, turns, in_run, prefix_key = mark
+        if prefix_key != self.prefix_key or len(self.items) < n_items:
+            return False
+        del self.tokens[n_tokens:], self.hashes[n_hashes:], self.items[n_items:]
+        self.model_turns, self._in_output_run = turns, in_run
+        return True
+
     def set_prefix(self, instructions: str | None, tools: list[dict[str, Any]]) -> int:
         """Make the context start with these instructions and tools; returns tokens rendered.
 

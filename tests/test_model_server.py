@@ -288,7 +288,9 @@ async def test_response_cancel_stops_generation_at_once_and_the_connection_goes_
     sim = SimConfig(ttft_s=0.1, prefill_s_per_token=0.0, decode_s_per_token=0.01)
     with trio.fail_after(1000):  # virtual seconds under the autojump clock
         async with running(sim) as info, ws(info) as c:
+            r0 = completed(await c.create(input=[user("hello")], store=False))
             await c.send(p.response_create_event(model="sim", input=[user("go")], store=False,
+                                                 previous_response_id=r0["id"],
                                                  metadata=long_script(10_000)))
             while (await c.recv())["type"] != "response.output_text.delta":
                 pass
@@ -304,13 +306,23 @@ async def test_response_cancel_stops_generation_at_once_and_the_connection_goes_
             assert partial["status"] == "incomplete" and partial["content"][0]["text"]
             s1 = await stats(info)
             assert s1["responses_cancelled"] == 1 and s1["in_flight"] == 0
-            assert 0 < s1["output_tokens"] < 100
+            out0 = r0["usage"]["output_tokens"]
+            assert 0 < s1["output_tokens"] - out0 < 100
             await trio.sleep(200)  # long past when the full response would have ended
             assert (await stats(info))["output_tokens"] == s1["output_tokens"]
-            # the cancelled response is continuable on the same connection
-            r = completed(await c.create(input=[user("short please")], store=False,
-                                         previous_response_id=end["response"]["id"]))
-            assert r["usage"]["x_switchboard"]["context_source"] == "connection_cache"
+            # the lane holds the last completed response again: the client drops the partial
+            # output and resends only the unanswered items
+            r = completed(await c.create(input=[user("go"), user("short please")], store=False,
+                                         previous_response_id=r0["id"]))
+            xs = r["usage"]["x_switchboard"]
+            assert xs["context_source"] == "connection_cache"
+            # nothing of the cancelled turn is left in the context (+3: the answer's framing)
+            assert r["usage"]["input_tokens"] - xs["tokens_rendered"] == \
+                r0["usage"]["input_tokens"] + out0 + 3
+            # the cancelled response itself was not stored (store=false): not continuable
+            evs = await c.create(input=[user("x")], store=False,
+                                 previous_response_id=end["response"]["id"])
+            assert evs[-1]["error"]["code"] == "previous_response_not_found"
 
 
 async def test_cancel_with_nothing_in_flight_or_a_stale_id_is_a_no_op():

@@ -114,6 +114,18 @@ def test_copy_is_independent():
     assert len(fork.tokens) > len(ctx.tokens) and len(ctx.items) == 1
 
 
+def test_truncate_returns_to_a_mark_unless_the_prefix_was_rendered_again():
+    model = SimModel(SimConfig(block_tokens=4))
+    ctx, _ = _ctx(model, [user("hello there")])
+    before = (list(ctx.tokens), list(ctx.hashes), ctx.model_turns)
+    mark = ctx.mark()
+    ctx.append_items([user("go"), assistant("partial answer that was cancelled")])
+    assert ctx.truncate(mark)
+    assert (ctx.tokens, ctx.hashes, ctx.model_turns) == before and len(ctx.items) == 1
+    ctx.set_prefix("other instructions", [])
+    assert not ctx.truncate(mark)
+
+
 # ------------------------------------------------------------------ prefix cache
 
 
