@@ -15,13 +15,15 @@ from typing import Any
 import attrs
 
 from agents.protocol import ORCHESTRATOR_ID, task_endpoint
+from agents.tools import ToolError
 from bus.errors import BusError, BusNoRouteError, BusTimeoutError
 
 INBOX_SIZE = 256  # per task; older messages are dropped (and counted) beyond it
 
 
-class ToolFailure(Exception):
-    """A bus tool could not do what the model asked; the message tells the model why."""
+class ToolFailure(ToolError):
+    """A bus tool could not do what the model asked; the message (shown to the model as is)
+    says why and what to do instead."""
 
 
 @attrs.define
@@ -78,7 +80,8 @@ class BusTools:
         wait = self._timeout(float(timeout_s) if timeout_s else self.ask_timeout_s)
         try:
             reply = await self.bus.request(
-                task_endpoint(task), {"t": "ask", "from": self.task_id, "question": question},
+                task_endpoint(task), {"t": "ask", "from": self.task_id, "question": question,
+                                      "timeout_s": wait},
                 timeout=wait)
         except BusNoRouteError:
             raise ToolFailure(f"no running task named {task!r} to ask: check the task id") from None

@@ -7,6 +7,7 @@ hands it only the new items (the user prompt first, then `function_call_output`s
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -62,6 +63,23 @@ class AgentOutcome:
     cost_usd: float
 
 
+def _outcome(state: LoopState, status: str, *, text: str = "", error: str | None = None
+             ) -> AgentOutcome:
+    state.phase = "done" if status == "succeeded" else state.phase
+    return AgentOutcome(status=status, text=text,
+                        outputs=parse_outputs(text) if status == "succeeded" else {},
+                        error=error, turns=tuple(state.turns),
+                        cost_usd=sum(t.cost_usd for t in state.turns))
+
+
+def _failure(error: Any) -> str:
+    """The text of a failed response's `error` object (the model side's fault)."""
+    if isinstance(error, dict):
+        code, msg = error.get("code"), error.get("message")
+        return f"{code}: {msg}" if code and msg else str(msg or code or error)
+    return "no reason given"
+
+
 def parse_outputs(text: str) -> dict[str, Any]:
     """The structured outputs of a final answer: the answer parsed as a JSON object, else {}.
 
@@ -86,29 +104,32 @@ async def run_agent_loop(
     session: Any,  # modellink.client.ModelSession
     registry: Any,  # agents.tools.ToolRegistry
     state: LoopState,
+    deadline: float | None = None,
 ) -> AgentOutcome:
-    """Run turns until the model answers without a tool call, or `agent.max_turns` is reached.
+    """Run turns until the model answers without a tool call, `agent.max_turns`, or `deadline`
+    (trio time) — whichever comes first. A failed model response fails the outcome.
 
-    Raises trio.Cancelled when cancelled (state says where); model errors propagate as the
-    model link's errors; tool problems never raise (they become error results the model sees).
+    Each turn is recorded in `state.turns` as soon as its response completes (tool time is
+    added when the tools finish), so a cancelled attempt still reports what it spent.
+    Raises trio.Cancelled when cancelled (`state.where()` says where); model link errors
+    (ModelError) propagate; tool problems never raise (they become error results the model sees).
     """
+    with trio.move_on_at(deadline if deadline is not None else math.inf) as scope:
+        return await _turns(agent, prompt, session, registry, state)
+    assert scope.cancelled_caught
+    return _outcome(state, "failed",
+                    error=f"deadline reached at {state.where()} (the task's timeout)")
+
+
+async def _turns(agent: AgentSpec, prompt: str, session: Any, registry: Any,
+                 state: LoopState) -> AgentOutcome:
     new_items: list[dict[str, Any]] = [{"type": "message", "role": "user", "content": prompt}]
-    cost = 0.0
     for turn in range(1, agent.max_turns + 1):
         state.turn, state.phase = turn, "model"
         structlog.contextvars.bind_contextvars(turn=turn)
         result = await session.turn(new_items)
-        usage = result.usage
         calls = list(result.function_calls)
-        tools_s = 0.0
-        outputs: list[dict[str, Any]] = []
-        if calls:
-            state.phase = "tools"
-            state.running_tools = tuple(c.name for c in calls)
-            t0 = time.perf_counter()
-            outputs = await _run_calls(calls, registry)
-            tools_s = time.perf_counter() - t0
-            state.running_tools = ()
+        usage = result.usage
         rec = TurnRecord(
             turn=turn,
             input_tokens=usage.input_tokens,
@@ -117,31 +138,37 @@ async def run_agent_loop(
             bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,
             model_s=result.elapsed_s,
-            tools_s=tools_s,
             tool_calls=tuple(c.name for c in calls),
             resent_full_context=result.resent_full_context,
         )
-        state.turns.append(rec)
-        cost += turn_cost(agent.model.model, rec)
+        rec = attrs.evolve(rec, cost_usd=turn_cost(agent.model.model, rec))
+        state.turns.append(rec)  # now: a cancel during the tools keeps this turn's tokens
+        if result.status == "failed":
+            log.warning("turn.model_failed", error=result.error)
+            return _outcome(state, "failed",
+                            error=f"model response failed at turn {turn}: "
+                                  f"{_failure(result.error)}")
+        if calls:
+            state.phase = "tools"
+            state.running_tools = rec.tool_calls
+            t0 = time.perf_counter()
+            new_items = await _run_calls(calls, registry)
+            rec = attrs.evolve(rec, tools_s=time.perf_counter() - t0)
+            state.turns[-1] = rec
+            state.running_tools = ()
         log.debug("turn", tools=list(rec.tool_calls), input_tokens=rec.input_tokens,
                   cached_tokens=rec.cached_tokens, output_tokens=rec.output_tokens,
                   bytes_sent=rec.bytes_sent, model_ms=round(rec.model_s * 1000, 2),
-                  tools_ms=round(tools_s * 1000, 2))
+                  tools_ms=round(rec.tools_s * 1000, 2))
         if not calls:
-            state.phase = "done"
             if result.status != "completed":
-                return AgentOutcome(status="failed", text=result.text, outputs={},
-                                    error=f"model response ended {result.status}",
-                                    turns=tuple(state.turns), cost_usd=cost)
-            return AgentOutcome(status="succeeded", text=result.text,
-                                outputs=parse_outputs(result.text), error=None,
-                                turns=tuple(state.turns), cost_usd=cost)
-        new_items = outputs
+                return _outcome(state, "failed", text=result.text,
+                                error=f"model response ended {result.status} at turn {turn}")
+            return _outcome(state, "succeeded", text=result.text)
     state.phase = "done"
-    return AgentOutcome(status="failed", text="", outputs={},
-                        error=f"no final answer after max_turns={agent.max_turns} turns; "
-                              "raise max_turns for this agent or tighten its instructions",
-                        turns=tuple(state.turns), cost_usd=cost)
+    return _outcome(state, "failed",
+                    error=f"no final answer after max_turns={agent.max_turns} turns; "
+                          "raise max_turns for this agent or tighten its instructions")
 
 
 async def _run_calls(calls: list[Any], registry: Any) -> list[dict[str, Any]]:

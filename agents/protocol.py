@@ -85,6 +85,7 @@ class TurnRecord:
     tools_s: float = 0.0
     tool_calls: tuple[str, ...] = ()
     resent_full_context: bool = False
+    cost_usd: float = 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -226,15 +227,8 @@ def parse_message(body: Any) -> Any:
             parent_task=_opt(body, "parent_task", str, "lease", None),
         )
     if t == "result":
-        turns = []
-        for i, tr in enumerate(_opt(body, "turns", list, "result", [])):
-            if not isinstance(tr, dict):
-                raise WorkerProtocolError(f"result: turns[{i}] must be a map")
-            try:
-                turns.append(TurnRecord(**{k: (tuple(v) if isinstance(v, list) else v)
-                                           for k, v in tr.items()}))
-            except TypeError as exc:
-                raise WorkerProtocolError(f"result: turns[{i}]: {exc}") from None
+        turns = [_turn_from_wire(i, tr)
+                 for i, tr in enumerate(_opt(body, "turns", list, "result", []))]
         status = _req(body, "status", str, "result")
         if status not in ("succeeded", "failed", "cancelled"):
             raise WorkerProtocolError(
@@ -273,6 +267,53 @@ def parse_message(body: Any) -> Any:
         _req(body, "task_id", str, t)
         _req(body, "attempt", int, t)
         return body
+    if t == "spawn":  # a request: a running task asks for a dynamic child under it
+        _req(body, "run_id", str, t)
+        _req(body, "parent", str, t)
+        _req(body, "attempt", int, t)
+        _req(body, "prompt", str, t)
+        _opt(body, "agent", str, t, None)
+        return body
+    if t == "wait":  # a request: answered when every named child is terminal
+        _req(body, "run_id", str, t)
+        _req(body, "parent", str, t)
+        children = _req(body, "children", list, t)
+        if not all(isinstance(c, str) for c in children):
+            raise WorkerProtocolError("wait: 'children' must be a list of task ids (strings)")
+        return body
+    if t == "topic":  # a publish on a topic, delivered to subscribed tasks
+        _req(body, "topic", str, t)
+        _req(body, "text", str, t)
+        _opt(body, "from", str, t, None)
+        return body
     if t in ("drain", "bye", "logs", "refused"):
         return body
     raise WorkerProtocolError(f"unknown message type {t!r}")
+
+
+_TURN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "turn": int, "input_tokens": int, "cached_tokens": int, "output_tokens": int,
+    "bytes_sent": int, "bytes_received": int, "model_s": (int, float), "tools_s": (int, float),
+    "tool_calls": list, "resent_full_context": bool, "cost_usd": (int, float),
+}
+
+
+def _turn_from_wire(i: int, tr: Any) -> TurnRecord:
+    where = f"result: turns[{i}]"
+    if not isinstance(tr, dict):
+        raise WorkerProtocolError(f"{where} must be a map")
+    unknown = set(tr) - set(_TURN_FIELDS)
+    if unknown:
+        raise WorkerProtocolError(f"{where}: unknown fields {sorted(unknown)}")
+    _req(tr, "turn", int, where)
+    v = {k: _opt(tr, k, typ, where, None) for k, typ in _TURN_FIELDS.items()}
+    calls = v["tool_calls"] or []
+    if not all(isinstance(c, str) for c in calls):
+        raise WorkerProtocolError(f"{where}: 'tool_calls' must be a list of strings")
+    return TurnRecord(
+        turn=v["turn"], input_tokens=v["input_tokens"] or 0,
+        cached_tokens=v["cached_tokens"] or 0, output_tokens=v["output_tokens"] or 0,
+        bytes_sent=v["bytes_sent"] or 0, bytes_received=v["bytes_received"] or 0,
+        model_s=float(v["model_s"] or 0.0), tools_s=float(v["tools_s"] or 0.0),
+        tool_calls=tuple(calls), resent_full_context=bool(v["resent_full_context"]),
+        cost_usd=float(v["cost_usd"] or 0.0))

@@ -7,11 +7,13 @@ the model response is cancelled at the server, tool process groups are killed.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
 import socket
 import time
+import urllib.parse
 from typing import Any
 
 import attrs
@@ -23,6 +25,7 @@ from agents.bustools import BUS_TOOL_NAMES, BusTools, Inbox, register_bus_tools
 from agents.loop import LoopState, run_agent_loop
 from agents.tools import ToolContext, build_registry
 from bus.client import open_bus_client
+from bus.codec import pattern_matches
 from bus.errors import BusError
 from bus.logs import get_logger
 from modellink.client import ModelEndpoint, open_model_session
@@ -31,6 +34,21 @@ log = get_logger("agents.worker")
 
 LOG_BUFFER = 5000  # log lines held for shipping; beyond it the oldest are dropped and counted
 SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "SHELL", "TERM")
+MODEL_TOKEN_ENV = "SWITCHBOARD_MODEL_TOKEN"  # bearer token for a token-protected model server
+RESULT_SEND_S = 2.0  # how long a finished attempt may wait to hand its result to the bus
+ASK_ANSWER_MAX_S = 60.0  # an answer's model turn never runs longer than this
+
+
+def workspace_dir(root: pathlib.Path, run_id: str, task_id: str) -> pathlib.Path:
+    """The task's directory: one path segment per task, so a spawned child `plan/1` is a
+    sibling of `plan`, not inside its workspace (`/` and `%` are %-escaped)."""
+    return root / run_id / urllib.parse.quote(task_id, safe="[]-_.")
+
+
+def model_token(cfg_token: str | None, env: Any = os.environ) -> str | None:
+    """The token for a model server when the agent names no api_key_env: the worker's
+    configured one, else $SWITCHBOARD_MODEL_TOKEN."""
+    return cfg_token or env.get(MODEL_TOKEN_ENV) or None
 
 
 @attrs.frozen(kw_only=True)
@@ -43,6 +61,9 @@ class WorkerConfig:
     workspace_root: pathlib.Path = pathlib.Path(".switchboard/workspaces")
     pass_env: tuple[str, ...] = ()  # extra environment variable names the shell tool may see
     ship_logs: bool = True
+    # Sent as the bearer token to model servers when the agent's model names no api_key_env
+    # (a token-protected `orchestrator model-server`); None falls back to $SWITCHBOARD_MODEL_TOKEN.
+    model_token: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.define
@@ -52,6 +73,7 @@ class _Running:
     inbox: Inbox
     state: LoopState
     cancel_reason: str | None = None
+    side: trio.Nursery | None = None  # answers to `ask`s run here: they end with the attempt
 
 
 class LogShipper:
@@ -80,6 +102,9 @@ class Worker:
     draining: bool = False
     bus: Any = None
     _nursery: trio.Nursery | None = None
+    # topic pattern -> running attempts that subscribe to it; the bus subscription is held
+    # while the count is above zero
+    subs: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         """Serve leases until drained or cancelled. Raises BusError if the bus cannot be reached."""
@@ -115,8 +140,9 @@ class Worker:
             except (P.WorkerProtocolError, ValueError) as exc:
                 log.warning("worker.bad_message", source=msg.source, error=str(exc))
                 continue
-            if msg.dest.startswith("task.") and isinstance(body, dict):
-                self._deliver(msg.dest[len("task."):], body)
+            if msg.kind == "publish":
+                if isinstance(body, dict) and body["t"] == "topic":
+                    self._deliver_topic(msg.dest, body)
             elif isinstance(body, P.Lease):
                 await self._on_lease(nursery, body)
             elif isinstance(body, dict) and body["t"] == "cancel":
@@ -130,36 +156,70 @@ class Worker:
                 if not self.running:
                     break
 
-    def _deliver(self, task_id: str, body: dict[str, Any]) -> None:
+    def _deliver_topic(self, topic: str, body: dict[str, Any]) -> None:
+        """Put a publish in the inbox of every running task subscribed to a matching pattern
+        (not the publisher's own)."""
         for (tid, _a), r in self.running.items():
-            if tid == task_id:
-                r.inbox.put({"from": body.get("from"), "text": body.get("text"),
-                             "topic": body.get("topic")})
+            if tid != body.get("from") and any(pattern_matches(p, topic)
+                                               for p in r.lease.agent.subscribe):
+                r.inbox.put({"from": body.get("from"), "text": body["text"], "topic": topic})
 
     async def _on_task_request(self, msg: Any) -> None:
         task_id = msg.dest[len("task."):]
         try:
             body = msg.payload()
         except Exception:
-            await self.bus.reply_error(msg, "bad_request", "body is not msgpack")
+            await self._reply_error(msg, "bad_request", "body is not msgpack")
             return
         run = next((r for (tid, _), r in self.running.items() if tid == task_id), None)
         if run is None or not isinstance(body, dict):
-            await self.bus.reply_error(msg, "no_such_task", f"task {task_id} is not running here")
+            await self._reply_error(msg, "no_such_task", f"task {task_id} is not running here")
             return
         if body.get("t") == "message":
             run.inbox.put({"from": body.get("from"), "text": body.get("text"), "topic": None})
-            await self.bus.reply(msg, {"ok": True})
+            await self._reply(msg, {"ok": True})
         elif body.get("t") == "ask":
-            try:
-                answer = await self._answer(run, str(body.get("from")), str(body.get("question")))
-            except Exception as exc:  # the asker gets the reason; this worker goes on
-                log.warning("ask.failed", error=repr(exc))
-                await self.bus.reply_error(msg, "answer_failed", str(exc))
+            if run.side is None:
+                await self._reply_error(msg, "no_such_task", f"task {task_id} is not ready yet")
                 return
-            await self.bus.reply(msg, {"answer": answer})
+            run.side.start_soon(self._answer_ask, run, msg, body)
         else:
-            await self.bus.reply_error(msg, "bad_request", f"unknown request {body.get('t')!r}")
+            await self._reply_error(msg, "bad_request", f"unknown request {body.get('t')!r}")
+
+    async def _answer_ask(self, run: _Running, msg: Any, body: dict[str, Any]) -> None:
+        """Answer one ask, in the answered attempt's side nursery: if that attempt ends first,
+        the answer's model response is cancelled and the asker told so."""
+        limit = body.get("timeout_s")
+        limit = float(limit) if isinstance(limit, (int, float)) and limit > 0 else ASK_ANSWER_MAX_S
+        answer: str | None = None
+        try:
+            with trio.move_on_after(min(limit, ASK_ANSWER_MAX_S)):
+                answer = await self._answer(run, str(body.get("from")), str(body.get("question")))
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + RESULT_SEND_S):
+                await self._reply_error(msg, "task_ended",
+                                        f"task {run.lease.task_id} ended before it answered")
+            raise
+        except Exception as exc:  # the asker gets the reason; this worker goes on
+            log.warning("ask.failed", error=repr(exc))
+            await self._reply_error(msg, "answer_failed", str(exc))
+            return
+        if answer is None:
+            await self._reply_error(msg, "answer_timeout", "no answer in time")
+            return
+        await self._reply(msg, {"answer": answer})
+
+    async def _reply(self, msg: Any, body: Any) -> None:
+        try:
+            await self.bus.reply(msg, body)
+        except BusError as exc:
+            log.warning("reply.failed", error=str(exc))
+
+    async def _reply_error(self, msg: Any, code: str, text: str) -> None:
+        try:
+            await self.bus.reply_error(msg, code, text)
+        except BusError as exc:
+            log.warning("reply.failed", error=str(exc))
 
     async def _answer(self, run: _Running, asker: str, question: str) -> str:
         """Answer a question for a running task with a side session (the task's loop goes on)."""
@@ -189,7 +249,13 @@ class Worker:
 
     def _endpoint(self, lease: P.Lease) -> ModelEndpoint:
         m = lease.agent.model
-        api_key = os.environ.get(m.api_key_env) if m.api_key_env else None
+        if m.api_key_env:
+            api_key = os.environ.get(m.api_key_env)
+            if not api_key:
+                raise ValueError(f"the agent's model needs a key in ${m.api_key_env}, which is "
+                                 f"not set on worker {self.config.worker_id}")
+        else:
+            api_key = model_token(self.config.model_token)
         base = lease.model_base_url or m.base_url
         if base is None:
             raise ValueError("no model endpoint: the lease names none and the agent has no url")
@@ -205,70 +271,107 @@ class Worker:
         ):
             t0 = time.monotonic()
             log.info("task.start", parent=lease.parent_task)
-            result = await self._execute(r)
-            log.info("task.end", status=result.status, error=result.error,
-                     turns=len(result.turns), seconds=round(time.monotonic() - t0, 3),
-                     stopped_at=result.stopped_at)
-            self.running.pop(key, None)
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
-                except BusError as exc:
-                    log.warning("task.result_not_sent", error=str(exc))
+            result: P.Result | None = None
+            try:
+                result = await self._execute(r)
+            finally:
+                self.running.pop(key, None)
+                if result is None:  # the worker itself is stopping: say where we were
+                    result = self._result(r, "cancelled", error="worker shutting down")
+                log.info("task.end", status=result.status, error=result.error,
+                         turns=len(result.turns), seconds=round(time.monotonic() - t0, 3),
+                         stopped_at=result.stopped_at, cost_usd=result.cost_usd,
+                         output_tokens=sum(t.output_tokens for t in result.turns))
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + RESULT_SEND_S):
+                    try:
+                        await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
+                    except BusError as exc:
+                        log.warning("task.result_not_sent", error=str(exc))
             if self.draining and not self.running and self._nursery is not None:
                 self._nursery.cancel_scope.cancel()  # drained: finish what we held, then exit
 
+    def _result(self, r: _Running, status: str, *, text: str = "",
+                outputs: dict[str, Any] | None = None, error: str | None = None) -> P.Result:
+        lease = r.lease
+        turns = tuple(r.state.turns)
+        return P.Result(run_id=lease.run_id, task_id=lease.task_id, attempt=lease.attempt,
+                        worker_id=self.config.worker_id, status=status, text=text,
+                        outputs=outputs or {}, error=error, turns=turns,
+                        stopped_at=None if status == "succeeded" else r.state.where(),
+                        cost_usd=sum(t.cost_usd for t in turns))
+
     async def _execute(self, r: _Running) -> P.Result:
+        """Run one attempt in its cancel scope. Returns how it ended; raises trio.Cancelled
+        only when the worker itself is cancelled (its own scope's cancel becomes a result)."""
         lease, cfg = r.lease, self.config
         agent = lease.agent
-        status, text, outputs, error, cost = "failed", "", {}, None, 0.0
+        status, text, outputs, error = "failed", "", {}, None
         deadline = (trio.current_time() + lease.timeout_s) if lease.timeout_s else None
         claimed = False
+        subscribed: list[str] = []
         with r.scope:
             try:
-                workspace = cfg.workspace_root / lease.run_id / lease.task_id
+                workspace = workspace_dir(cfg.workspace_root, lease.run_id, lease.task_id)
                 workspace.mkdir(parents=True, exist_ok=True)
                 env = {k: os.environ[k] for k in SAFE_ENV + cfg.pass_env if k in os.environ}
-                local = [t for t in agent.tools if t not in BUS_TOOL_NAMES]
+                local: list[str | dict[str, Any]] = [
+                    t for t in agent.tools if t not in BUS_TOOL_NAMES]
                 registry = build_registry(local, ToolContext(
                     workspace=workspace, env=env, shell_timeout_s=agent.shell_timeout_s))
                 bus_tools = BusTools(bus=self.bus, run_id=lease.run_id, task_id=lease.task_id,
                                      attempt=lease.attempt, inbox=r.inbox, deadline=deadline)
                 register_bus_tools(registry, bus_tools, list(agent.tools))
-                await self.bus.claim(P.task_endpoint(lease.task_id))
-                claimed = True
-                for topic in agent.subscribe:
-                    await self.bus.subscribe(topic)
-                metadata = {"sim_script": json.dumps(list(agent.script))} if agent.script else None
-                with trio.fail_after(lease.timeout_s) if lease.timeout_s else _null():
-                    async with open_model_session(
-                        self._endpoint(lease), instructions=agent.instructions,
-                        tools=registry.schemas(), metadata=metadata,
-                    ) as session:
-                        out = await run_agent_loop(agent=agent, prompt=lease.prompt,
-                                                   session=session, registry=registry,
-                                                   state=r.state)
-                status, text, outputs, error, cost = (out.status, out.text, out.outputs,
-                                                      out.error, out.cost_usd)
-            except trio.TooSlowError:
-                error = f"timed out after {lease.timeout_s}s at {r.state.where()}"
+                metadata = {"sim_attempt": str(lease.attempt)}
+                if agent.script:
+                    metadata["sim_script"] = json.dumps(list(agent.script))
+                with trio.move_on_at(deadline if deadline is not None else float("inf")) as dl:
+                    await self.bus.claim(P.task_endpoint(lease.task_id))
+                    claimed = True
+                    for pattern in agent.subscribe:
+                        subscribed.append(pattern)
+                        self.subs[pattern] += 1
+                        if self.subs[pattern] == 1:
+                            await self.bus.subscribe(pattern)
+                    async with trio.open_nursery() as side:
+                        r.side = side
+                        async with open_model_session(
+                            self._endpoint(lease), instructions=agent.instructions,
+                            tools=registry.schemas(), metadata=metadata,
+                        ) as session:
+                            out = await run_agent_loop(agent=agent, prompt=lease.prompt,
+                                                       session=session, registry=registry,
+                                                       state=r.state, deadline=deadline)
+                        r.side = None
+                        side.cancel_scope.cancel()  # answers in progress end with the task
+                    status, text, outputs, error = out.status, out.text, out.outputs, out.error
+                if dl.cancelled_caught:
+                    error = f"timed out after {lease.timeout_s:g}s at {r.state.where()}"
             except Exception as exc:  # the attempt fails; the worker and other attempts go on
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("task.error", error=error)
             finally:
-                if claimed:
-                    with trio.CancelScope(shield=True):
-                        try:
-                            await self.bus.release(P.task_endpoint(lease.task_id))
-                        except BusError:
-                            pass
+                r.side = None
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+                    await self._unhold(lease.task_id if claimed else None, subscribed)
         if r.scope.cancelled_caught:
             status, error = "cancelled", r.cancel_reason or "cancelled"
-        return P.Result(run_id=lease.run_id, task_id=lease.task_id, attempt=lease.attempt,
-                        worker_id=cfg.worker_id, status=status, text=text, outputs=outputs,
-                        error=error, turns=tuple(r.state.turns),
-                        stopped_at=None if status == "succeeded" else r.state.where(),
-                        cost_usd=cost)
+        return self._result(r, status, text=text, outputs=outputs, error=error)
+
+    async def _unhold(self, task_id: str | None, patterns: list[str]) -> None:
+        """Release the task's alias and drop subscriptions no other running attempt needs."""
+        drop = []
+        for pattern in patterns:
+            self.subs[pattern] -= 1
+            if self.subs[pattern] <= 0:
+                del self.subs[pattern]
+                drop.append(pattern)
+        try:
+            if task_id is not None:
+                await self.bus.release(P.task_endpoint(task_id))
+            for pattern in drop:
+                await self.bus.unsubscribe(pattern)
+        except BusError as exc:
+            log.warning("task.unhold_failed", error=str(exc))
 
     # ------------------------------------------------------------ background
 
@@ -309,10 +412,3 @@ class Worker:
             except BusError:
                 pass
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
