@@ -212,7 +212,8 @@ class ModelSession:
         return TurnResult(response_id=r.response_id, status=r.status, text=r.text,
                           function_calls=r.function_calls, output_items=r.output_items,
                           usage=r.usage, bytes_sent=self._tx, bytes_received=self._rx,
-                          elapsed_s=trio.current_time() - t0, resent_full_context=resent)
+                          elapsed_s=trio.current_time() - t0, resent_full_context=resent,
+                          error=r.error)
 
     def _create_event(self, items: list[dict[str, Any]], previous: str | None, *,
                       http: bool) -> dict[str, Any]:

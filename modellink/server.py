@@ -253,7 +253,9 @@ class ModelServer:
         try:
             with run.scope:
                 await self._stream(run, emit)
-            if run.status != "completed":  # run.scope was cancelled: response.cancel
+            if run.status == "failed":
+                pass  # a scripted failure, already sent
+            elif run.status != "completed":  # run.scope was cancelled: response.cancel
                 run.status = "incomplete"
                 self._finish(run)
                 st.responses_cancelled += 1
@@ -278,6 +280,13 @@ class ModelServer:
         await emit(seq.stamp(p.ev_created(run.response("in_progress", usage=False))))
         await emit(seq.stamp(p.ev_in_progress(run.response("in_progress", usage=False))))
         await _sleep(gen.prefill_s)
+        if gen.fail is not None:  # the script says this response fails (retry tests)
+            run.status = "failed"
+            self.stats.responses_failed += 1
+            await emit(seq.stamp(p.ev_failed(run.response("failed", error={
+                "code": ErrorCode.SERVER_ERROR,
+                "message": f"the sim script fails this response: {gen.fail}"}))))
+            return
         per_token = gen.decode_s_per_token
         for out in gen.outputs:
             idx = len(run.output)

@@ -239,6 +239,15 @@ class ScriptStep:
     text: str | None = None
     output_tokens: int | None = None
     calls: tuple[ScriptCall, ...] = ()
+    fail: str | None = None  # answer response.failed with this reason ...
+    attempts: tuple[int, ...] | None = None  # ... on these attempts only (None: every attempt)
+
+
+def steps_for_attempt(steps: tuple[ScriptStep, ...], attempt: int) -> tuple[ScriptStep, ...]:
+    """The script as attempt `attempt` sees it: a `fail` step that does not name this attempt
+    is left out, so the steps after it move up one turn."""
+    return tuple(s for s in steps
+                 if s.fail is None or s.attempts is None or attempt in s.attempts)
 
 
 def parse_script(text: str, *, param: str = "metadata.sim_script") -> tuple[ScriptStep, ...]:
@@ -267,7 +276,16 @@ def parse_script(text: str, *, param: str = "metadata.sim_script") -> tuple[Scri
         where = f"step {i}"
         if not isinstance(s, dict):
             raise bad(f"{where} must be an object")
-        if "text" in s:
+        if "fail" in s:
+            if not isinstance(s["fail"], str):
+                raise bad(f"{where}.fail must be a string (the failure's reason)")
+            att = s.get("attempts")
+            if att is not None and (not isinstance(att, list) or not all(
+                    isinstance(a, int) and not isinstance(a, bool) and a >= 1 for a in att)):
+                raise bad(f"{where}.attempts must be a list of attempt numbers (1, 2, ...)")
+            steps.append(ScriptStep(fail=s["fail"],
+                                    attempts=tuple(att) if att is not None else None))
+        elif "text" in s:
             if not isinstance(s["text"], str):
                 raise bad(f"{where}.text must be a string")
             n = s.get("output_tokens")
@@ -284,7 +302,7 @@ def parse_script(text: str, *, param: str = "metadata.sim_script") -> tuple[Scri
                 ScriptStep(calls=tuple(call(c, f"{where}.calls[{j}]") for j, c in enumerate(cs)))
             )
         else:
-            raise bad(f"{where} needs one of 'text', 'call', 'calls'")
+            raise bad(f"{where} needs one of 'text', 'call', 'calls', 'fail'")
     return tuple(steps)
 
 
@@ -330,6 +348,7 @@ class Generation:
     prefill_s: float  # ttft + prefill of the uncached tokens, paid before the first event
     decode_s_per_token: float
     outputs: tuple[OutputPlan, ...]
+    fail: str | None = None  # a scripted failure: answer response.failed with this reason
 
     @property
     def output_tokens(self) -> int:
@@ -366,10 +385,20 @@ class SimModel:
         return RenderedContext(self.tokenizer, self.config.block_tokens)
 
     def script_for(self, metadata: dict[str, str]) -> tuple[ScriptStep, ...]:
+        """The script steps for a request: metadata["sim_script"] (else the default), as seen
+        by attempt metadata["sim_attempt"] (default 1). Raises ProtocolError."""
         text = metadata.get("sim_script")
-        if text is None:
-            return self._default_steps
-        return parse_script(text)
+        steps = self._default_steps if text is None else parse_script(text)
+        raw = metadata.get("sim_attempt", "1")
+        try:
+            attempt = int(raw)
+        except ValueError:
+            attempt = 0
+        if attempt < 1:
+            raise ProtocolError(ErrorCode.INVALID_VALUE, "metadata.sim_attempt must be an "
+                                f"attempt number (1, 2, ...), got {raw!r}",
+                                param="metadata.sim_attempt")
+        return steps_for_attempt(steps, attempt)
 
     def plan(self, ctx: RenderedContext, metadata: dict[str, str], *, generate: bool = True
              ) -> Generation:
@@ -382,15 +411,20 @@ class SimModel:
         self.prefix_cache.insert(ctx.hashes[cached_blocks:])
         uncached = len(ctx.tokens) - cached
         outputs: tuple[OutputPlan, ...] = ()
+        fail = None
         if generate:
             step = step_for_turn(steps, ctx.model_turns)
-            outputs = self._outputs(step, ctx.model_turns)
+            if step.fail is not None:
+                fail = step.fail
+            else:
+                outputs = self._outputs(step, ctx.model_turns)
         return Generation(
             input_tokens=len(ctx.tokens),
             cached_tokens=cached,
             prefill_s=(cfg.ttft_s + cfg.prefill_s_per_token * uncached) if generate else 0.0,
             decode_s_per_token=cfg.decode_s_per_token,
             outputs=outputs,
+            fail=fail,
         )
 
     def finish(self, ctx: RenderedContext, output_items: list[dict[str, Any]]) -> None:

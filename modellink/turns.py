@@ -83,6 +83,7 @@ class TurnResult:
     bytes_received: int
     elapsed_s: float
     resent_full_context: bool
+    error: dict[str, Any] | None = None  # the response's `error` object when status is "failed"
 
 
 @attrs.define
