@@ -15,7 +15,7 @@ import trio
 from bus_helpers import TOKEN, capture_logs, close_code, hello, start_hub
 
 from bus import codec as C
-from bus.client import BusClient, open_bus_client
+from bus.client import BusClient, Message, open_bus_client
 from bus.hub import Hub
 from bus.ws import WsConnection, open_ws
 
@@ -29,11 +29,11 @@ class Env:
     a: BusClient
     b: BusClient
     logs: list[dict[str, Any]]
+    b_got: list[Message]  # what reached b other than the bystanders' echo requests
 
     async def still_talking(self) -> None:
-        """The bystanders' traffic is unaffected: a request round trip and nothing stray."""
+        """The bystanders' traffic is unaffected: a request round trip works."""
         assert await self.a.request("b", "ping", timeout=2) == "ping"
-        assert self.b.statistics().inbox == 0
 
     def hostile_lines(self) -> list[dict[str, Any]]:
         return [e for e in self.logs if e.get("logger") == "bus.hub"
@@ -48,14 +48,18 @@ async def hub_env(**hub_config: Any) -> AsyncIterator[Env]:
             async with open_bus_client(info.url, token=TOKEN, endpoint_id="a") as a, \
                     open_bus_client(info.url, token=TOKEN, endpoint_id="b") as b:
 
+                b_got: list[Message] = []
+
                 async def echo() -> None:
                     async for m in b:
                         if m.kind == "request":
                             await b.reply(m, m.payload())
+                        else:
+                            b_got.append(m)
 
                 nursery.start_soon(echo)
                 with capture_logs() as logs:
-                    yield Env(hub=hub, url=info.url, a=a, b=b, logs=logs)
+                    yield Env(hub=hub, url=info.url, a=a, b=b, logs=logs, b_got=b_got)
             nursery.cancel_scope.cancel()
 
 
@@ -157,7 +161,7 @@ async def test_frame_before_auth_closes_1008_and_routes_nothing():
     async with hub_env() as env:
         await expect_close(env, env_frame(C.SEND, 1, "", "b", 0, C.pack_body("sneaky")), 1008,
                            auth=False, event="bus.auth_failed")
-        assert env.b.statistics().received == 1  # only the bystanders' echo request
+        assert env.b_got == []
 
 
 async def test_wrong_token_closes_1008():
@@ -183,16 +187,14 @@ async def test_replayed_sequence_numbers_are_delivered_once():
             frame = env_frame(C.SEND, 1, "spoofed", "b", 0, C.pack_body("once"))
             for _ in range(3):
                 await ws.send_message(frame)
-            msg = await env.b.receive()
-            assert (msg.payload(), msg.source) == ("once", "mallory")  # the hub stamps source
-            await env.still_talking()
-        assert env.b.statistics().received == 2  # "once" and the echo request
+            await env.still_talking()  # after the replays in the hub's order of processing
+        assert [(m.payload(), m.source) for m in env.b_got] == [("once", "mallory")]
 
 
 async def test_flood_from_one_peer_is_cut_1013_while_others_keep_talking():
     """A peer floods sends to nobody and never reads its NOROUTE notices: it is a slow
     consumer of its own errors. The bystanders' round trips stay fast throughout."""
-    async with hub_env(max_pending_msgs=2_000, slow_consumer_grace=1.0) as env:
+    async with hub_env(max_pending_msgs=20_000, slow_consumer_grace=0.5) as env:
         rtts: list[float] = []
         async with authed(env.url) as ws:
             enc = C.EnvelopeEncoder()
@@ -224,5 +226,5 @@ async def test_flood_from_one_peer_is_cut_1013_while_others_keep_talking():
         assert env.hub.statistics().slow_consumers_closed == 1
         lines = env.hostile_lines()
         assert [e["event"] for e in lines] == ["bus.slow_consumer"]
-        assert max(rtts) < 0.5, max(rtts)
+        assert len(rtts) >= 5 and max(rtts) < 0.5, rtts
         await env.still_talking()
