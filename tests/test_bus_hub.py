@@ -370,3 +370,59 @@ async def test_handshake_timeout_closes_a_mute_connection_1008(autojump_clock):
                 assert await close_code(ws) == 1008
                 assert trio.current_time() - t0 == pytest.approx(7.0, abs=0.05)
             nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- `orchestrator bus`
+
+def _bus_cli(*argv: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from orchestrator import cmd_bus
+    from orchestrator.cli import build_parser
+
+    err = io.StringIO()
+    args = build_parser().parse_args(["bus", *argv])
+    with contextlib.redirect_stderr(err):
+        code = cmd_bus.run(args)
+    return code, err.getvalue()
+
+
+def test_cli_refuses_a_public_host_without_a_token(monkeypatch):
+    monkeypatch.delenv("SWITCHBOARD_TOKEN", raising=False)
+    code, err = _bus_cli("--host", "0.0.0.0", "--port", "0")
+    assert code == 2
+    assert "without a token" in err and "SWITCHBOARD_TOKEN" in err
+
+
+def test_cli_refuses_an_unreadable_token_file(tmp_path):
+    code, err = _bus_cli("--token-file", str(tmp_path / "missing"), "--port", "0")
+    assert code == 2 and "cannot read token file" in err
+
+
+async def test_cli_serves_until_sigterm_with_the_env_token(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SWITCHBOARD_TOKEN="cli-token")
+    with trio.fail_after(20):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "orchestrator", "bus", "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        try:
+            assert proc.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await proc.stdout.receive_some(1)
+            url = line.decode().split()[-1]
+            assert url.startswith("ws://127.0.0.1:") and url.endswith("/bus")
+            async with open_bus_client(url, token="cli-token", endpoint_id="a") as a:
+                await a.subscribe("x")
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 130
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
