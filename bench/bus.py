@@ -1,0 +1,276 @@
+"""Bus benchmark: routed throughput, latency at half that rate, and a raw WebSocket baseline.
+
+    python bench/bus.py --quick      # < 60 s
+    python bench/bus.py              # longer, steadier
+
+Every role runs in its own process on loopback (this script again, with --role): a hub, a
+publisher and a consumer, so the hub has a core to itself as it would in production. Messages
+are direct sends of a ~100-byte msgpack body [seq, t_sent_ns, padding] from the publisher to
+the consumer through the hub. Throughput is end to end (first to last message at the
+consumer) with a credit window so the publisher never outruns the hub's slow-consumer limit.
+Latency is measured at half the measured throughput: the publisher paces sends every
+millisecond, the consumer subtracts the send time (CLOCK_MONOTONIC is shared by processes).
+raw_ws_msgs_per_s: plain trio-websocket echo, one message per WS message, pipelined.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgpack
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bus.client import open_bus_client  # noqa: E402
+from bus.config import HubConfig  # noqa: E402
+from bus.hub import serve_bus  # noqa: E402
+from bus.logs import configure_logging  # noqa: E402
+from bus.ws import WsClosed, WsConfig, WsRequest, open_ws, serve_ws  # noqa: E402
+
+TOKEN = "bench"
+PAD = b"x" * 87  # body = msgpack [seq, t_ns, PAD]: 100 bytes
+WINDOW = 8000  # messages in flight before the publisher waits for credit
+CREDIT_EVERY = 2000
+
+
+def body(seq: int) -> list[Any]:
+    return [seq, time.monotonic_ns(), PAD]
+
+
+# ---------------------------------------------------------------- roles (child processes)
+
+async def role_hub(args: argparse.Namespace) -> None:
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve_bus, HubConfig(port=0, token=TOKEN))
+        print(json.dumps({"url": info.url}), flush=True)
+
+
+async def role_publisher(args: argparse.Namespace) -> None:
+    async with open_bus_client(args.url, token=TOKEN, endpoint_id="pub") as client:
+        credited = 0
+        more = trio.Event()
+
+        async def credits() -> None:
+            nonlocal credited, more
+            async for msg in client:
+                credited = max(credited, msg.payload())
+                more.set()
+                more = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(credits)
+            await client.request("cons", "ready?", timeout=10)
+            n, rate = args.n, args.rate
+            if rate == 0:  # as fast as the credit window allows
+                sent = 0
+                while sent < n:
+                    limit = min(n, credited + WINDOW)
+                    while sent < limit:
+                        try:
+                            client.send_nowait("cons", body(sent))
+                        except trio.WouldBlock:
+                            break
+                        sent += 1
+                        if sent % 512 == 0:
+                            await trio.sleep(0)  # let the writer ship a frame meanwhile
+                    if sent < min(n, credited + WINDOW):
+                        await trio.sleep(0)
+                    else:
+                        await more.wait()
+            else:  # paced: every millisecond, the messages that are due
+                t0 = trio.current_time()
+                sent = 0
+                while sent < n:
+                    due = min(n, int((trio.current_time() - t0) * rate) + 1)
+                    while sent < due:
+                        client.send_nowait("cons", body(sent))
+                        sent += 1
+                    await trio.sleep(0.001)
+            while credited < n:
+                await more.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def role_consumer(args: argparse.Namespace) -> None:
+    n = args.n
+    lat: list[int] = []
+    async with open_bus_client(args.url, token=TOKEN, endpoint_id="cons") as client:
+        ready = await client.receive()
+        await client.reply(ready, "go")
+        got = 0
+        t_first = t_last = 0.0
+        while got < n:
+            msg = await client.receive()
+            batch = [msg]
+            while True:
+                try:
+                    batch.append(client.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            now = time.monotonic_ns()
+            if got == 0:
+                t_first = time.perf_counter()
+            for m in batch:
+                seq, t_sent, _ = msgpack.unpackb(m.body)
+                if args.latency:
+                    lat.append(now - t_sent)
+            got += len(batch)
+            t_last = time.perf_counter()
+            if got % CREDIT_EVERY < len(batch) or got >= n:
+                client.send_nowait("pub", got)
+        stats = client.statistics()
+    lat.sort()
+    out: dict[str, Any] = {"received": got, "seconds": t_last - t_first,
+                           "frames_in": stats.frames_in}
+    if lat:
+        out["p50_ms"] = lat[len(lat) // 2] / 1e6
+        out["p99_ms"] = lat[int(len(lat) * 0.99)] / 1e6
+        out["max_ms"] = lat[-1] / 1e6
+    print(json.dumps(out), flush=True)
+
+
+WS = WsConfig(message_queue_size=64, receive_buffer_size=None)
+
+
+async def role_raw_server(args: argparse.Namespace) -> None:
+    async def echo(request: WsRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except WsClosed:
+            return
+
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(serve_ws, echo, "127.0.0.1", 0)
+        print(json.dumps({"url": f"ws://127.0.0.1:{port}/"}), flush=True)
+
+
+async def role_raw_client(args: argparse.Namespace) -> None:
+    n = args.n
+    payload = msgpack.packb(body(0))
+    async with open_ws(args.url, config=WS) as ws:
+        t0 = time.perf_counter()
+
+        async def sender() -> None:
+            for _ in range(n):
+                await ws.send_message(payload)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            for _ in range(n):
+                await ws.get_message()
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"echoed": n, "seconds": seconds}), flush=True)
+
+
+ROLES = {"hub": role_hub, "publisher": role_publisher, "consumer": role_consumer,
+         "raw-server": role_raw_server, "raw-client": role_raw_client}
+
+
+# ---------------------------------------------------------------- the conductor
+
+async def spawn(role: str, *extra: str) -> tuple[trio.Process, Any]:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, os.path.abspath(__file__), "--role", role, *extra],
+        stdout=subprocess.PIPE)
+    return proc, proc.stdout
+
+
+async def read_json(stream: Any) -> dict[str, Any]:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            raise RuntimeError("child exited before reporting")
+        buf += chunk
+    return json.loads(buf)  # type: ignore[no-any-return]
+
+
+async def run_pair(url: str, n: int, rate: int, latency: bool) -> dict[str, Any]:
+    cons, cons_out = await spawn("consumer", "--url", url, "--n", str(n),
+                                 *(["--latency"] if latency else []))
+    await trio.sleep(0.3)  # the consumer connects first so the publisher's "ready?" finds it
+    pub, _ = await spawn("publisher", "--url", url, "--n", str(n), "--rate", str(rate))
+    result = await read_json(cons_out)
+    await cons.wait()
+    await pub.wait()
+    return result
+
+
+async def conductor(quick: bool) -> dict[str, Any]:
+    n_tput = 300_000 if quick else 1_500_000
+    lat_seconds = 3.0 if quick else 10.0
+    n_raw = 100_000 if quick else 400_000
+    hub, hub_out = await spawn("hub")
+    try:
+        url = (await read_json(hub_out))["url"]
+        await run_pair(url, 20_000, 0, False)  # warm-up
+        runs = [await run_pair(url, n_tput, 0, False) for _ in range(1 if quick else 3)]
+        rates = sorted(r["received"] / r["seconds"] for r in runs)
+        routed = rates[len(rates) // 2]
+        half = int(routed / 2)
+        lat = await run_pair(url, int(half * lat_seconds), half, True)
+    finally:
+        hub.terminate()
+        await hub.wait()
+    raw_srv, raw_out = await spawn("raw-server")
+    try:
+        raw_url = (await read_json(raw_out))["url"]
+        raw_runs = []
+        for _ in range(1 if quick else 3):
+            cli, cli_out = await spawn("raw-client", "--url", raw_url, "--n", str(n_raw))
+            raw_runs.append(await read_json(cli_out))
+            await cli.wait()
+    finally:
+        raw_srv.terminate()
+        await raw_srv.wait()
+    raw_rates = sorted(r["echoed"] / r["seconds"] for r in raw_runs)
+    return {
+        "routed_msgs_per_s": round(routed),
+        "routed_runs": [round(r) for r in rates],
+        "p50_ms": round(lat["p50_ms"], 3),
+        "p99_ms": round(lat["p99_ms"], 3),
+        "max_ms": round(lat["max_ms"], 3),
+        "latency_rate_msgs_per_s": half,
+        "latency_messages": lat["received"],
+        "raw_ws_msgs_per_s": round(raw_rates[len(raw_rates) // 2]),
+        "body_bytes": len(msgpack.packb(body(0))),
+        "messages": n_tput,
+        "quick": quick,
+        "cpus": os.cpu_count(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller runs, under a minute")
+    p.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--rate", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role:
+        configure_logging(json=True, level="warning")  # stderr: stdout carries the results
+        try:
+            trio.run(ROLES[args.role], args)
+        except KeyboardInterrupt:
+            pass
+        return
+    t0 = time.perf_counter()
+    result = trio.run(conductor, args.quick)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
