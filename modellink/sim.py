@@ -33,6 +33,7 @@ from modellink.protocol import ErrorCode, ProtocolError
 from modellink.tokenizer import Tokenizer, get_tokenizer
 
 DEFAULT_TEXT: Final = "I have read the context. Done."
+_SCRIPT_CACHE_MAX: Final = 256
 
 # Words used to pad a text step to its output_tokens; each is one token of our BPE.
 _FILLER_CANDIDATES: Final = (
@@ -367,6 +368,8 @@ class SimModel:
             if config.default_script
             else (ScriptStep(text=DEFAULT_TEXT),)
         )
+        # Parsed scripts by their JSON text: a session sends the same script every turn.
+        self._scripts: dict[str, tuple[ScriptStep, ...]] = {}
         self._filler = tuple(w for w in _FILLER_CANDIDATES if len(self.tokenizer.encode(w)) == 1)
         if not self._filler:  # pragma: no cover - the embedded corpus guarantees some
             self._filler = (" a",)
@@ -388,7 +391,16 @@ class SimModel:
         """The script steps for a request: metadata["sim_script"] (else the default), as seen
         by attempt metadata["sim_attempt"] (default 1). Raises ProtocolError."""
         text = metadata.get("sim_script")
-        steps = self._default_steps if text is None else parse_script(text)
+        if text is None:
+            steps = self._default_steps
+        else:
+            cached = self._scripts.get(text)
+            if cached is None:
+                cached = parse_script(text)
+                if len(self._scripts) >= _SCRIPT_CACHE_MAX:
+                    self._scripts.pop(next(iter(self._scripts)))  # bounded: drop the oldest
+                self._scripts[text] = cached
+            steps = cached
         raw = metadata.get("sim_attempt", "1")
         try:
             attempt = int(raw)
@@ -430,8 +442,9 @@ class SimModel:
     def finish(self, ctx: RenderedContext, output_items: list[dict[str, Any]]) -> None:
         """Append the response's output to the context and cache its blocks (decode fills the
         cache too, so the next turn's prefix hits)."""
+        n = len(ctx.hashes)  # the prompt's blocks were cached (and refreshed) by plan()
         ctx.append_items(output_items)
-        self.prefix_cache.insert(ctx.hashes)
+        self.prefix_cache.insert(ctx.hashes[n:])
 
     def _outputs(self, step: ScriptStep, turn: int) -> tuple[OutputPlan, ...]:
         if step.calls:

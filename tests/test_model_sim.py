@@ -186,6 +186,12 @@ def test_script_turns_follow_the_model_responses_in_the_context():
     assert model.plan(ctx, meta).outputs[0].full == "all done"
 
 
+def test_a_script_is_parsed_once_per_text():
+    model = SimModel(SimConfig())
+    meta = {"sim_script": SCRIPT}
+    assert model.script_for(meta) is model.script_for(dict(meta))
+
+
 def test_past_the_end_of_the_script_the_last_text_step_answers():
     steps = parse_script(SCRIPT)
     assert step_for_turn(steps, 3).calls[0].name == "late"
