@@ -186,10 +186,16 @@ def test_script_turns_follow_the_model_responses_in_the_context():
     assert model.plan(ctx, meta).outputs[0].full == "all done"
 
 
-def test_a_script_is_parsed_once_per_text():
+def test_a_script_is_parsed_once_per_text(monkeypatch: pytest.MonkeyPatch):
+    import modellink.sim as sim_mod
+
+    parsed: list[str] = []
+    real = sim_mod.parse_script
+    monkeypatch.setattr(sim_mod, "parse_script", lambda t: parsed.append(t) or real(t))
     model = SimModel(SimConfig())
     meta = {"sim_script": SCRIPT}
-    assert model.script_for(meta) is model.script_for(dict(meta))
+    assert model.script_for(meta) == model.script_for(dict(meta)) == parse_script(SCRIPT)
+    assert parsed == [SCRIPT]
 
 
 def test_past_the_end_of_the_script_the_last_text_step_answers():
