@@ -414,8 +414,8 @@ class _WsSession:
         await self.send.send(_Close(p.CLOSE_GOING_AWAY, "connection age limit"))
 
     async def _emit(self, ev: dict[str, Any]) -> None:
-        assert self.encoding is not None
-        await self.send.send(p.encode_event(ev, self.encoding))
+        # Before the client's first frame (e.g. the age limit of an idle connection): JSON.
+        await self.send.send(p.encode_event(ev, self.encoding or p.JSON))
 
     async def _error(self, err: ProtocolError, stream_id: str | None = None) -> None:
         self.server.stats.errors_sent += 1
@@ -603,6 +603,8 @@ class _HttpConn:
         """The request body, or None after answering 413 (too large)."""
         body = bytearray()
         limit = self.server.config.max_message_bytes
+        if self.conn.client_is_waiting_for_100_continue:  # curl does this for large bodies
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         while True:
             ev = await self._next_event()
             if isinstance(ev, h11.Data):

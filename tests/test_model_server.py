@@ -498,6 +498,36 @@ async def test_server_shutdown_closes_websockets_with_1001():
             assert closed.value.reason.code == 1001
 
 
+async def test_an_idle_connection_at_its_age_limit_gets_the_error_in_json(autojump_clock: Any):
+    with trio.fail_after(30):
+        async with running(max_connection_age_s=5.0) as info, ws(info) as c:
+            ev = await c.recv()
+            assert ev["error"]["code"] == "websocket_connection_limit_reached"
+            assert "Create a new websocket connection" in ev["error"]["message"]
+            with pytest.raises(WsClosed):
+                await c.recv()
+
+
+async def test_http_expect_100_continue_is_answered_before_the_body():
+    with trio.fail_after(10):
+        async with running() as info:
+            stream = await trio.open_tcp_stream(info.host, info.port)
+            async with stream:
+                body = p.dumps_json({"model": "sim", "input": "x"})
+                await stream.send_all(
+                    b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+                got = b""
+                while b"\r\n\r\n" not in got:  # the client waits for this before the body
+                    got += await stream.receive_some(65536)
+                assert got.startswith(b"HTTP/1.1 100 ")
+                await stream.send_all(body)
+                rest = b""
+                while b'"status":"completed"' not in rest:
+                    rest += await stream.receive_some(65536)
+                assert rest.startswith(b"HTTP/1.1 200 ")
+
+
 # ------------------------------------------------------------------ bad input
 
 
