@@ -195,6 +195,13 @@ async def read_json(stream: Any) -> dict[str, Any]:
     return json.loads(buf)  # type: ignore[no-any-return]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_pair(url: str, n: int, rate: int, latency: bool) -> dict[str, Any]:
     cons, cons_out = await spawn("consumer", "--url", url, "--n", str(n),
                                  *(["--latency"] if latency else []))
@@ -214,7 +221,9 @@ async def conductor(quick: bool) -> dict[str, Any]:
     try:
         url = (await read_json(hub_out))["url"]
         await run_pair(url, 20_000, 0, False)  # warm-up
+        cpu0 = cpu_seconds(hub.pid)
         runs = [await run_pair(url, n_tput, 0, False) for _ in range(1 if quick else 3)]
+        hub_cpu_us = (cpu_seconds(hub.pid) - cpu0) / (n_tput * len(runs)) * 1e6
         rates = sorted(r["received"] / r["seconds"] for r in runs)
         routed = rates[len(rates) // 2]
         half = int(routed / 2)
@@ -243,6 +252,8 @@ async def conductor(quick: bool) -> dict[str, Any]:
         "latency_rate_msgs_per_s": half,
         "latency_messages": lat["received"],
         "raw_ws_msgs_per_s": round(raw_rates[len(raw_rates) // 2]),
+        "hub_cpu_us_per_msg": round(hub_cpu_us, 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "body_bytes": len(msgpack.packb(body(0))),
         "messages": n_tput,
         "quick": quick,

@@ -61,6 +61,21 @@ class Message:
         return C.unpack_body(self.body)
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _message(kind: str, source: str, dest: str, corr: int, body: bytes) -> Message:
+    """Message(...) without attrs' per-field frozen-setattr wrapper: the reader's hot path."""
+    m = _new(Message)
+    _set(m, "kind", kind)
+    _set(m, "source", source)
+    _set(m, "dest", dest)
+    _set(m, "correlation_id", corr)
+    _set(m, "body", body)
+    return m  # type: ignore[no-any-return]
+
+
 @attrs.frozen(kw_only=True)
 class ClientStatistics:
     connected: bool
@@ -307,7 +322,7 @@ class BusClient:
 
     def _take(self) -> Message:
         msg = self._inbox.popleft()
-        if len(self._inbox) < self.config.inbox_size:
+        if self._reader_blocked and len(self._inbox) < self.config.inbox_size:
             self._reader_lot.unpark_all()
         return msg
 
@@ -490,8 +505,7 @@ class BusClient:
             for env in conn.receive_frame(data):
                 kind = env[0]
                 if kind <= C.REQUEST:  # SEND, PUBLISH, REQUEST
-                    inbox.append(Message(kind=_KIND_NAME[kind], source=env[2], dest=env[3],
-                                         correlation_id=env[4], body=env[5]))
+                    inbox.append(_message(_KIND_NAME[kind], env[2], env[3], env[4], env[5]))
                     continue
                 waiter = waiters.get(env[4])
                 if kind == C.NOROUTE:

@@ -115,10 +115,16 @@ def encode_frame(envelopes: Iterable[Sequence[Any]]) -> bytes:
     return frame([pack(tuple(e)) for e in envelopes])
 
 
+# Reused Packers (a Packer per call costs as much as the packing). Not thread-safe; trio runs
+# one task at a time. pack_envelope takes a (kind, seq, source, dest, corr, body) tuple.
+pack_envelope = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_pack_value = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
 def pack_body(value: Any) -> bytes:
     """Serialize an application value (anything msgpack can encode) into an opaque body."""
     try:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        return _pack_value(value)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"message body is not msgpack-serializable: {exc}") from None
 

@@ -427,13 +427,14 @@ class Hub:
         seq.queue(kind, source, dest, corr, body)
         self.routed += 1
         link = s.link
-        if link is not None:
+        if link is not None and link.parked:
             link.wake()
         cfg = self.config
-        if seq.unacked > cfg.max_pending_msgs or seq.unacked_bytes > cfg.max_pending_bytes:
-            if seq.unacked > 2 * cfg.max_pending_msgs or \
+        held = len(seq.pending) + len(seq.inflight)
+        if held > cfg.max_pending_msgs or seq.unacked_bytes > cfg.max_pending_bytes:
+            if held > 2 * cfg.max_pending_msgs or \
                     seq.unacked_bytes > 2 * cfg.max_pending_bytes:
-                self._slow(s, f"{seq.unacked} messages ({seq.unacked_bytes} bytes) "
+                self._slow(s, f"{held} messages ({seq.unacked_bytes} bytes) "
                            "unacknowledged, over twice the limit")
             elif s.slow_since is None:
                 s.slow_since = trio.current_time()
