@@ -142,6 +142,7 @@ async def _turns(agent: AgentSpec, prompt: str, session: Any, registry: Any,
             resent_full_context=result.resent_full_context,
         )
         rec = attrs.evolve(rec, cost_usd=turn_cost(agent.model.model, rec))
+        at = len(state.turns)  # answers to `ask`s may append their own records meanwhile
         state.turns.append(rec)  # now: a cancel during the tools keeps this turn's tokens
         if result.status == "failed":
             log.warning("turn.model_failed", error=result.error)
@@ -154,7 +155,7 @@ async def _turns(agent: AgentSpec, prompt: str, session: Any, registry: Any,
             t0 = time.perf_counter()
             new_items = await _run_calls(calls, registry)
             rec = attrs.evolve(rec, tools_s=time.perf_counter() - t0)
-            state.turns[-1] = rec
+            state.turns[at] = rec
             state.running_tools = ()
         log.debug("turn", tools=list(rec.tool_calls), input_tokens=rec.input_tokens,
                   cached_tokens=rec.cached_tokens, output_tokens=rec.output_tokens,

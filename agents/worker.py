@@ -22,7 +22,7 @@ import trio
 
 from agents import protocol as P
 from agents.bustools import BUS_TOOL_NAMES, BusTools, Inbox, register_bus_tools
-from agents.loop import LoopState, run_agent_loop
+from agents.loop import LoopState, run_agent_loop, turn_cost
 from agents.tools import ToolContext, build_registry
 from bus.client import open_bus_client
 from bus.codec import pattern_matches
@@ -189,6 +189,10 @@ class Worker:
     async def _answer_ask(self, run: _Running, msg: Any, body: dict[str, Any]) -> None:
         """Answer one ask, in the answered attempt's side nursery: if that attempt ends first,
         the answer's model response is cancelled and the asker told so."""
+        lease = run.lease
+        structlog.contextvars.bind_contextvars(  # this task was started from the bus reader
+            run_id=lease.run_id, task_id=lease.task_id, attempt=lease.attempt,
+            agent_id=lease.agent.name)
         limit = body.get("timeout_s")
         limit = float(limit) if isinstance(limit, (int, float)) and limit > 0 else ASK_ANSWER_MAX_S
         answer: str | None = None
@@ -222,17 +226,30 @@ class Worker:
             log.warning("reply.failed", error=str(exc))
 
     async def _answer(self, run: _Running, asker: str, question: str) -> str:
-        """Answer a question for a running task with a side session (the task's loop goes on)."""
+        """Answer a question for a running task with a side session (the task's loop goes on).
+
+        The answer's model turn is the answering task's spending: it joins that attempt's
+        turns (numbered with the turn it is on, tool_calls ("answer:ASKER",))."""
         lease = run.lease
         agent = lease.agent
-        metadata = {"sim_script": json.dumps(list(agent.answers))} if agent.answers else None
+        metadata = {"sim_attempt": str(lease.attempt)}
+        if agent.answers:
+            metadata["sim_script"] = json.dumps(list(agent.answers))
         endpoint = self._endpoint(lease)
         prompt = (f"You are working on this task:\n{lease.prompt}\n\n"
                   f"Task {asker} asks you: {question}\nAnswer briefly.")
         async with open_model_session(endpoint, instructions=agent.instructions, tools=[],
                                       metadata=metadata) as session:
             res = await session.turn([{"type": "message", "role": "user", "content": prompt}])
-        log.info("ask.answered", asker=asker)
+        rec = P.TurnRecord(turn=run.state.turn, input_tokens=res.usage.input_tokens,
+                           cached_tokens=res.usage.cached_tokens,
+                           output_tokens=res.usage.output_tokens, bytes_sent=res.bytes_sent,
+                           bytes_received=res.bytes_received, model_s=res.elapsed_s,
+                           tool_calls=(f"answer:{asker}",))
+        run.state.turns.append(attrs.evolve(rec, cost_usd=turn_cost(agent.model.model, rec)))
+        if res.status != "completed":
+            raise ValueError(f"the answering model response ended {res.status}")
+        log.info("ask.answered", asker=asker, output_tokens=rec.output_tokens)
         return str(res.text)
 
     # ------------------------------------------------------------ leases

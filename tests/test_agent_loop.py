@@ -14,6 +14,7 @@ import attrs
 import pytest
 import structlog
 import trio
+from agent_helpers import alive, until
 
 from agents.loop import LoopState, parse_outputs, run_agent_loop, turn_cost
 from agents.protocol import AgentSpec, TurnRecord
@@ -249,21 +250,6 @@ async def test_bad_tool_input_becomes_an_error_result_the_model_sees_logged_once
 # ------------------------------------------------------------------ cancellation
 
 
-async def until(pred: Any, poll_s: float = 0.01) -> None:
-    """Poll `pred` until it holds (the caller's fail_after bounds the wait)."""
-    while True:
-        if pred():
-            return
-        await trio.sleep(poll_s)
-
-
-def _alive(pid: int) -> bool:
-    """True iff pid is a live (non-zombie) process, from /proc."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 async def test_cancel_during_a_model_response_stops_it_at_the_server(tmp_path):
@@ -309,11 +295,11 @@ async def test_cancel_during_tools_kills_grandchildren_that_ignore_sigterm(tmp_p
                                 and len(pids_file.read_text().split()) >= 3)
                     await trio.sleep(0.1)  # the grandchildren have set their traps
                     pids = [int(p) for p in pids_file.read_text().split()]
-                    assert all(_alive(p) for p in pids)
+                    assert all(alive(p) for p in pids)
                     t0 = trio.current_time()
                     scope.cancel()
             took = trio.current_time() - t0
     assert took < 1.0
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if alive(p)]
     assert state.where() == "turn 1: running tools shell, shell"
     assert len(state.turns) == 1 and state.turns[0].input_tokens > 0  # the model part counted
