@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 # Exit codes that say what happened; documented in README and `orchestrator --help`.
 EXIT_OK = 0
@@ -17,8 +18,8 @@ EXIT_BAD_INPUT = 2  # bad graph file, CLI arguments, config, token
 EXIT_INTERNAL = 3  # a bug or an environment problem we could not handle
 EXIT_CANCELLED = 130  # cancelled by SIGINT/SIGTERM or `orchestrator cancel`
 
-# (command name, module) in the order --help lists them. A module missing on disk is skipped
-# so the CLI keeps working while commands are added.
+# (command name, module) in the order --help lists them (`resume` lives in cmd_run). A module
+# missing on disk is skipped so the CLI keeps working while commands are added.
 COMMANDS = [
     ("run", "orchestrator.cmd_run"),
     ("validate", "orchestrator.cmd_validate"),
@@ -26,7 +27,6 @@ COMMANDS = [
     ("logs", "orchestrator.cmd_logs"),
     ("scale", "orchestrator.cmd_scale"),
     ("cancel", "orchestrator.cmd_cancel"),
-    ("resume", "orchestrator.cmd_resume"),
     ("worker", "orchestrator.cmd_worker"),
     ("bus", "orchestrator.cmd_bus"),
     ("model-server", "orchestrator.cmd_model"),
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Switchboard: run multi-agent task graphs over a message bus and persistent model links.",
         epilog=EPILOG,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print full tracebacks for internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _name, modname in COMMANDS:
         try:
@@ -56,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, depth first; [exc] for a plain one.
+    trio's strict exception groups wrap whatever escapes a nursery, so `except X` alone never
+    matches an X raised in a task: callers classify the leaves instead."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in leaves(e)]
+    return [exc]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,8 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
-        return EXIT_CANCELLED
+    except BaseException as exc:  # noqa: BLE001 - map to an exit code, one line unless --debug
+        found = leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in found):
+            return EXIT_CANCELLED
+        if any(isinstance(e, SystemExit) for e in found):
+            raise
+        first = found[0] if found else exc
+        if args.debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        print(f"error: internal error in `orchestrator {args.command}`: "
+              f"{type(first).__name__}: {first}"
+              + ("" if args.debug else " (rerun with --debug for the traceback)"),
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

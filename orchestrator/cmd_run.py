@@ -24,6 +24,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bus-port", type=int, default=0, help="bus port (default: any free port)")
     p.add_argument("--bus-url", default=None,
                    help="use an external hub (orchestrator bus) instead of the embedded one")
+    p.add_argument("--advertise-host", default=None, metavar="HOST",
+                   help="the host name remote workers reach this machine by, put in the bus URL "
+                   "printed for them and the embedded sim's URL in leases (default: --bus-host, "
+                   "or this machine's host name when that is 0.0.0.0)")
     p.add_argument("--model-url", default=None,
                    help="use an external model server for agents on the sim provider")
     p.add_argument("--token-file", metavar="FILE",
@@ -32,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="seconds without a heartbeat after which a worker's attempts are re-queued")
     p.add_argument("--progress", choices=["auto", "tty", "plain", "none"], default="auto",
                    help="live progress on a terminal, plain lines otherwise (default auto)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.add_argument("--sim-ttft", type=float, default=None,
                    help="embedded sim: seconds to first token")
     p.add_argument("--sim-prefill", type=float, default=None,
@@ -79,6 +83,7 @@ def _options(args: argparse.Namespace, token: str | None) -> object:
     return RunOptions(state_dir=pathlib.Path(args.state_dir), workers=args.workers,
                       worker_capacity=args.capacity, bus_host=args.bus_host,
                       bus_port=args.bus_port, bus_url=args.bus_url, token=token,
+                      advertise_host=args.advertise_host,
                       model_url=args.model_url, sim=sim, lease_ttl_s=args.lease_ttl,
                       progress=args.progress)
 

@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "others, secrets included, are not passed")
     p.add_argument("--ship-logs", action="store_true",
                    help="send this worker's log lines to the orchestrator's run log")
+    p.add_argument("--quiet", action="store_true",
+                   help="do not also print log lines on stderr (with --ship-logs they still "
+                   "reach the run log; local workers run this way)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from agents.worker import LogShipper, Worker, WorkerConfig
     from bus.errors import BusAuthError, BusError
     from bus.logs import configure_logging
+    from orchestrator.cli import leaves
 
     if args.capacity < 1:
         print("error: --capacity must be at least 1", file=sys.stderr)
@@ -60,10 +64,15 @@ def run(args: argparse.Namespace) -> int:
     shipper = LogShipper() if args.ship_logs else None
     try:
         configure_logging(json=True, level=args.log_level,
-                          tee=shipper.add if shipper else None)
+                          tee=shipper.add if shipper else None,
+                          quiet=bool(args.quiet and shipper is not None))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if token is not None:
+        # the embedded sim takes the bus token as its key; leases name this variable
+        # (tools never see it: the shell tool's environment is an allow-list)
+        os.environ["SWITCHBOARD_TOKEN"] = token
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     cfg = WorkerConfig(url=args.connect, token=token, worker_id=worker_id,
                        capacity=args.capacity,
@@ -71,26 +80,44 @@ def run(args: argparse.Namespace) -> int:
                        pass_env=tuple(args.pass_env))
     worker = Worker(config=cfg, shipper=shipper)
 
+    signalled = False
+
     async def main() -> int:
+        nonlocal signalled
         async with trio.open_nursery() as nursery:
             async def on_signal() -> None:
+                nonlocal signalled
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                     async for _ in sigs:
-                        nursery.cancel_scope.cancel()
-                        return
+                        inner = getattr(worker, "_nursery", None)
+                        if signalled or inner is None:
+                            nursery.cancel_scope.cancel()  # second signal, or not serving yet
+                            return
+                        signalled = True
+                        # first signal: cancel the attempts (each reports "cancelled"), then
+                        # the worker ships its last log lines and says bye before it exits
+                        inner.cancel_scope.cancel()
 
             nursery.start_soon(on_signal)
             code = await worker.run()
             nursery.cancel_scope.cancel()
-            return code
+            return EXIT_CANCELLED if signalled else code
         return EXIT_CANCELLED
 
     try:
         return trio.run(main)
-    except BusAuthError as exc:
-        print(f"error: the bus refused this worker's token: {exc}; set SWITCHBOARD_TOKEN "
-              "or --token-file to the orchestrator's token", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (BusError, OSError) as exc:
-        print(f"error: cannot reach the bus at {args.connect}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    except BaseException as exc:
+        # trio wraps what escapes a nursery in exception groups: classify the leaves
+        found = leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in found):
+            return EXIT_CANCELLED
+        auth = next((e for e in found if isinstance(e, BusAuthError)), None)
+        if auth is not None:
+            print(f"error: the bus refused this worker's token: {auth}; set SWITCHBOARD_TOKEN "
+                  "or --token-file to the orchestrator's token", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        net = next((e for e in found if isinstance(e, (BusError, OSError))), None)
+        if net is not None:
+            print(f"error: cannot reach the bus at {args.connect}: {net}", file=sys.stderr)
+            return EXIT_INTERNAL
+        raise

@@ -410,8 +410,14 @@ class _Parser:
         if url is not None and not re.match(r"^https?://", url):
             self.problem(self.lines.of(sec, "url"), f"{where}: url {url!r} is not an http(s) URL",
                          'write for example url = "http://localhost:11434/v1"')
-        if url is not None and "url" in t and "encoding" not in t and "provider" not in t:
-            vals["encoding"] = "json"  # a foreign endpoint speaks JSON
+        if "url" in t and "provider" not in t:
+            # a bare url is a foreign OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp):
+            # HTTP Responses with JSON and its own model name, unless the table says otherwise
+            # (the sim preset's "sim" over ws/msgpack would be refused there)
+            compat = PROVIDERS["openai-compatible"]
+            for key in ("model", "transport", "encoding"):
+                if key not in t:
+                    vals[key] = compat[key]
         return ModelRef(base_url=vals["url"], model=vals["model"], transport=vals["transport"],
                         encoding=vals["encoding"], api_key_env=vals["api_key_env"])
 

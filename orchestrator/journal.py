@@ -329,6 +329,50 @@ class Journal:
                 (run_id, task_id, _dumps({"attempt": attempt, "status": status,
                                           "error": error}), now))
 
+    def attempt_refused(self, run_id: str, task_id: str, attempt: int, *, reported: str,
+                        why: str, worker_id: str | None,
+                        usage: Mapping[str, Any] | None = None,
+                        stopped_at: str | None = None) -> None:
+        """Record a result that was refused (stale: its attempt had already ended by timeout,
+        cancel or loss). Never stores its result, so resume never takes it for a success; an
+        attempt row still open becomes "stale"; the tokens it spent are kept."""
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute(
+                "INSERT INTO attempts (run_id, task_id, attempt, worker_id, state, ended, error, "
+                "usage_json, stopped_at) VALUES (?, ?, ?, ?, 'stale', ?, ?, ?, ?) "
+                "ON CONFLICT (run_id, task_id, attempt) DO UPDATE SET "
+                "state = CASE WHEN state IN ('queued', 'running') THEN 'stale' ELSE state END, "
+                "ended = COALESCE(ended, excluded.ended), error = COALESCE(error, excluded.error), "
+                "usage_json = COALESCE(excluded.usage_json, usage_json), "
+                "stopped_at = COALESCE(excluded.stopped_at, stopped_at)",
+                (run_id, task_id, attempt, worker_id, now, why,
+                 _dumps(dict(usage) if usage is not None else None), stopped_at))
+            self.conn.execute(
+                "INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                "VALUES (?, ?, 'result.refused', ?, ?)",
+                (run_id, task_id, _dumps({"attempt": attempt, "reported": reported, "why": why,
+                                          "worker_id": worker_id}), now))
+
+    def close_open_attempts(self, run_id: str, state: str, error: str) -> int:
+        """End every attempt still queued or running (after a crash, or at the end of a run):
+        nobody will report it any more. Returns how many were closed."""
+        now = time.time()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            cur = self.conn.execute(
+                "UPDATE attempts SET state = ?, ended = ?, error = COALESCE(error, ?) "
+                "WHERE run_id = ? AND state IN ('queued', 'running')",
+                (state, now, error, run_id))
+            n = cur.rowcount
+            if n:
+                self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                                  "VALUES (?, NULL, 'attempts.closed', ?, ?)",
+                                  (run_id, _dumps({"state": state, "count": n, "error": error}),
+                                   now))
+        return int(n)
+
     def attempts(self, run_id: str, task_id: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM attempts WHERE run_id = ?"
         params: tuple[Any, ...] = (run_id,)
@@ -364,10 +408,13 @@ class Journal:
 
     # ------------------------------------------------------------ tasks
 
-    def sync_tasks(self, run_id: str, views: Mapping[str, Any]) -> int:
+    def sync_tasks(self, run_id: str, views: Mapping[str, Any], *,
+                   clock_offset: float = 0.0) -> int:
         """Write the task snapshots (scheduler.TaskView) that changed since the last call,
         with one `task.state` event per state change, in one transaction. Returns how many
-        rows were written. A snapshot is unchanged iff it is the same object as last time."""
+        rows were written. A snapshot is unchanged iff it is the same object as last time.
+        `clock_offset` turns the snapshots' times (the caller's clock, e.g. trio's) into wall
+        time (time.time() - trio.current_time()), which is what the journal stores."""
         last = self._synced.setdefault(run_id, {})
         log = getattr(views, "log", None)
         cursor = self._cursors.get(run_id)
@@ -388,7 +435,8 @@ class Journal:
             prev = last.get(tid)
             rows.append((run_id, tid, v.kind, v.parent, v.agent, v.state, v.attempt, v.failures,
                          v.prompt, _dumps(v.item), _dumps(v.result), v.error, v.reason,
-                         v.started, v.ended, now))
+                         None if v.started is None else v.started + clock_offset,
+                         None if v.ended is None else v.ended + clock_offset, now))
             if prev is None or prev.state != v.state:
                 events.append((run_id, tid, "task.state",
                                _dumps({"state": v.state, "attempt": v.attempt,

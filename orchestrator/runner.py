@@ -1,4 +1,9 @@
-"""Owns starting and resuming a run from the CLI: graph, journal, log file, supervisor, exit code."""
+"""Owns starting and resuming a run from the CLI: graph, journal, log file, supervisor, exit code.
+
+Order matters: the graph is parsed before anything is created, so a bad graph never leaves a
+state directory, a journal or a run row behind; once the run row exists, every way out of
+here (success, cancel, a crash, a second Ctrl-C) ends it with `finish_run`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import json
 import pathlib
 import sys
+import traceback
 from typing import Any
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 1, 2, 3, 130
@@ -18,14 +24,15 @@ def _err(msg: str) -> None:
 def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     import trio
 
-    from bus.logs import configure_logging
+    from bus.logs import configure_logging, get_logger, level_number
     from bus.tokens import TokenError, load_token
     from orchestrator import scheduler as S
+    from orchestrator.cli import leaves
     from orchestrator.cmd_run import _check_args, _options
     from orchestrator.graph import GraphError, GraphSpec
     from orchestrator.journal import Journal, JournalError
     from orchestrator.runs import run_dir
-    from orchestrator.supervisor import Supervisor, bind_run, new_run_id
+    from orchestrator.supervisor import StartError, Supervisor, bind_run, new_run_id
 
     try:
         token = load_token(args.token_file)
@@ -37,6 +44,23 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     if problem:
         _err(problem)
         return EXIT_BAD_INPUT
+    try:
+        level_number(args.log_level)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_BAD_INPUT
+
+    graph: GraphSpec | None = None
+    if resume_run is None:
+        try:
+            graph = GraphSpec.from_toml(pathlib.Path(args.file))
+        except GraphError as exc:
+            print(exc.render(), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as exc:
+            _err(f"cannot read graph file {args.file!r}: {exc.strerror or exc}")
+            return EXIT_BAD_INPUT
+
     state = pathlib.Path(args.state_dir)
     try:
         state.mkdir(parents=True, exist_ok=True)
@@ -48,15 +72,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         _err(f"cannot use state directory {state}: {exc}")
         return EXIT_BAD_INPUT
 
-    if resume_run is None:
-        try:
-            graph = GraphSpec.from_toml(pathlib.Path(args.file))
-        except GraphError as exc:
-            print(exc.render(), file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except OSError as exc:
-            _err(f"cannot read graph file {args.file!r}: {exc.strerror or exc}")
-            return EXIT_BAD_INPUT
+    if graph is not None:
         run_id = new_run_id()
         journal.create_run(run_id, graph_path=str(args.file), graph_text=graph.source_text)
         sched = S.Scheduler(graph)
@@ -75,8 +91,11 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         except GraphError as exc:
             print(exc.render(), file=sys.stderr)
             return EXIT_BAD_INPUT
+        # whatever was in flight when the orchestrator died will never report
+        closed = journal.close_open_attempts(
+            run_id, "lost", "the orchestrator stopped while this attempt was in flight")
         sched = S.Scheduler.restore(graph, journal.task_records(run_id))
-        journal.event(run_id, None, "resumed", {})
+        journal.event(run_id, None, "resumed", {"closed_attempts": closed})
 
     rdir = run_dir(state, run_id)
     rdir.mkdir(parents=True, exist_ok=True)
@@ -85,26 +104,40 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     def sink(line: bytes) -> None:
         log_f.write(line + b"\n")
 
-    try:
-        configure_logging(json=True, level=args.log_level, tee=sink, quiet=True)
-    except ValueError as exc:
-        _err(str(exc))
-        return EXIT_BAD_INPUT
+    configure_logging(json=True, level=args.log_level, tee=sink, quiet=True)
     bind_run(run_id)
+    log = get_logger("orchestrator.runner")
     opts = _options(args, token)
     sup = Supervisor(graph=graph, journal=journal, run_id=run_id, opts=opts,  # type: ignore[arg-type]
-                     scheduler=sched)
-    sup._sink = sink  # type: ignore[attr-defined]
-    print(f"run {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
+                     scheduler=sched, sink=sink)
+    verb = "resuming" if resume_run is not None else "run"
+    print(f"{verb} {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
           file=sys.stderr)
     try:
         outcome = trio.run(sup.run)
-    except KeyboardInterrupt:
-        journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted twice")
-        return EXIT_CANCELLED
+    except BaseException as exc:  # noqa: BLE001 - every way out must end the run row
+        found = leaves(exc)
+        if any(isinstance(e, KeyboardInterrupt) for e in found):
+            journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted")
+            log.warning("run.interrupted")
+            return EXIT_CANCELLED
+        start = next((e for e in found if isinstance(e, StartError)), None)
+        first = start or (found[0] if found else exc)
+        msg = str(first) if start else f"{type(first).__name__}: {first}"
+        log.error("run.crashed", error=msg, traceback="".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        journal.finish_run(run_id, "failed", summary={}, reason=f"internal error: {msg}")
+        if getattr(args, "debug", False):
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        _err(f"{msg} (run {run_id} marked failed; traceback in its log"
+             + ("" if getattr(args, "debug", False) else ", or rerun with --debug") + ")")
+        return EXIT_INTERNAL
     finally:
         log_f.close()
     print_summary(outcome.summary, outcome.status, graph=graph)
+    if outcome.fatal:
+        _err(outcome.fatal)
+        return EXIT_INTERNAL
     return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(outcome.status,
                                                                     EXIT_TASK_FAILED)
 

@@ -1,21 +1,29 @@
 """Owns one run: the bus hub, the embedded sim model, worker processes, leases and the journal.
 
-Nursery tree: run -> (hub, model server, bus client, workers, dispatcher). The scheduler
-decides what runs; this module turns its actions into leases, journal rows and bus messages,
-and turns bus messages back into scheduler events. Every state change is journaled before it
-is acted on (a lease is written before it is sent; a result before dependents start).
+Nursery tree: run -> (hub, model server, signals, bus client -> (receiver, progress, workers,
+dispatcher)). The scheduler decides what runs; this module turns its actions into leases,
+journal rows and bus messages, and turns bus messages back into scheduler events. Every state
+change is journaled before it is acted on (a lease is written before it is sent; a result
+before dependents start).
+
+Trust: a worker is identified by the endpoint id the hub authenticated (`msg.source`), never
+by ids in a body. A worker that breaks the protocol or reports an attempt it does not hold is
+cut off: its leases are re-queued, its later messages ignored, and a local one is killed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pathlib
 import secrets
 import signal
-import sys
+import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import structlog
@@ -38,6 +46,15 @@ from orchestrator.workers import LocalProcesses, WorkerTable
 log = get_logger("orchestrator.supervisor")
 
 CONTROL_POLL_S = 0.25  # how often `orchestrator cancel/scale` requests are picked up
+FINISH_GRACE_S = 2.0  # after the last task: how long cancelled attempts may take to report
+STOP_GRACE_S = 3.0  # SIGTERM -> SIGKILL for local workers (a second signal: at once)
+CRASH_WINDOW_S = 30.0  # local workers exiting unasked ...
+CRASH_LIMIT = 5  # ... this many times within the window stop being respawned
+TOKEN_ENV = "SWITCHBOARD_TOKEN"  # the env var workers read the bus (and embedded sim) token from
+
+
+class StartError(Exception):
+    """The run could not start (a port in use, an address that cannot be bound)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -48,6 +65,7 @@ class RunOptions:
     bus_host: str = "127.0.0.1"
     bus_port: int = 0
     bus_url: str | None = None  # an external hub; None starts one in this process
+    advertise_host: str | None = None  # the host remote workers reach us at (bus and model)
     token: str | None = None
     model_url: str | None = None  # an external model server; None embeds the sim
     sim: SimConfig = SimConfig()
@@ -62,53 +80,77 @@ class RunOutcome:
     run_id: str
     status: str  # succeeded | failed | cancelled
     summary: dict[str, Any]
+    fatal: str | None = None  # set when the run could not go on (no workers left)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
+
+
+def with_host(url: str, host: str) -> str:
+    """`url` with its host replaced (the port kept)."""
+    parts = urlsplit(url)
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class Supervisor:
     def __init__(self, *, graph: GraphSpec, journal: Journal, run_id: str, opts: RunOptions,
-                 scheduler: S.Scheduler) -> None:
+                 scheduler: S.Scheduler, sink: Callable[[bytes], None] | None = None) -> None:
         self.graph = graph
         self.journal = journal
         self.run_id = run_id
         self.opts = opts
         self.sched = scheduler
+        self.sink = sink  # where shipped log lines of workers go (the run's log.jsonl)
         self.table = WorkerTable(lease_ttl=opts.lease_ttl_s)
-        self.pending: deque[Any] = deque()  # StartAttempt actions waiting for a free worker
+        self.pending: deque[S.StartAttempt] = deque()  # attempts waiting for a free worker
         self.waits: list[tuple[Any, list[str]]] = []  # (request message, children) for `wait`
         self.bus: Any = None
         self.procs: LocalProcesses | None = None
-        self.model_base_url: str | None = None
-        self.bus_url: str = ""
+        self.model_base_url: str | None = None  # as leases carry it (advertised)
+        self.model_token: str | None = None  # the embedded sim's bearer token (the bus token)
+        self.bus_url: str = ""  # as local workers dial it
+        self.advertised_bus_url: str = ""  # as remote workers dial it
         self._wake = trio.Event()
-        self._nursery: trio.Nursery | None = None
+        self._hurry = trio.Event()  # a second signal: stop waiting for workers
+        self._outer: trio.Nursery | None = None
+        self._inner: trio.Nursery | None = None
         self.target_workers = opts.workers
         self.cancel_reason: str | None = None
+        self.fatal: str | None = None
+        self.respawn_stopped: str | None = None
+        self.crashes: deque[float] = deque()
+        self.banned: set[str] = set()  # worker ids cut off
+        self.capacities: dict[str, int] = {}  # every worker that said hello, for a comeback
         self.tokens_out = 0
         self.started_wall = time.time()
+        self.clock_offset = 0.0  # wall time - trio time, set when the run starts
         self.progress: Progress | None = None
-        self.log_file = (opts.state_dir / "runs" / run_id / "log.jsonl")
+        self._lease_agents: dict[str, Any] = {}
 
     # ------------------------------------------------------------ entry
 
     async def run(self) -> RunOutcome:
+        """Run the graph to the end. Raises StartError if the bus or model cannot listen."""
         opts = self.opts
+        self.clock_offset = time.time() - trio.current_time()
         token = opts.token or secrets.token_urlsafe(24)
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if opts.bus_url is None:
-                info = await nursery.start(serve_bus, HubConfig(
-                    host=opts.bus_host, port=opts.bus_port, token=token))
-                self.bus_url = info.url
-            else:
-                self.bus_url = opts.bus_url
-            if opts.model_url is None and self._needs_embedded_model():
-                minfo = await nursery.start(serve_model, ModelServerConfig(
-                    host="127.0.0.1", port=0, token=None, sim=opts.sim))
-                self.model_base_url = minfo.base_url
-            else:
-                self.model_base_url = opts.model_url
-            log.info("run.start", bus=self.bus_url, model=self.model_base_url,
-                     workers=opts.workers, tasks=len(self.graph.tasks))
+            self._outer = nursery
+            nursery.start_soon(self._signals)
+            await self._start_servers(nursery, token)
             async with open_bus_client(self.bus_url, token=token,
                                        endpoint_id=P.ORCHESTRATOR_ID) as bus:
                 self.bus = bus
@@ -119,28 +161,75 @@ class Supervisor:
                 self.progress = Progress.make(opts.progress, total=self.sched.total())
                 try:
                     async with trio.open_nursery() as inner:
+                        self._inner = inner
                         inner.start_soon(self._receive_loop)
-                        inner.start_soon(self._signals)
                         if self.progress is not None:
                             inner.start_soon(self._progress_loop)
                         for _ in range(opts.workers):
                             await self.procs.spawn(inner, self._on_process_exit)
                         await self._dispatch_loop()
+                        self._sync_journal()
                         await self._finish_workers()
+                        # stop workers while still receiving: their last log lines and byes
+                        await self.procs.stop_all(grace=STOP_GRACE_S, hurry=self._hurry)
                         inner.cancel_scope.cancel()
                 finally:
-                    if self.procs is not None:
-                        await self.procs.stop_all()
+                    await self.procs.stop_all(grace=STOP_GRACE_S, hurry=self._hurry)
             nursery.cancel_scope.cancel()
+        self._sync_journal()
         outcome = self.sched.outcome()
-        status = "cancelled" if self.cancel_reason else outcome
+        status = "failed" if self.fatal else "cancelled" if self.cancel_reason else outcome
+        reason = self.fatal or self.cancel_reason
+        self.journal.close_open_attempts(
+            self.run_id, "cancelled" if status == "cancelled" else "lost",
+            "the run ended before the attempt reported")
         summary = self.summary()
-        self.journal.finish_run(self.run_id, status, summary=summary,
-                                reason=self.cancel_reason)
+        self.journal.finish_run(self.run_id, status, summary=summary, reason=reason)
         if self.progress is not None:
             self.progress.close(self._progress_state())
-        log.info("run.end", status=status, **{k: v for k, v in summary.items() if k != "tasks"})
-        return RunOutcome(run_id=self.run_id, status=status, summary=summary)
+        log.info("run.end", status=status, reason=reason,
+                 **{k: v for k, v in summary.items() if k != "tasks"})
+        return RunOutcome(run_id=self.run_id, status=status, summary=summary, fatal=self.fatal)
+
+    async def _start_servers(self, nursery: trio.Nursery, token: str) -> None:
+        opts = self.opts
+        bind = opts.bus_host
+        if opts.bus_url is None:
+            info = await _start(nursery, serve_bus, HubConfig(host=bind, port=opts.bus_port,
+                                                              token=token),
+                                what=f"the bus on {bind}:{opts.bus_port}")
+            self.bus_url = with_host(info.url, "127.0.0.1") if is_wildcard(bind) else info.url
+        else:
+            self.bus_url = opts.bus_url
+        adv = opts.advertise_host
+        if adv is None and not is_loopback(bind):
+            adv = socket.gethostname() if is_wildcard(bind) else bind
+        self.advertised_bus_url = with_host(self.bus_url, adv) if adv else self.bus_url
+        if opts.model_url is None and self._needs_embedded_model():
+            # reachable where remote workers can reach the bus; loopback otherwise. It takes
+            # the bus token as its bearer token and answers to any model name.
+            mhost = "127.0.0.1"
+            if not is_loopback(bind):
+                mhost = bind
+            elif adv is not None and not is_loopback(adv):
+                mhost = "0.0.0.0"
+            sim = attrs.evolve(opts.sim, accept_any_model=True)
+            minfo = await _start(nursery, serve_model,
+                                 ModelServerConfig(host=mhost, port=0, token=token, sim=sim),
+                                 what=f"the embedded sim model on {mhost}")
+            base = minfo.base_url
+            if is_wildcard(mhost):
+                base = with_host(base, "127.0.0.1")
+            self.model_base_url = with_host(base, adv) if adv else base
+            self.model_token = token
+        else:
+            self.model_base_url = opts.model_url
+        self.journal.event(self.run_id, None, "run.endpoints",
+                           {"bus": self.advertised_bus_url, "local_bus": self.bus_url,
+                            "model": self.model_base_url, "pid": os.getpid()})
+        log.info("run.start", bus=self.advertised_bus_url, model=self.model_base_url,
+                 workers=opts.workers, tasks=len(self.graph.tasks),
+                 remote_workers=f"orchestrator worker --connect {self.advertised_bus_url}")
 
     def _needs_embedded_model(self) -> bool:
         return any(a.model.base_url is None for a in self.graph.agent_specs().values())
@@ -152,33 +241,34 @@ class Supervisor:
 
     async def _dispatch_loop(self) -> None:
         next_poll = trio.current_time()
-        while not self.sched.done:
+        while True:
             now = trio.current_time()
             for lease in self.table.expired(now):
                 log.warning("lease.expired", task_id=lease.task_id, attempt=lease.attempt,
                             worker_id=lease.worker_id)
                 self._lost(lease.task_id, lease.attempt, f"lease expired on {lease.worker_id}")
+            for wid in self.table.dead_workers(now):
+                self._forget_worker(wid, f"no heartbeat for {self.opts.lease_ttl_s:g}s")
             self.sched.check_timeouts(now)
             if now >= next_poll:
                 self._poll_control()
                 next_poll = now + CONTROL_POLL_S
+            self._check_workers_left()
             for act in self.sched.next_actions(now):
                 if isinstance(act, S.StartAttempt):
                     self.journal.attempt_queued(self.run_id, act.task_id, act.attempt)
                     self.pending.append(act)
                 elif isinstance(act, S.CancelAttempt):
-                    await self._send_cancel(act.task_id, act.attempt, act.reason)
+                    await self._cancel_attempt(act)
             await self._assign(now)
             self._answer_waits()
             self._sync_journal()
             if self.sched.done:
-                break
+                break  # after carrying out the last actions: a cancel_all's CancelAttempts
             deadline = next_poll
-            wake_at = self.sched.next_wakeup()
-            if wake_at is not None:
-                deadline = min(deadline, wake_at)
-            if self.table.leases:
-                deadline = min(deadline, min(lease.expires for lease in self.table.leases.values()))
+            for t in (self.sched.next_wakeup(), self.table.next_deadline()):
+                if t is not None:
+                    deadline = min(deadline, t)
             with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
@@ -193,10 +283,10 @@ class Supervisor:
             if worker is None:
                 return
             self.pending.popleft()
-            spec = self.graph.agent_specs()[act.agent]
             lease = P.Lease(run_id=self.run_id, task_id=act.task_id, attempt=act.attempt,
-                            agent=spec, prompt=act.prompt, timeout_s=act.timeout_s,
-                            model_base_url=spec.model.base_url or self.model_base_url,
+                            agent=self._lease_agent(act.agent), prompt=act.prompt,
+                            timeout_s=act.timeout_s,
+                            model_base_url=self._lease_model_url(act.agent),
                             parent_task=act.parent)
             # journal first: a crash after this line re-runs the attempt, never loses it
             self.journal.attempt_started(self.run_id, act.task_id, act.attempt,
@@ -208,74 +298,162 @@ class Supervisor:
             except BusError as exc:
                 log.warning("lease.send_failed", worker_id=worker.worker_id, error=str(exc))
 
-    async def _send_cancel(self, task_id: str, attempt: int, reason: str) -> None:
-        holder = self.table.holder(task_id, attempt)
-        if holder is None:
-            return
+    def _lease_agent(self, name: str) -> P.AgentSpec:
+        """The agent spec a lease carries: on the embedded sim, the worker sends the bus token
+        (from its SWITCHBOARD_TOKEN) as the model key."""
+        spec = self._lease_agents.get(name)
+        if spec is None:
+            spec = self.graph.agent_specs()[name]
+            if spec.model.base_url is None and self.model_token is not None:
+                spec = attrs.evolve(spec, model=attrs.evolve(spec.model, api_key_env=TOKEN_ENV))
+            self._lease_agents[name] = spec
+        return spec
+
+    def _lease_model_url(self, name: str) -> str | None:
+        return self.graph.agent_specs()[name].model.base_url or self.model_base_url
+
+    async def _cancel_attempt(self, act: S.CancelAttempt) -> None:
+        """The scheduler ended a live attempt (timeout, cancel, stop policy): journal how, then
+        tell its worker. The lease stays until the worker reports, so its capacity is held."""
+        state = "timed_out" if act.reason.startswith("timed out") else "cancelled"
+        self.journal.attempt_ended(self.run_id, act.task_id, act.attempt, state,
+                                   error=act.reason)
+        holder = self.table.holder(act.task_id, act.attempt)
+        log.info("attempt.cancel", task_id=act.task_id, attempt=act.attempt, worker_id=holder,
+                 reason=act.reason)
+        if holder is not None:
+            await self._send(holder, P.cancel(act.task_id, act.attempt, act.reason))
+
+    async def _send(self, worker_id: str, body: Any) -> None:
         try:
-            await self.bus.send(P.worker_endpoint(holder), P.cancel(task_id, attempt, reason))
+            await self.bus.send(P.worker_endpoint(worker_id), body)
         except BusError as exc:
-            log.warning("cancel.send_failed", worker_id=holder, error=str(exc))
+            log.warning("send.failed", worker_id=worker_id, t=body.get("t"), error=str(exc))
 
     def _lost(self, task_id: str, attempt: int, why: str) -> None:
+        """An attempt's worker is gone: run it again (if it is still the live attempt)."""
+        if not self.sched.is_current(task_id, attempt):
+            return  # already ended (cancelled, timed out): journaled then
         self.journal.attempt_ended(self.run_id, task_id, attempt, "lost", error=why)
         self.sched.on_lost(task_id, attempt, trio.current_time())
+        log.warning("attempt.lost", task_id=task_id, attempt=attempt, reason=why)
         self.wake()
 
+    def _forget_worker(self, worker_id: str, why: str) -> None:
+        lost = self.table.remove_worker(worker_id)
+        (log.warning if lost else log.info)("worker.gone", worker_id=worker_id, reason=why,
+                                            lost=len(lost))
+        for lease in lost:
+            self._lost(lease.task_id, lease.attempt, f"worker {worker_id}: {why}")
+
     def _sync_journal(self) -> None:
-        self.journal.sync_tasks(self.run_id, self.sched.task_states())
+        self.journal.sync_tasks(self.run_id, self.sched.task_states(),
+                                clock_offset=self.clock_offset)
+
+    def _check_workers_left(self) -> None:
+        """Fail the run when local workers keep crashing and no worker is left to run it."""
+        if self.respawn_stopped is None or self.fatal is not None or self.sched.done:
+            return
+        if self.table.workers or (self.procs is not None and self.procs.procs):
+            return
+        self.fatal = f"no workers left: {self.respawn_stopped}"
+        log.error("run.no_workers", reason=self.fatal)
+        self.sched.cancel_all(self.fatal, trio.current_time())
+        self.journal.event(self.run_id, None, "run.fatal", {"reason": self.fatal})
 
     # ------------------------------------------------------------ bus input
 
     async def _receive_loop(self) -> None:
         async for msg in self.bus:
+            src = msg.source
+            wid = src[len("worker."):] if src.startswith("worker.") else None
+            if wid is not None and wid in self.banned:
+                continue
             try:
                 body = P.parse_message(msg.payload())
-            except Exception as exc:
-                await self._cut_off(msg.source, f"protocol error: {exc}")
-                continue
-            worker_id = msg.source[len("worker."):] if msg.source.startswith("worker.") else None
-            if isinstance(body, P.Result):
-                self._on_result(msg.source, body)
-            elif isinstance(body, dict):
-                t = body["t"]
-                if t == "hello" and worker_id:
-                    self.table.hello(body["worker_id"], body["capacity"], body.get("pid"),
-                                     str(body.get("host", "")), trio.current_time())
-                    log.info("worker.joined", worker_id=body["worker_id"],
-                             capacity=body["capacity"], host=body.get("host"))
-                elif t == "heartbeat" and worker_id:
-                    self.table.heartbeat(body["worker_id"],
-                                         [(h[0], h[1]) for h in body["held"]],
-                                         trio.current_time())
-                elif t == "refused":
-                    self.table.release(body["task_id"], body["attempt"])
-                    self._lost(body["task_id"], body["attempt"], f"refused: {body.get('reason')}")
-                elif t == "bye" and worker_id:
-                    for lease in self.table.remove_worker(worker_id):
-                        self._lost(lease.task_id, lease.attempt, "worker left")
-                    log.info("worker.left", worker_id=worker_id, reason=body.get("reason"))
-                elif t == "logs":
-                    self._append_logs(body.get("lines") or [])
-                elif t == "spawn" and msg.kind == "request":
-                    await self._on_spawn(msg, body)
-                elif t == "wait" and msg.kind == "request":
-                    self.waits.append((msg, [str(c) for c in body.get("children") or []]))
+                await self._on_message(msg, wid, body)
+            except Exception as exc:  # the peer's fault: cut it off, the run goes on
+                await self._cut_off(src, f"protocol error: {type(exc).__name__}: {exc}")
             self.wake()
 
-    def _on_result(self, source: str, res: P.Result) -> None:
-        holder = self.table.holder(res.task_id, res.attempt)
-        if holder is None or P.worker_endpoint(holder) != source or res.run_id != self.run_id:
-            log.warning("result.refused", task_id=res.task_id, attempt=res.attempt,
-                        source=source, holder=holder,
-                        reason="attempt not leased to this worker (late, dead or foreign)")
+    async def _on_message(self, msg: Any, wid: str | None, body: Any) -> None:
+        if isinstance(body, P.Result):
+            await self._on_result(msg.source, wid, body)
             return
-        self.table.release(res.task_id, res.attempt)
+        if isinstance(body, P.Lease):
+            raise P.WorkerProtocolError("a worker does not send leases")
+        t = body["t"]
         now = trio.current_time()
-        toks = sum(t.output_tokens for t in res.turns)
-        self.tokens_out += toks
-        record = {"text": res.text, "outputs": res.outputs}
+        if wid is None:
+            log.warning("message.ignored", source=msg.source, t=t,
+                        reason="only worker.* endpoints speak the worker protocol")
+            return
+        if t == "hello":
+            self.capacities[wid] = int(body["capacity"])
+            self.table.hello(wid, int(body["capacity"]), body.get("pid"),
+                             str(body.get("host", "")), now)
+            log.info("worker.joined", worker_id=wid, capacity=body["capacity"],
+                     host=body.get("host"), pid=body.get("pid"))
+            if self.procs is not None and wid in self.procs.draining:
+                await self._send(wid, P.drain())
+        elif t == "heartbeat":
+            held = [(h[0], h[1]) for h in body["held"]]
+            if wid not in self.table.workers and wid in self.capacities:
+                # heard from again after it was given up on (a partition): it may work again
+                self.table.hello(wid, self.capacities[wid], None, "", now)
+                log.info("worker.returned", worker_id=wid)
+            for task_id, attempt in self.table.heartbeat(wid, held, now):
+                await self._send(wid, P.cancel(task_id, attempt,
+                                               "this attempt is no longer leased to you"))
+        elif t == "refused":
+            key = (str(body["task_id"]), int(body["attempt"]))
+            if self.table.holder(*key) == wid:
+                self.table.release(*key)
+                self._lost(key[0], key[1], f"refused by {wid}: {body.get('reason')}")
+        elif t == "bye":
+            self._forget_worker(wid, f"said bye ({body.get('reason')})")
+        elif t == "logs":
+            self._append_logs(body.get("lines") or [])
+        elif t == "spawn" and msg.kind == "request":
+            await self._on_spawn(msg, wid, body)
+        elif t == "wait" and msg.kind == "request":
+            await self._on_wait(msg, body)
+        else:
+            raise P.WorkerProtocolError(f"unexpected {t!r} ({msg.kind}) from a worker")
+
+    async def _on_result(self, source: str, wid: str | None, res: P.Result) -> None:
+        key = (res.task_id, res.attempt)
+        holder = self.table.holder(*key)
         usage = _usage(res)
+        if wid is None or res.run_id != self.run_id:
+            log.warning("result.refused", task_id=res.task_id, attempt=res.attempt,
+                        source=source, reason="not from a worker of this run")
+            return
+        if holder != wid:
+            if holder is None and self.table.retired.get(key) == wid:
+                why = "late result from an attempt that had been given up on"
+                self.journal.attempt_refused(self.run_id, res.task_id, res.attempt,
+                                             reported=res.status, why=why, worker_id=wid,
+                                             usage=usage, stopped_at=res.stopped_at)
+                log.warning("result.refused", task_id=res.task_id, attempt=res.attempt,
+                            worker_id=wid, status=res.status, reason=why)
+                return
+            await self._cut_off(source, f"result for {res.task_id}#{res.attempt}, which it "
+                                        "does not hold")
+            return
+        self.table.release(*key)
+        self.tokens_out += usage["output_tokens"]
+        if not self.sched.is_current(*key):
+            # the attempt ended while the worker ran it (timeout, cancel): journaled then
+            why = "attempt had already ended (timed out or cancelled)"
+            self.journal.attempt_refused(self.run_id, res.task_id, res.attempt,
+                                         reported=res.status, why=why, worker_id=wid,
+                                         usage=usage, stopped_at=res.stopped_at)
+            log.info("result.stale", task_id=res.task_id, attempt=res.attempt, worker_id=wid,
+                     status=res.status, reason=why)
+            return
+        now = trio.current_time()
+        record = {"text": res.text, "outputs": res.outputs}
         # journal before the scheduler acts: dependents start only after this is durable
         self.journal.attempt_ended(self.run_id, res.task_id, res.attempt, res.status,
                                    error=res.error, result=record, usage=usage,
@@ -287,29 +465,48 @@ class Supervisor:
         else:
             self.sched.on_failed(res.task_id, res.attempt, res.error or "failed", now)
         log.info("task.result", task_id=res.task_id, attempt=res.attempt, status=res.status,
-                 worker_id=holder, error=res.error, output_tokens=toks)
+                 worker_id=wid, error=res.error, output_tokens=usage["output_tokens"])
 
-    async def _on_spawn(self, msg: Any, body: dict[str, Any]) -> None:
+    async def _on_spawn(self, msg: Any, wid: str, body: dict[str, Any]) -> None:
         parent = str(body.get("parent"))
+        attempt = body.get("attempt")
+        if not (isinstance(attempt, int) and self.sched.is_current(parent, attempt)
+                and self.table.holder(parent, attempt) == wid):
+            await self._reply_safe(msg, {"error": f"spawn: {parent}#{attempt} is not a live "
+                                                  "attempt held by the requester"})
+            return
         agent = body.get("agent")
         try:
             child = self.sched.spawn_child(parent, prompt=str(body.get("prompt", "")),
                                            agent=str(agent) if agent else None,
                                            now=trio.current_time())
         except S.SchedulerError as exc:
-            await self.bus.reply(msg, {"error": str(exc)})
+            await self._reply_safe(msg, {"error": str(exc)})
             return
-        self.journal.event(self.run_id, child, "spawned", {"parent": parent})
-        await self.bus.reply(msg, {"child": child})
+        self.journal.event(self.run_id, child, "spawned", {"parent": parent,
+                                                           "attempt": attempt})
+        await self._reply_safe(msg, {"child": child})
+
+    async def _on_wait(self, msg: Any, body: dict[str, Any]) -> None:
+        children = [str(c) for c in body.get("children") or []]
+        unknown = [c for c in children if self.sched.task_result(c) is None]
+        if unknown:
+            await self._reply_safe(msg, {"error": f"wait: no task {', '.join(unknown)} in "
+                                                  "this run"})
+            return
+        self.waits.append((msg, children))
 
     def _answer_waits(self) -> None:
-        if not self.waits or self._nursery is None:
+        if not self.waits or self._inner is None:
             return
         still = []
         for msg, children in self.waits:
+            asker = self.sched.task_result(str(msg.payload().get("parent")))
+            if asker is None or asker["state"] in S.TERMINAL:
+                continue  # the waiting task ended (cancelled): an answer would only wake it
             states = {c: self.sched.task_result(c) for c in children}
             if all(s is not None and s["state"] in S.TERMINAL for s in states.values()):
-                self._nursery.start_soon(self._reply_safe, msg, {"results": states})
+                self._inner.start_soon(self._reply_safe, msg, {"results": states})
             else:
                 still.append((msg, children))
         self.waits = still
@@ -322,60 +519,94 @@ class Supervisor:
 
     async def _cut_off(self, source: str, why: str) -> None:
         log.warning("worker.cut_off", source=source, reason=why)
-        if source.startswith("worker."):
-            wid = source[len("worker."):]
-            for lease in self.table.remove_worker(wid):
-                self._lost(lease.task_id, lease.attempt, f"worker cut off: {why}")
-            proc = self.procs.procs.get(wid) if self.procs else None
-            if proc is not None and proc.returncode is None:
-                proc.kill()
+        self.journal.event(self.run_id, None, "worker.cut_off", {"source": source, "why": why})
+        if not source.startswith("worker."):
+            return
+        wid = source[len("worker."):]
+        self.banned.add(wid)
+        self._forget_worker(wid, f"cut off: {why}")
+        if self.procs is not None and wid in self.procs.procs:
+            self.procs.kill(wid)
+        else:
+            await self._send(wid, P.drain())  # an honest but buggy remote worker stops
 
-    async def _on_process_exit(self, worker_id: str, code: int) -> None:
+    async def _on_process_exit(self, worker_id: str, code: int, stderr_tail: list[str]) -> None:
+        asked = self.procs is not None and (worker_id in self.procs.draining)
         lost = self.table.remove_worker(worker_id)
-        if code != 0 or lost:
-            log.warning("worker.exited", worker_id=worker_id, code=code, lost=len(lost))
         for lease in lost:
             self._lost(lease.task_id, lease.attempt, f"worker {worker_id} exited with {code}")
-        if (not self.sched.done and self.cancel_reason is None and self.procs is not None
-                and self._nursery is not None and len(self.procs.procs) < self.target_workers):
+        if (code != 0 and not asked) or lost or (stderr_tail and code != 0):
+            log.warning("worker.exited", worker_id=worker_id, code=code, lost=len(lost),
+                        stderr_tail=stderr_tail)
+        else:
+            log.info("worker.exited", worker_id=worker_id, code=code)
+        if self.sched.done or self.cancel_reason is not None or self.procs is None \
+                or self._inner is None:
+            return
+        if not asked:
+            now = trio.current_time()
+            self.crashes.append(now)
+            while self.crashes and self.crashes[0] < now - CRASH_WINDOW_S:
+                self.crashes.popleft()
+            if len(self.crashes) >= CRASH_LIMIT and self.respawn_stopped is None:
+                last = stderr_tail[-1] if stderr_tail else f"exit code {code}"
+                self.respawn_stopped = (f"{len(self.crashes)} local workers exited within "
+                                        f"{CRASH_WINDOW_S:g}s; last: {last}")
+                log.error("worker.respawn_stopped", reason=self.respawn_stopped)
+                self.journal.event(self.run_id, None, "worker.respawn_stopped",
+                                   {"reason": self.respawn_stopped})
+        if self.respawn_stopped is None and len(self.procs.live()) < self.target_workers:
             # a crashed local worker is replaced so the run keeps its capacity
-            await self.procs.spawn(self._nursery, self._on_process_exit)
+            await self.procs.spawn(self._inner, self._on_process_exit)
+        self.wake()
 
     # ------------------------------------------------------------ control
 
     def _poll_control(self) -> None:
         for req in self.journal.take_requests(self.run_id):
-            if req["kind"] == "cancel":
-                if req.get("task_id"):
-                    log.info("cancel.task", task_id=req["task_id"])
-                    self.sched.cancel(req["task_id"], "cancelled by request",
-                                      trio.current_time())
-                else:
-                    self.cancel_run("cancelled by `orchestrator cancel`")
-            elif req["kind"] == "scale":
-                self._scale(int(req["arg"]))
+            try:
+                if req["kind"] == "cancel":
+                    if req.get("task_id"):
+                        done = self.sched.cancel(req["task_id"], "cancelled by request",
+                                                 trio.current_time())
+                        log.info("cancel.task", task_id=req["task_id"], cancelled=done)
+                    else:
+                        self.cancel_run("cancelled by `orchestrator cancel`")
+                elif req["kind"] == "scale":
+                    self._scale(int(req["arg"]))
+            except (S.SchedulerError, ValueError, TypeError) as exc:
+                # checked by the CLI already; a stale or hand-written request is not fatal
+                log.warning("request.ignored", kind=req["kind"], task_id=req.get("task_id"),
+                            arg=req.get("arg"), error=str(exc))
         self.wake()
 
     def _scale(self, n: int) -> None:
-        if self.procs is None or self._nursery is None:
+        """Make the number of LOCAL worker processes n: spawn more, or drain the least loaded.
+        Remote workers are not counted: they are scaled where they run (a Deployment)."""
+        if n < 0:
+            raise ValueError(f"scale: {n} < 0")
+        if self.procs is None or self._inner is None:
             return
         self.target_workers = n
-        have = [w for w, rec in self.table.workers.items() if not rec.draining]
+        have = self.procs.live()
         log.info("scale", target=n, have=len(have))
         if n > len(have):
             for _ in range(n - len(have)):
-                self._nursery.start_soon(self.procs.spawn, self._nursery, self._on_process_exit)
-        else:
-            # drain the least loaded first: they finish what they hold, then exit
-            for wid in sorted(have, key=lambda w: len(self.table.workers[w].held))[:len(have) - n]:
-                self.table.workers[wid].draining = True
-                self._nursery.start_soon(self._reply_drain, wid)
+                self._inner.start_soon(self.procs.spawn, self._inner, self._on_process_exit)
+            return
 
-    async def _reply_drain(self, wid: str) -> None:
-        try:
-            await self.bus.send(P.worker_endpoint(wid), P.drain())
-        except BusError as exc:
-            log.warning("drain.send_failed", worker_id=wid, error=str(exc))
+        def load(w: str) -> tuple[int, int]:
+            rec = self.table.workers.get(w)
+            return (0, 0) if rec is None else (1, len(rec.held))
+
+        for wid in sorted(have, key=load)[:len(have) - n]:
+            self.procs.draining.add(wid)
+            rec = self.table.workers.get(wid)
+            if rec is None:
+                self.procs.terminate(wid)  # not connected yet: holds nothing
+            else:
+                rec.draining = True  # finishes what it holds, then exits
+                self._inner.start_soon(self._send, wid, P.drain())
 
     def cancel_run(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -389,33 +620,39 @@ class Supervisor:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
             async for sig in sigs:
                 name = signal.Signals(sig).name
-                if self.cancel_reason is not None:
-                    raise KeyboardInterrupt  # second signal: stop waiting for workers
-                self.cancel_run(f"received {name}")
+                if self.cancel_reason is None:
+                    self.cancel_run(f"received {name}")
+                else:
+                    # a second signal: stop waiting for attempts to report; workers get
+                    # SIGKILL now instead of after the grace period
+                    log.warning("run.hurry", signal=name)
+                    self._hurry.set()
+                    if self._inner is not None:
+                        self._inner.cancel_scope.cancel()
 
     async def _finish_workers(self) -> None:
-        """After the run: give cancelled attempts a moment to report, then drain the workers."""
-        with trio.move_on_after(2.0):
-            while self.table.leases:
+        """After the run: give cancelled attempts a moment to report, then stop the workers."""
+        with trio.move_on_after(FINISH_GRACE_S):
+            while self.table.leases and not self._hurry.is_set():
                 self._wake = trio.Event()
                 await self._wake.wait()
 
     # ------------------------------------------------------------ logs and progress
 
     def _append_logs(self, lines: list[Any]) -> None:
-        sink = getattr(self, "_sink", None)
-        if sink is not None:
-            for line in lines:
-                if isinstance(line, bytes):
-                    sink(line)
+        if self.sink is None:
+            return
+        for line in lines:
+            if isinstance(line, bytes):
+                self.sink(line.replace(b"\n", b" "))
 
     def _progress_state(self) -> dict[str, Any]:
         counts = self.sched.counts()
         elapsed = max(time.time() - self.started_wall, 1e-9)
         return {"done": counts.get("succeeded", 0), "total": self.sched.total(),
-                "running": counts.get("running", 0), "failed": counts.get("failed", 0),
-                "workers": self.table.active, "tokens_per_s": self.tokens_out / elapsed,
-                "elapsed": elapsed}
+                "running": counts.get("running", 0) + counts.get("queued", 0),
+                "failed": counts.get("failed", 0), "workers": self.table.active,
+                "tokens_per_s": self.tokens_out / elapsed, "elapsed": elapsed}
 
     async def _progress_loop(self) -> None:
         assert self.progress is not None
@@ -428,6 +665,23 @@ class Supervisor:
         counts = self.sched.counts()
         return {"run_id": self.run_id, "counts": counts, "usage": usage,
                 "seconds": round(time.time() - self.started_wall, 3)}
+
+
+async def _start(nursery: trio.Nursery, fn: Any, config: Any, *, what: str) -> Any:
+    """nursery.start(fn, config), with a failure to listen raised as one StartError."""
+    try:
+        return await nursery.start(fn, config)
+    except OSError as exc:
+        raise StartError(f"cannot start {what}: {exc.strerror or exc}") from exc
+    except BaseExceptionGroup as eg:
+        match, rest = eg.split(OSError)
+        if rest is not None or match is None:
+            raise
+        first: BaseException = match
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise StartError(f"cannot start {what}: "
+                         f"{getattr(first, 'strerror', None) or first}") from eg
 
 
 def _usage(res: P.Result) -> dict[str, Any]:
@@ -456,5 +710,5 @@ def bind_run(run_id: str) -> None:
     structlog.contextvars.bind_contextvars(run_id=run_id)
 
 
-__all__ = ["RunOptions", "RunOutcome", "Supervisor", "new_run_id", "default_state_dir",
-           "bind_run", "sys"]
+__all__ = ["RunOptions", "RunOutcome", "StartError", "Supervisor", "new_run_id",
+           "default_state_dir", "bind_run"]

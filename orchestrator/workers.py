@@ -2,7 +2,8 @@
 
 Pure bookkeeping (`WorkerTable`) plus a thin trio shell that spawns and stops local worker
 processes (`LocalProcesses`). A lease is valid until `expires`; heartbeats push it forward.
-A worker that stops heartbeating (killed, partitioned) loses its leases when they expire.
+A worker that stops heartbeating (killed, partitioned) loses its leases when they expire, and
+is forgotten when it has not been heard from for a lease TTL (so `pick` never chooses it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -19,6 +21,10 @@ import trio
 from bus.logs import get_logger
 
 log = get_logger("orchestrator.workers")
+
+RETIRED_MAX = 100_000  # leases remembered after they ended, to tell a late result from a forged one
+STDERR_TAIL_LINES = 20  # lines of a local worker's stderr kept for the run log when it exits
+STDERR_LINE_MAX = 500  # characters kept per stderr line
 
 
 @attrs.define
@@ -46,11 +52,17 @@ class WorkerRec:
 
 @attrs.define
 class WorkerTable:
-    """Which workers are connected and which attempt each holds. No I/O."""
+    """Which workers are connected and which attempt each holds. No I/O.
+
+    Invariant: every lease's worker is in `workers` and lists the lease in `held`; `retired`
+    maps an attempt whose lease ended without a result (expired, worker gone) to the worker
+    that held it, so that worker's late result is recognised as stale rather than forged.
+    """
 
     lease_ttl: float
     workers: dict[str, WorkerRec] = attrs.field(factory=dict)
     leases: dict[tuple[str, int], LeaseRec] = attrs.field(factory=dict)
+    retired: OrderedDict[tuple[str, int], str] = attrs.field(factory=OrderedDict)
 
     def hello(self, worker_id: str, capacity: int, pid: int | None, host: str, now: float) -> bool:
         """Register a worker; True iff it is new (a reconnecting worker keeps its leases)."""
@@ -62,15 +74,21 @@ class WorkerTable:
         rec.capacity, rec.pid, rec.host, rec.last_seen = max(1, capacity), pid, host, now
         return False
 
-    def heartbeat(self, worker_id: str, held: list[tuple[str, int]], now: float) -> None:
+    def heartbeat(self, worker_id: str, held: list[tuple[str, int]], now: float) -> list[tuple[str, int]]:
+        """Renew the leases `worker_id` still holds; return the attempts it runs that are not
+        leased to it (stale: the orchestrator gave up on them) so the caller cancels them."""
         rec = self.workers.get(worker_id)
         if rec is None:
-            return
+            return []
         rec.last_seen = now
+        stale = []
         for key in held:
             lease = self.leases.get(key)
             if lease is not None and lease.worker_id == worker_id:
                 lease.expires = now + self.lease_ttl
+            else:
+                stale.append(key)
+        return stale
 
     def pick(self) -> WorkerRec | None:
         """The connected, non-draining worker with the most free slots (ties: oldest)."""
@@ -90,15 +108,22 @@ class WorkerTable:
         return lease.worker_id if lease else None
 
     def release(self, task_id: str, attempt: int) -> None:
+        """The attempt reported: forget its lease."""
         lease = self.leases.pop((task_id, attempt), None)
         if lease is not None and lease.worker_id in self.workers:
             self.workers[lease.worker_id].held.discard((task_id, attempt))
+
+    def _retire(self, lease: LeaseRec) -> None:
+        self.retired[(lease.task_id, lease.attempt)] = lease.worker_id
+        while len(self.retired) > RETIRED_MAX:
+            self.retired.popitem(last=False)
 
     def expired(self, now: float) -> list[LeaseRec]:
         """Leases past their deadline, removed from the table (their attempts are lost)."""
         gone = [lease for lease in self.leases.values() if lease.expires <= now]
         for lease in gone:
             self.release(lease.task_id, lease.attempt)
+            self._retire(lease)
         return gone
 
     def remove_worker(self, worker_id: str) -> list[LeaseRec]:
@@ -106,22 +131,37 @@ class WorkerTable:
         rec = self.workers.pop(worker_id, None)
         if rec is None:
             return []
-        lost = [lease for lease in self.leases.values() if lease.worker_id == worker_id]
+        lost = [self.leases.pop(key) for key in list(rec.held) if key in self.leases]
         for lease in lost:
-            self.leases.pop((lease.task_id, lease.attempt), None)
+            self._retire(lease)
         return lost
 
     def dead_workers(self, now: float) -> list[str]:
+        """Workers not heard from (hello or heartbeat) for longer than a lease TTL."""
         return [w for w, rec in self.workers.items() if now - rec.last_seen > self.lease_ttl]
+
+    def next_deadline(self) -> float | None:
+        """The earliest time a lease expires or a silent worker counts as dead."""
+        times = [lease.expires for lease in self.leases.values()]
+        times += [rec.last_seen + self.lease_ttl for rec in self.workers.values()]
+        return min(times) if times else None
 
     @property
     def active(self) -> int:
         return sum(1 for r in self.workers.values() if not r.draining)
 
 
+ExitCallback = Callable[[str, int, list[str]], Awaitable[None]]
+
+
 @attrs.define
 class LocalProcesses:
-    """Worker processes this orchestrator started; all of them die with it."""
+    """Worker processes this orchestrator started; all of them die with it.
+
+    Each worker's stdout is discarded (it prints nothing; its log lines travel over the bus
+    with --ship-logs) and the tail of its stderr (tracebacks, "cannot reach the bus") is kept
+    and handed to `on_exit`, so a crash is explained in the run log.
+    """
 
     url: str
     token: str
@@ -129,47 +169,94 @@ class LocalProcesses:
     capacity: int
     extra_args: tuple[str, ...] = ()
     procs: dict[str, trio.Process] = attrs.field(factory=dict)
+    draining: set[str] = attrs.field(factory=set)  # ids asked to drain (or to stop)
     counter: int = 0
 
     def next_id(self) -> str:
         self.counter += 1
         return f"w{self.counter}-{os.getpid()}"
 
-    async def spawn(self, nursery: trio.Nursery, on_exit: Any) -> str:
+    def live(self) -> list[str]:
+        """Ids of running workers not asked to drain (what `scale` counts)."""
+        return [w for w, p in self.procs.items() if p.returncode is None and w not in self.draining]
+
+    async def spawn(self, nursery: trio.Nursery, on_exit: ExitCallback) -> str:
         worker_id = self.next_id()
         env = dict(os.environ)
         env["SWITCHBOARD_TOKEN"] = self.token
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [sys.executable, "-m", "orchestrator", "worker", "--connect", self.url,
                "--worker-id", worker_id, "--capacity", str(self.capacity),
-               "--state-dir", self.state_dir, "--ship-logs", *self.extra_args]
+               "--state-dir", self.state_dir, "--ship-logs", "--quiet", *self.extra_args]
         proc = await trio.lowlevel.open_process(cmd, env=env, stdin=subprocess.DEVNULL,
                                                 stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL)
+                                                stderr=subprocess.PIPE)
         self.procs[worker_id] = proc
         log.info("worker.spawned", worker_id=worker_id, pid=proc.pid)
+        tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+
+        async def read_stderr() -> None:
+            assert proc.stderr is not None
+            buf = b""
+            async for chunk in proc.stderr:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        tail.append(line.decode(errors="replace")[:STDERR_LINE_MAX])
+                buf = buf[-STDERR_LINE_MAX * 4:]
+            if buf.strip():
+                tail.append(buf.decode(errors="replace")[:STDERR_LINE_MAX])
 
         async def watch() -> None:
-            code = await proc.wait()
+            async with trio.open_nursery() as n:
+                n.start_soon(read_stderr)
+                code = await proc.wait()
+                # a tool process that inherited the pipe could hold it open: bounded wait
+                n.cancel_scope.deadline = trio.current_time() + 0.5
             self.procs.pop(worker_id, None)
-            await on_exit(worker_id, code)
+            self.draining.discard(worker_id)
+            await on_exit(worker_id, code, list(tail))
 
         nursery.start_soon(watch)
         return worker_id
 
-    async def stop_all(self, grace: float = 3.0) -> None:
-        """SIGTERM every worker, SIGKILL whoever is still there after `grace` seconds."""
+    def kill(self, worker_id: str) -> None:
+        proc = self.procs.get(worker_id)
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+
+    def terminate(self, worker_id: str) -> None:
+        proc = self.procs.get(worker_id)
+        if proc is not None and proc.returncode is None:
+            self.draining.add(worker_id)
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    async def stop_all(self, grace: float = 3.0, hurry: trio.Event | None = None) -> None:
+        """SIGTERM every worker, SIGKILL whoever is still there after `grace` seconds (or as
+        soon as `hurry` is set). Shielded: runs to the end even while the run is cancelled."""
         with trio.CancelScope(shield=True):
-            for proc in list(self.procs.values()):
-                if proc.returncode is None:
-                    try:
-                        proc.send_signal(signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-            with trio.move_on_after(grace):
-                for proc in list(self.procs.values()):
+            procs = list(self.procs.items())
+            for wid, _proc in procs:
+                self.terminate(wid)
+
+            async def wait_all() -> None:
+                for _wid, proc in procs:
                     await proc.wait()
-            for proc in list(self.procs.values()):
+
+            with trio.move_on_after(grace):
+                async with trio.open_nursery() as n:
+                    if hurry is not None:
+                        async def on_hurry() -> None:
+                            await hurry.wait()
+                            n.cancel_scope.cancel()
+                        n.start_soon(on_hurry)
+                    await wait_all()
+                    n.cancel_scope.cancel()
+            for _wid, proc in procs:
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
