@@ -294,7 +294,7 @@ def parse_message(body: Any) -> Any:
 _TURN_FIELDS: dict[str, type | tuple[type, ...]] = {
     "turn": int, "input_tokens": int, "cached_tokens": int, "output_tokens": int,
     "bytes_sent": int, "bytes_received": int, "model_s": (int, float), "tools_s": (int, float),
-    "tool_calls": list, "resent_full_context": bool, "cost_usd": (int, float),
+    "tool_calls": (list, tuple), "resent_full_context": bool, "cost_usd": (int, float),
 }
 
 

@@ -364,7 +364,8 @@ class Worker:
                 if dl.cancelled_caught:
                     error = f"timed out after {lease.timeout_s:g}s at {r.state.where()}"
             except Exception as exc:  # the attempt fails; the worker and other attempts go on
-                error = f"{type(exc).__name__}: {exc}"
+                leaf = _leaf(exc)
+                error = f"{type(leaf).__name__}: {leaf}"
                 log.warning("task.error", error=error)
             finally:
                 r.side = None
@@ -429,3 +430,9 @@ class Worker:
             except BusError:
                 pass
 
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (nurseries wrap)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,231 @@
+"""Worker: the protocol values it accepts (plain tests), then a Worker in process on a real bus
+hub and sim server, with the test playing the orchestrator: topics, model auth, scripted
+failures per attempt, cancel messages."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from agent_helpers import until
+from agents import protocol as P
+from agents.bustools import BusTools
+from agents.worker import Worker, WorkerConfig, model_token, workspace_dir
+from bus.client import open_bus_client
+from bus.config import HubConfig
+from bus.hub import serve_bus
+from modellink.server import ModelServerConfig, serve_model
+from modellink.sim import SimConfig
+
+GUARD_S = 15
+BUS_TOKEN = "bus-secret"
+
+# ------------------------------------------------------------------ protocol (no I/O)
+
+
+def test_spawn_wait_and_topic_messages_are_accepted_with_their_fields_checked():
+    spawn = {"t": "spawn", "run_id": "r", "parent": "plan", "attempt": 1, "prompt": "p",
+             "agent": None}
+    assert P.parse_message(spawn) == spawn
+    wait = {"t": "wait", "run_id": "r", "parent": "plan", "children": ["plan/1"]}
+    assert P.parse_message(wait) == wait
+    topic = {"t": "topic", "from": "a", "topic": "news.x", "text": "hi"}
+    assert P.parse_message(topic) == topic
+    for bad, field in [({**spawn, "attempt": "1"}, "attempt"), ({**spawn, "prompt": 3}, "prompt"),
+                       ({**wait, "children": [1]}, "children"), ({**topic, "text": None}, "text"),
+                       ({**spawn, "agent": 7}, "agent")]:
+        with pytest.raises(P.WorkerProtocolError, match=field):
+            P.parse_message(bad)
+
+
+def test_a_result_round_trips_with_per_turn_tokens_and_cost():
+    res = P.Result(run_id="r", task_id="t", attempt=2, worker_id="w", status="cancelled",
+                   error="cancelled", stopped_at="turn 2: model", cost_usd=0.5,
+                   turns=(P.TurnRecord(turn=1, input_tokens=10, cached_tokens=4,
+                                       output_tokens=3, model_s=0.1, tools_s=0.2,
+                                       tool_calls=("shell",), cost_usd=0.5),))
+    assert P.parse_message(P.to_wire(res)) == res
+    wire = P.to_wire(res)
+    wire["turns"][0]["output_tokens"] = "3"
+    with pytest.raises(P.WorkerProtocolError, match=r"turns\[0\].*output_tokens"):
+        P.parse_message(wire)
+    wire["turns"][0] = {"turn": 1, "surprise": 1}
+    with pytest.raises(P.WorkerProtocolError, match="unknown fields"):
+        P.parse_message(wire)
+
+
+def test_a_child_workspace_is_a_sibling_of_its_parents():
+    root = pathlib.Path("/ws")
+    assert workspace_dir(root, "run1", "plan") == root / "run1" / "plan"
+    assert workspace_dir(root, "run1", "plan/1") == root / "run1" / "plan%2F1"
+    assert workspace_dir(root, "run1", "write[0]") == root / "run1" / "write[0]"
+    assert workspace_dir(root, "run1", "a%2Fb") != workspace_dir(root, "run1", "a/b")
+
+
+def test_model_token_falls_back_to_the_environment():
+    assert model_token("cfg", {"SWITCHBOARD_MODEL_TOKEN": "env"}) == "cfg"
+    assert model_token(None, {"SWITCHBOARD_MODEL_TOKEN": "env"}) == "env"
+    assert model_token(None, {}) is None
+
+
+# ------------------------------------------------------------------ a worker in process
+
+
+@attrs.define
+class Harness:
+    orch: Any  # the test's bus client, endpoint "orchestrator"
+    worker: Worker
+    model_url: str
+    model: Any
+    results: list[P.Result] = attrs.Factory(list)
+
+    async def lease(self, task_id: str, agent: P.AgentSpec, *, attempt: int = 1,
+                    timeout_s: float | None = 10.0) -> None:
+        await self.orch.send(P.worker_endpoint("w1"), P.to_wire(P.Lease(
+            run_id="run1", task_id=task_id, attempt=attempt, agent=agent, prompt="go",
+            timeout_s=timeout_s, model_base_url=self.model_url)))
+
+    async def result(self) -> P.Result:
+        async for msg in self.orch:
+            body = P.parse_message(msg.payload())
+            if isinstance(body, P.Result):
+                return body
+        raise AssertionError("bus closed")
+
+
+@asynccontextmanager
+async def harness(tmp_path: pathlib.Path, *, sim: SimConfig | None = None,
+                  server_token: str | None = None, worker_token: str | None = None
+                  ) -> AsyncIterator[Harness]:
+    async with trio.open_nursery() as nursery:
+        hub = await nursery.start(serve_bus, HubConfig(token=BUS_TOKEN))
+        model = await nursery.start(serve_model, ModelServerConfig(
+            host="127.0.0.1", port=0, token=server_token, sim=sim or SimConfig.zero()))
+        async with open_bus_client(hub.url, token=BUS_TOKEN,
+                                   endpoint_id=P.ORCHESTRATOR_ID) as orch:
+            worker = Worker(config=WorkerConfig(
+                url=hub.url, token=BUS_TOKEN, worker_id="w1", capacity=4, heartbeat_s=5.0,
+                workspace_root=tmp_path / "ws", model_token=worker_token))
+            async with trio.open_nursery() as inner:  # the worker stops before the hub
+                inner.start_soon(worker.run)
+                hello = P.parse_message((await orch.receive()).payload())
+                assert hello["t"] == "hello" and hello["worker_id"] == "w1"
+                yield Harness(orch=orch, worker=worker, model_url=model.base_url, model=model)
+                inner.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+def _agent(name: str, script: list[Any], tools: list[str], **kw: Any) -> P.AgentSpec:
+    return P.AgentSpec(name=name, tools=tuple(tools), script=tuple(script), **kw)
+
+
+def _call(name: str, **arguments: Any) -> dict[str, Any]:
+    return {"call": {"name": name, "arguments": arguments}}
+
+
+def _wait_for(path: str) -> str:
+    return (f"i=0; while [ ! -e {path} ] && [ $i -lt 300 ]; do i=$((i+1)); sleep 0.02; done; "
+            f"[ -e {path} ]")
+
+
+async def test_a_publish_reaches_tasks_subscribed_to_a_matching_pattern_only(
+        tmp_path, monkeypatch):
+    reads: list[tuple[str, str]] = []
+    original = BusTools.read_messages
+
+    async def spy(self: BusTools) -> str:
+        out = await original(self)
+        reads.append((self.task_id, out))
+        return out
+
+    monkeypatch.setattr(BusTools, "read_messages", spy)
+    reader_script = [_call("shell", cmd="touch ready; " + _wait_for("../pub/published")),
+                     _call("read_topic"), {"text": "read"}]
+    publisher = _agent("pub", [
+        _call("shell", cmd=_wait_for("../sub/ready") + " && " + _wait_for("../other/ready")),
+        _call("publish", topic="news.build", text="build is green"),
+        _call("shell", cmd="touch published"),
+        {"text": "published"}], ["shell", "publish"], subscribe=("news.*",))
+    sub = _agent("sub", reader_script, ["shell", "read_topic"], subscribe=("news.*",))
+    other = _agent("other", reader_script, ["shell", "read_topic"], subscribe=("alerts.*",))
+    unsubscribed: list[str] = []
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path) as h:
+            real_unsubscribe = h.worker.bus.unsubscribe
+
+            async def unsub(pattern: str) -> None:
+                unsubscribed.append(pattern)
+                await real_unsubscribe(pattern)
+
+            h.worker.bus.unsubscribe = unsub
+            for tid, agent in (("sub", sub), ("other", other), ("pub", publisher)):
+                await h.lease(tid, agent)
+            results = {r.task_id: r for r in [await h.result() for _ in range(3)]}
+            subs_left = dict(h.worker.subs)
+    assert {t: r.status for t, r in results.items()} == dict.fromkeys(
+        ("sub", "other", "pub"), "succeeded"), results
+    got = dict(reads)
+    assert got["sub"] == "[news.build] from pub: build is green"
+    assert got["other"] == "no new messages"
+    # pub is subscribed to news.* too, but does not get its own publish; every subscription
+    # was dropped once no running attempt needed it (news.* once, after its last holder)
+    assert subs_left == {}
+    assert sorted(unsubscribed) == ["alerts.*", "news.*"]
+
+
+async def test_workers_send_a_model_token_to_a_protected_model_server(tmp_path, monkeypatch):
+    agent = _agent("a", [{"text": "hello"}], [])
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path, server_token="model-secret",
+                           worker_token="model-secret") as h:
+            await h.lease("with_config", agent)
+            ok = await h.result()
+        monkeypatch.delenv("SWITCHBOARD_MODEL_TOKEN", raising=False)
+        async with harness(tmp_path, server_token="model-secret") as h:
+            await h.lease("without", agent)
+            refused = await h.result()
+            monkeypatch.setenv("SWITCHBOARD_MODEL_TOKEN", "model-secret")
+            await h.lease("from_env", agent)
+            from_env = await h.result()
+    assert ok.status == "succeeded" and ok.text == "hello"
+    assert refused.status == "failed" and "refused the credentials" in (refused.error or "")
+    assert from_env.status == "succeeded"
+
+
+async def test_a_scripted_failure_fails_only_the_attempts_it_names(tmp_path):
+    agent = _agent("a", [{"fail": "upstream 503", "attempts": [1, 2]}, {"text": "third time"}],
+                   [])
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path) as h:
+            got = []
+            for attempt in (1, 2, 3):
+                await h.lease("t", agent, attempt=attempt)
+                got.append(await h.result())
+    assert [r.status for r in got] == ["failed", "failed", "succeeded"]
+    assert "upstream 503" in (got[0].error or "") and got[0].stopped_at == "turn 1: model"
+    assert got[2].text == "third time" and got[2].stopped_at is None
+
+
+async def test_a_cancel_message_ends_the_attempt_where_it_is_and_reports_its_turns(tmp_path):
+    sim = SimConfig(ttft_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.001)
+    agent = _agent("a", [_call("shell", cmd="true"), {"text": "x", "output_tokens": 100_000}],
+                   ["shell"])
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path, sim=sim) as h:
+            await h.lease("t", agent)
+            stats = h.model.server.statistics
+            await until(lambda: stats()["output_tokens"] > 100)
+            await h.orch.send(P.worker_endpoint("w1"), P.cancel("t", 1, "cancelled by test"))
+            res = await h.result()
+            assert stats()["in_flight"] == 0 and stats()["responses_cancelled"] == 1
+    assert res.status == "cancelled" and res.error == "cancelled by test"
+    assert res.stopped_at == "turn 2: model"
+    assert len(res.turns) == 1 and res.turns[0].tool_calls == ("shell",)
+    assert json.dumps(P.to_wire(res))  # plain values only
