@@ -13,8 +13,8 @@ from typing import Any
 import attrs
 import pytest
 import trio
-
 from agent_helpers import until
+
 from agents import protocol as P
 from agents.bustools import BusTools
 from agents.worker import Worker, WorkerConfig, model_token, workspace_dir
