@@ -36,6 +36,7 @@ from bus.logs import configure_logging  # noqa: E402
 from bus.ws import WsClosed, WsConfig, WsRequest, open_ws, serve_ws  # noqa: E402
 
 TOKEN = "bench"
+SCRIPT = os.path.abspath(__file__)
 PAD = b"x" * 87  # body = msgpack [seq, t_ns, PAD]: 100 bytes
 WINDOW = 8000  # messages in flight before the publisher waits for credit
 CREDIT_EVERY = 2000
@@ -80,9 +81,9 @@ async def role_publisher(args: argparse.Namespace) -> None:
                             break
                         sent += 1
                         if sent % 512 == 0:
-                            await trio.sleep(0)  # let the writer ship a frame meanwhile
+                            await trio.lowlevel.checkpoint()  # let the writer ship a frame meanwhile
                     if sent < min(n, credited + WINDOW):
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
                     else:
                         await more.wait()
             else:  # paced: every millisecond, the messages that are due
@@ -180,7 +181,7 @@ ROLES = {"hub": role_hub, "publisher": role_publisher, "consumer": role_consumer
 
 async def spawn(role: str, *extra: str) -> tuple[trio.Process, Any]:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, os.path.abspath(__file__), "--role", role, *extra],
+        [sys.executable, SCRIPT, "--role", role, *extra],
         stdout=subprocess.PIPE)
     return proc, proc.stdout
 

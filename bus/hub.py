@@ -329,15 +329,8 @@ class Hub:
         for name in (s.endpoint_id, *s.aliases):
             if self.routes.get(name) is s:
                 del self.routes[name]
-        for p in s.patterns:
-            table = self._wild if C.is_wildcard(p) else self._exact
-            subs = table.get(p)
-            if subs is not None:
-                subs.discard(s)
-                if not subs:
-                    del table[p]
-        if s.patterns:
-            self._topic_cache.clear()
+        for p in list(s.patterns):
+            self._unsubscribe(s, p)
         if s.expiry is not None:
             s.expiry.cancel()
         for data in s.seq.take_unacked():
@@ -482,15 +475,7 @@ class Hub:
                 self._topic_cache.clear()
             self._answer(s, corr)
         elif kind == C.UNSUBSCRIBE:
-            if dest in s.patterns:
-                s.patterns.discard(dest)
-                table = self._wild if C.is_wildcard(dest) else self._exact
-                subs = table.get(dest)
-                if subs is not None:
-                    subs.discard(s)
-                    if not subs:
-                        del table[dest]
-                self._topic_cache.clear()
+            self._unsubscribe(s, dest)
             self._answer(s, corr)
         elif kind == C.CLAIM:
             holder = self.routes.get(dest)
@@ -511,6 +496,18 @@ class Hub:
                     del self.routes[dest]
             self._answer(s, corr)
         # BYE needs no routing: the reader closes the link after it.
+
+    def _unsubscribe(self, s: _Session, pattern: str) -> None:
+        if pattern not in s.patterns:
+            return
+        s.patterns.discard(pattern)
+        table = self._wild if C.is_wildcard(pattern) else self._exact
+        subs = table.get(pattern)
+        if subs is not None:
+            subs.discard(s)
+            if not subs:
+                del table[pattern]
+        self._topic_cache.clear()
 
     def _subscribers(self, topic: str) -> tuple[_Session, ...]:
         found: set[_Session] = set(self._exact.get(topic, ()))
