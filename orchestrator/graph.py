@@ -246,7 +246,7 @@ AGENT_KEYS = {"instructions", "model", "tools", "max_turns", "script", "answers"
               "shell_timeout"}
 TASK_KEYS = {"id", "agent", "prompt", "needs", "retries", "timeout", "fan_out"}
 TOP_KEYS = {"run", "model", "agents", "tasks"}
-STEP_KEYS = {"text", "call", "calls", "output_tokens"}
+STEP_KEYS = {"text", "call", "calls", "output_tokens", "fail", "attempts"}
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -488,7 +488,7 @@ class _Parser:
                              hint)
                 continue
             unknown = set(step) - STEP_KEYS
-            kinds = [k for k in ("text", "call", "calls") if k in step]
+            kinds = [k for k in ("text", "call", "calls", "fail") if k in step]
             if unknown:
                 self.problem(line, f"{where}: {key}[{i}] has unknown key(s) "
                              f"{', '.join(sorted(unknown))}", hint)
