@@ -8,6 +8,8 @@ Transports behind one `ModelSession.turn`:
     sends the full context once (previous_response_id null) and sets `resent_full_context`.
   * "http": POST {base_url}/responses with the full context every turn and store=false, on one
     kept-alive connection (or a new one per turn with `keepalive=False`); `stream=True` reads SSE.
+  * "chat": POST {base_url}/chat/completions (non-streaming) for endpoints without /responses
+    (llama.cpp server): items map to chat messages and tool calls (modellink.chat).
 
 Cancelling a turn (a trio cancel scope around `turn`) sends `response.cancel` (WS) or closes the
 HTTP connection; the session stays usable. The cancelled turn's new items stay in the context
@@ -27,6 +29,7 @@ import trio
 from bus.logs import get_logger
 from bus.ws import WsClosed, WsConfig, WsConnectTimeout, WsHandshakeError, WsRejected, open_ws
 from modellink import protocol as P
+from modellink.chat import chat_body, response_from_chat
 from modellink.httpclient import HttpConnection, HttpError, Origin
 from modellink.turns import (
     ContextBook,
@@ -51,7 +54,7 @@ __all__ = [
 
 log = get_logger("modellink.client")
 
-TRANSPORTS = ("ws", "http")
+TRANSPORTS = ("ws", "http", "chat")
 ENCODINGS = ("msgpack", "json")
 # A response.cancel that cannot be written within this long means the link is stuck: drop it.
 CANCEL_SEND_TIMEOUT_S = 2.0
@@ -74,7 +77,8 @@ def _one_of(allowed: tuple[str, ...]) -> Any:
 
 @attrs.frozen(kw_only=True)
 class ModelEndpoint:
-    """Where and how to reach a model. `keepalive` and `stream` matter for transport "http" only."""
+    """Where and how to reach a model. `keepalive` matters for "http" and "chat", `stream` for
+    "http" only."""
 
     base_url: str
     model: str = "sim"
@@ -388,9 +392,9 @@ class ModelSession:
 
     # ------------------------------------------------------------ HTTP
 
-    def _http_headers(self) -> list[tuple[str, str]]:
+    def _http_headers(self, *, sse: bool) -> list[tuple[str, str]]:
         headers = [("User-Agent", USER_AGENT), ("Content-Type", "application/json"),
-                   ("Accept", "text/event-stream" if self.endpoint.stream else "application/json")]
+                   ("Accept", "text/event-stream" if sse else "application/json")]
         if self.endpoint.api_key:
             headers.append(("Authorization", f"Bearer {self.endpoint.api_key}"))
         if not self.endpoint.keepalive:
@@ -413,18 +417,26 @@ class ModelSession:
     async def _turn_http(self, new_items: list[dict[str, Any]]) -> TurnResult:
         t0 = trio.current_time()
         self._book.add_new(new_items)
-        body = P.dumps_json(self._create_event(self._book.items, None, http=True))
-        headers = self._http_headers()
+        chat = self.endpoint.transport == "chat"
+        if chat:
+            path = "/chat/completions"
+            body = P.dumps_json(chat_body(model=self.endpoint.model,
+                                          instructions=self._instructions,
+                                          items=self._book.items, tools=self._tools))
+        else:
+            path = "/responses"
+            body = P.dumps_json(self._create_event(self._book.items, None, http=True))
+        headers = self._http_headers(sse=self.endpoint.stream and not chat)
         for attempt in (1, 2):
             conn = await self._http_connection()
             sent0, recv0 = conn.bytes_sent, conn.bytes_received
             try:
-                response, seen = await self._exchange_http(conn, body, headers)
+                response, seen = await self._exchange_http(conn, path, body, headers)
             except HttpError as exc:
                 await self._close_http()
                 if exc.reusable_failure and attempt == 1:
                     continue  # the server closed an idle kept-alive connection: once more
-                raise ModelConnectionError(f"POST {self._origin.target('/responses')} on "
+                raise ModelConnectionError(f"POST {self._origin.target(path)} on "
                                            f"{self._origin.host_header}: {exc}") from None
             except BaseException:
                 await self._close_http()  # cancelled: closing tells the server to stop
@@ -435,6 +447,8 @@ class ModelSession:
             if not self.endpoint.keepalive or not conn.reusable:
                 await self._close_http()
             self._book.mark_sent()
+            if chat:
+                response = response_from_chat(response)
             return self._finish(response, seen, t0, False)
         raise AssertionError("unreachable")
 
@@ -443,10 +457,10 @@ class ModelSession:
             http, self._http = self._http, None
             await http.aclose()
 
-    async def _exchange_http(self, conn: HttpConnection, body: bytes,
+    async def _exchange_http(self, conn: HttpConnection, path: str, body: bytes,
                              headers: list[tuple[str, str]]
                              ) -> tuple[Any, list[dict[str, Any]]]:
-        head = await conn.send_request("POST", "/responses", headers=headers, body=body)
+        head = await conn.send_request("POST", path, headers=headers, body=body)
         ctype = head.header(b"content-type") or b""
         if head.status != 200 or not ctype.startswith(b"text/event-stream"):
             data = await conn.read_body()

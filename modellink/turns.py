@@ -148,14 +148,14 @@ def read_usage(usage: Any) -> Usage:
 
 
 def item_text(item: dict[str, Any]) -> str:
-    """The text of an assistant message item (its output_text parts joined)."""
+    """The text of a message item (its text parts joined)."""
     content = item.get("content")
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         return ""
     return "".join(str(p.get("text", "")) for p in content
-                   if isinstance(p, dict) and p.get("type") in ("output_text", "text"))
+                   if isinstance(p, dict) and p.get("type") in ("output_text", "input_text", "text"))
 
 
 @attrs.frozen(kw_only=True)

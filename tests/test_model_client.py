@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
 
+from modellink.chat import chat_messages, chat_tools, response_from_chat
 from modellink.client import (
     FunctionCall,
     ModelAuthError,
@@ -344,3 +347,104 @@ async def test_a_refused_request_names_the_field(opts: dict[str, Any]):
                 with pytest.raises(ModelRequestError, match="model_not_found"):
                     await s.turn([_user("x")])
             nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ chat completions transport
+
+
+def test_chat_messages_map_items_tools_and_parallel_calls():
+    items = [
+        _user("hi"),
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text",
+                                                              "text": "let me look"}]},
+        {"type": "function_call", "call_id": "c1", "name": "a", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "b", "arguments": "{\"x\":1}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "A"},
+        {"type": "function_call_output", "call_id": "c2", "output": "B"},
+    ]
+    assert chat_messages("be brief", items) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "let me look", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "a", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "b", "arguments": "{\"x\":1}"}},
+        ]},
+        {"role": "tool", "tool_call_id": "c1", "content": "A"},
+        {"role": "tool", "tool_call_id": "c2", "content": "B"},
+    ]
+    assert chat_tools(TOOLS) == [{"type": "function", "function": {
+        "name": "read_file", "description": "Read a file.", "parameters": TOOLS[0]["parameters"]}}]
+
+
+def test_chat_completion_becomes_a_response():
+    resp = response_from_chat({
+        "id": "chatcmpl-1", "choices": [{"finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_9", "type": "function",
+                 "function": {"name": "read_file", "arguments": "{\"path\":\"a\"}"}}]}}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 7,
+                  "prompt_tokens_details": {"cached_tokens": 32}}})
+    r = read_response(resp)
+    assert r.function_calls == [FunctionCall(call_id="call_9", name="read_file",
+                                             arguments="{\"path\":\"a\"}")]
+    assert (r.usage.input_tokens, r.usage.cached_tokens, r.usage.output_tokens) == (50, 32, 7)
+    with pytest.raises(ModelConnectionError):
+        response_from_chat({"object": "error"})
+
+
+async def _serve_fake_chat(nursery: trio.Nursery, seen: list[dict[str, Any]]) -> str:
+    """A llama.cpp-style server over real sockets: POST /v1/chat/completions only. It calls
+    read_file until it has seen a tool result, then answers with that result's text."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            body = b""
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+                elif isinstance(ev, h11.EndOfMessage):
+                    break
+                elif isinstance(ev, h11.ConnectionClosed):
+                    return
+                elif isinstance(ev, h11.Request):
+                    assert ev.target == b"/v1/chat/completions"
+            req = json.loads(body)
+            seen.append(req)
+            last = req["messages"][-1]
+            msg: dict[str, Any] = {"role": "assistant", "content": None}
+            if last["role"] == "tool":
+                msg["content"] = "read: " + last["content"]
+            else:
+                msg["tool_calls"] = [{"id": f"call_{len(seen)}", "type": "function",
+                                      "function": {"name": "read_file",
+                                                   "arguments": "{\"path\":\"x\"}"}}]
+            out = json.dumps({"id": f"chatcmpl-{len(seen)}", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": msg}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2}}).encode()
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                ("Content-Type", "application/json"), ("Content-Length", str(len(out)))]))
+                + conn.send(h11.Data(data=out)) + conn.send(h11.EndOfMessage()))
+            conn.start_next_cycle()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1"
+
+
+async def test_chat_transport_runs_a_tool_conversation_on_one_connection():
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            base = await _serve_fake_chat(nursery, seen)
+            ep = ModelEndpoint(base_url=base, model="llama", transport="chat")
+            async with open_model_session(ep, instructions="sys", tools=TOOLS) as s:
+                r1 = await s.turn([_user("go")])
+                r2 = await s.turn(_outputs(r1, "file text"))
+                assert s.statistics().connects == 1  # kept alive
+            nursery.cancel_scope.cancel()
+    assert r1.function_calls[0].name == "read_file" and r2.text == "read: file text"
+    assert [m["role"] for m in seen[1]["messages"]] == ["system", "user", "assistant", "tool"]
+    assert seen[1]["tools"][0]["function"]["name"] == "read_file"
