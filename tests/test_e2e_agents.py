@@ -384,3 +384,28 @@ async def test_subtree_cancel_and_timeout_stop_their_responses_while_the_rest_go
     assert stopped["boss/1"] == "turn 1: model" and stopped["slow"] == "turn 1: model"
     assert stopped["boss"] in ("turn 2: running tools wait", "turn 3: model")
     assert "timed out after 1s" in attempts["slow"]["error"]
+
+
+# ------------------------------------------------------------------ the example
+
+
+async def test_the_team_example_runs_green(tmp_path):
+    run = Run(tmp_path, (REPO / "examples" / "team.toml").read_text())
+    with trio.fail_after(GUARD_S):
+        await run.start()
+        code = await run.wait()
+        status = await _status(run)
+    assert code == 0, run.stderr()
+    rid = run.run_id()
+    assert rid is not None
+    states = {t["task_id"]: (t["state"], t["attempts"]) for t in status["tasks"]}
+    assert states == {"plan": ("succeeded", 1), "code": ("succeeded", 0),
+                      "code[0]": ("succeeded", 1), "code[1]": ("succeeded", 1),
+                      "review": ("succeeded", 1), "review/1": ("succeeded", 2),
+                      "ship": ("succeeded", 1)}
+    log = _log(run, rid)
+    assert [(e["task_id"], e["asker"]) for e in log if e.get("event") == "ask.answered"] == [
+        ("code[0]", "review")]
+    assert not [e for e in log if e.get("event") == "tool.error"]
+    ws = run.state / "workspaces" / rid
+    assert (ws / "code[1]" / "module.py").exists() and (ws / "review" / "asked").exists()
