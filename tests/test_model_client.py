@@ -7,10 +7,12 @@ from functools import partial
 from typing import Any
 
 import h11
+import msgpack
 import pytest
 import trio
 import trio.testing
 
+from bus.ws import WsClosed, serve_ws
 from modellink.chat import chat_messages, chat_tools, response_from_chat
 from modellink.client import (
     FunctionCall,
@@ -448,3 +450,65 @@ async def test_chat_transport_runs_a_tool_conversation_on_one_connection():
     assert r1.function_calls[0].name == "read_file" and r2.text == "read: file text"
     assert [m["role"] for m in seen[1]["messages"]] == ["system", "user", "assistant", "tool"]
     assert seen[1]["tools"][0]["function"]["name"] == "read_file"
+
+
+# ------------------------------------------------------------------ a hostile or broken server
+
+
+async def _serve_ws_fake(nursery: trio.Nursery, reply: Any) -> str:
+    """A WebSocket endpoint that answers each client frame with `await reply(ws, frame)`."""
+
+    async def handler(request: Any) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await reply(ws, await ws.get_message())
+        except WsClosed:
+            pass
+
+    host, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+    return f"http://{host}:{port}/v1"
+
+
+async def test_a_garbled_event_is_a_connection_error():
+    async def garble(ws: Any, frame: Any) -> None:
+        await ws.send_message(b"\xc1 not msgpack")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            base = await _serve_ws_fake(nursery, garble)
+            async with open_model_session(ModelEndpoint(base_url=base)) as s:
+                with pytest.raises(ModelConnectionError, match="bad event"):
+                    await s.turn([_user("hi")])
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_link_that_breaks_again_after_the_resend_is_a_connection_error():
+    connections = []
+
+    async def hang_up(ws: Any, frame: Any) -> None:
+        connections.append(frame)
+        await ws.aclose(1011, "boom")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            base = await _serve_ws_fake(nursery, hang_up)
+            async with open_model_session(ModelEndpoint(base_url=base)) as s:
+                with pytest.raises(ModelConnectionError, match="again after a full resend"):
+                    await s.turn([_user("hi")])
+            nursery.cancel_scope.cancel()
+    assert len(connections) == 2  # the turn, and its one resend on a new connection
+
+
+async def test_a_server_error_event_is_the_servers_fault():
+    async def fail(ws: Any, frame: Any) -> None:
+        await ws.send_message(msgpack.packb({"type": "error", "status": 500, "error": {
+            "type": "server_error", "code": "server_error", "message": "overloaded"}}))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            base = await _serve_ws_fake(nursery, fail)
+            async with open_model_session(ModelEndpoint(base_url=base)) as s:
+                with pytest.raises(ModelServerError, match="overloaded"):
+                    await s.turn([_user("hi")])
+            nursery.cancel_scope.cancel()
