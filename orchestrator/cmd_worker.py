@@ -12,6 +12,7 @@ import sys
 from bus.tokens import TokenError, load_token
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 130
+PARENT_POLL_S = 0.5  # how often a worker started with --parent-pid checks its parent
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -35,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "others, secrets included, are not passed")
     p.add_argument("--ship-logs", action="store_true",
                    help="send this worker's log lines to the orchestrator's run log")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="stop (as on SIGTERM) when process PID is no longer this worker's "
+                   "parent: local workers die with the orchestrator that started them, even "
+                   "when it was killed with SIGKILL")
     p.add_argument("--quiet", action="store_true",
                    help="do not also print log lines on stderr (with --ship-logs they still "
                    "reach the run log; local workers run this way)")
@@ -98,7 +103,15 @@ def run(args: argparse.Namespace) -> int:
                         # the worker ships its last log lines and says bye before it exits
                         inner.cancel_scope.cancel()
 
+            async def watch_parent(pid: int) -> None:
+                # orphaned: the orchestrator is gone, and with it the bus and the model
+                while os.getppid() == pid:  # noqa: ASYNC110 - no event says "reparented"
+                    await trio.sleep(PARENT_POLL_S)
+                os.kill(os.getpid(), signal.SIGTERM)  # the same clean stop as a signal
+
             nursery.start_soon(on_signal)
+            if args.parent_pid is not None:
+                nursery.start_soon(watch_parent, args.parent_pid)
             code = await worker.run()
             nursery.cancel_scope.cancel()
             return EXIT_CANCELLED if signalled else code

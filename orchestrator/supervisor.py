@@ -243,12 +243,13 @@ class Supervisor:
         next_poll = trio.current_time()
         while True:
             now = trio.current_time()
+            # silent workers first: their leases expire with them, and they are never picked
+            for wid in self.table.dead_workers(now):
+                self._forget_worker(wid, f"no heartbeat for {self.opts.lease_ttl_s:g}s")
             for lease in self.table.expired(now):
                 log.warning("lease.expired", task_id=lease.task_id, attempt=lease.attempt,
                             worker_id=lease.worker_id)
                 self._lost(lease.task_id, lease.attempt, f"lease expired on {lease.worker_id}")
-            for wid in self.table.dead_workers(now):
-                self._forget_worker(wid, f"no heartbeat for {self.opts.lease_ttl_s:g}s")
             self.sched.check_timeouts(now)
             if now >= next_poll:
                 self._poll_control()

@@ -137,8 +137,9 @@ class WorkerTable:
         return lost
 
     def dead_workers(self, now: float) -> list[str]:
-        """Workers not heard from (hello or heartbeat) for longer than a lease TTL."""
-        return [w for w, rec in self.workers.items() if now - rec.last_seen > self.lease_ttl]
+        """Workers not heard from (hello or heartbeat) for a lease TTL: a lease granted when
+        it was last heard from expires now too, so it must not be picked again."""
+        return [w for w, rec in self.workers.items() if now - rec.last_seen >= self.lease_ttl]
 
     def next_deadline(self) -> float | None:
         """The earliest time a lease expires or a silent worker counts as dead."""
@@ -187,7 +188,8 @@ class LocalProcesses:
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [sys.executable, "-m", "orchestrator", "worker", "--connect", self.url,
                "--worker-id", worker_id, "--capacity", str(self.capacity),
-               "--state-dir", self.state_dir, "--ship-logs", "--quiet", *self.extra_args]
+               "--state-dir", self.state_dir, "--ship-logs", "--quiet", "--parent-pid", str(os.getpid()),
+               *self.extra_args]
         proc = await trio.lowlevel.open_process(cmd, env=env, stdin=subprocess.DEVNULL,
                                                 stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.PIPE)

@@ -1,0 +1,599 @@
+"""The orchestrator end to end with real processes on loopback: `orchestrator run` (and
+`resume`, `scale`, `cancel`, `worker`) as subprocesses, real worker processes, the journal and
+the process table read afterwards.
+
+Pins: a worker killed with SIGKILL loses its attempts to other workers and its late result is
+refused; scale up/down mid-run (a draining worker finishes what it holds); a subtree cancel;
+SIGINT/SIGTERM leave no process behind; a killed orchestrator resumes without repeating
+finished tasks; bad workers are cut off while the run goes on; remote workers need the token;
+bad graphs and startup errors never leave a run "running".
+
+Timing: tasks take their time from the sim's decode rate (e.g. 300 tokens at 5 ms), leases
+expire after 2 s (workers heartbeat every second). Every wait is a poll under `fail_after`,
+so a slow machine makes a test slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import trio
+
+from agents import protocol as P
+from bus.client import open_bus_client
+from orchestrator.journal import Journal, JournalError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOKEN = "e2e-token-0123456789abcdef"
+GUARD_S = 40
+SIM = ("--sim-ttft", "0", "--sim-prefill", "0", "--sim-decode", "0.005")
+
+
+def _env(token: str | None = TOKEN) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("SWITCHBOARD_TOKEN", None)
+    if token is not None:
+        env["SWITCHBOARD_TOKEN"] = token
+    return env
+
+
+def _orch(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator", *args]
+
+
+def graph(n: int, *, tokens: int = 300, extra: str = "", policy: str = "stop",
+          timeout: str = "60s") -> str:
+    """n independent tasks t0..t{n-1}, each generating `tokens` output tokens."""
+    tasks = "".join(f'\n[[tasks]]\nid = "t{i}"\nagent = "slow"\nprompt = "task {i}"\n'
+                    for i in range(n))
+    return (f'[run]\nmax_concurrent = 16\nfailure_policy = "{policy}"\ntimeout = "{timeout}"\n'
+            f'[agents.slow]\ninstructions = "x"\n'
+            f'script = [{{text = "done", output_tokens = {tokens}}}]\n' + extra + tasks)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def procs_touching(needle: str) -> list[int]:
+    """Live processes whose command line or working directory contains `needle` (a test's
+    unique state dir): workers (--state-dir) and tool processes (cwd in a workspace)."""
+    out = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(d / "cwd")
+        except OSError:
+            continue
+        if (needle in cmd or needle in cwd) and _alive(int(d.name)):
+            out.append(int(d.name))
+    return out
+
+
+def worker_pid(worker_id: str) -> int | None:
+    for d in pathlib.Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--worker-id" in cmd and worker_id.encode() in cmd and b"worker" in cmd:
+                return int(d.name)
+    return None
+
+
+async def until(pred: Any, poll_s: float = 0.05) -> Any:
+    """Poll `pred` until it returns something truthy (the caller's fail_after bounds it)."""
+    while True:
+        v = pred()
+        if v:
+            return v
+        await trio.sleep(poll_s)
+
+
+class Run:
+    """One `orchestrator run` subprocess on its own state dir, and views of its journal."""
+
+    def __init__(self, tmp: pathlib.Path, text: str | None = None) -> None:
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.graph = tmp / "graph.toml"
+        if text is not None:
+            self.graph.write_text(text)
+        self.proc: trio.Process | None = None
+        self.err_path = tmp / "run.stderr"
+        self.code: int | None = None
+
+    async def start(self, *args: str, cmd: tuple[str, ...] | None = None) -> None:
+        argv = cmd or ("run", str(self.graph))
+        self.err = open(self.err_path, "ab")  # noqa: SIM115, ASYNC230 - closed in wait()
+        self.proc = await trio.lowlevel.open_process(
+            _orch(*argv, "--state-dir", str(self.state), "--progress", "plain",
+                  "--lease-ttl", "2", *SIM, *args),
+            env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err)
+
+    async def wait(self) -> int:
+        assert self.proc is not None
+        self.code = await self.proc.wait()
+        self.err.close()
+        return self.code
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def journal(self) -> Journal | None:
+        try:
+            return Journal.open_readonly(self.state / "journal.sqlite")
+        except JournalError:
+            return None
+
+    def run_id(self) -> str | None:
+        j = self.journal()
+        if j is None:
+            return None
+        try:
+            r = j.latest_run()
+            return None if r is None else str(r["run_id"])
+        finally:
+            j.close()
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        j, rid = self.journal(), self.run_id()
+        if j is None or rid is None:
+            return []
+        try:
+            return [e for e in j.events(rid) if kind is None or e["kind"] == kind]
+        finally:
+            j.close()
+
+    def attempts(self) -> list[dict[str, Any]]:
+        j, rid = self.journal(), self.run_id()
+        if j is None or rid is None:
+            return []
+        try:
+            return j.attempts(rid)
+        finally:
+            j.close()
+
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        j, rid = self.journal(), self.run_id()
+        assert j is not None and rid is not None
+        try:
+            return {t["task_id"]: t for t in j.task_rows(rid)}
+        finally:
+            j.close()
+
+    def run_row(self) -> dict[str, Any]:
+        j, rid = self.journal(), self.run_id()
+        assert j is not None and rid is not None
+        try:
+            row = j.get_run(rid)
+            assert row is not None
+            return row
+        finally:
+            j.close()
+
+    def bus_url(self) -> str | None:
+        ev = self.events("run.endpoints")
+        return str(ev[0]["data"]["local_bus"]) if ev else None
+
+    def running_on(self) -> dict[str, list[str]]:
+        """worker id -> task ids of attempts running on it now (per the journal)."""
+        out: dict[str, list[str]] = {}
+        for a in self.attempts():
+            if a["state"] == "running" and a["worker_id"]:
+                out.setdefault(a["worker_id"], []).append(a["task_id"])
+        return out
+
+    def log_lines(self) -> str:
+        rid = self.run_id()
+        return (self.state / "runs" / str(rid) / "log.jsonl").read_text(errors="replace")
+
+    async def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return await trio.run_process(_orch(*args, "--state-dir", str(self.state)),
+                                      env=_env(), capture_stdout=True, capture_stderr=True,
+                                      check=False)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+def by_task(attempts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for a in attempts:
+        out.setdefault(a["task_id"], []).append(a)
+    return out
+
+
+def assert_never_twice_at_once(attempts: list[dict[str, Any]]) -> None:
+    """Per task: attempts numbered 1..n, at most one succeeded, and each attempt ended before
+    the next one started (no two attempts of a task ran at the same time)."""
+    for tid, atts in by_task(attempts).items():
+        atts.sort(key=lambda a: a["attempt"])
+        assert [a["attempt"] for a in atts] == list(range(1, len(atts) + 1)), tid
+        assert sum(a["state"] == "succeeded" for a in atts) <= 1, (tid, atts)
+        for prev, nxt in zip(atts, atts[1:], strict=False):
+            assert prev["ended"] is not None and nxt["started"] is not None, (tid, atts)
+            assert prev["ended"] <= nxt["started"], (tid, prev, nxt)
+
+
+@pytest.fixture
+def run(tmp_path):
+    r = Run(tmp_path)
+    yield r
+    r.kill()
+    for pid in procs_touching(str(r.state)):  # never leave anything behind, even on failure
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ------------------------------------------------------------------ fast: bad input, startup
+
+
+def test_a_bad_graph_never_starts_a_run_exit_2_and_no_state(tmp_path):
+    g = tmp_path / "bad.toml"
+    g.write_text('[run]\nmax_concurent = 2\n[[tasks]]\nid = "a"\nagent = "nobody"\n')
+    state = tmp_path / "state"
+    p = subprocess.run(_orch("run", str(g), "--state-dir", str(state)), env=_env(),
+                       capture_output=True, timeout=60, check=False)
+    assert p.returncode == 2
+    err = p.stderr.decode()
+    assert "bad.toml:2:" in err and "max_concurrent" in err  # did-you-mean, on its line
+    assert "nobody" in err
+    assert not state.exists()  # no state dir, so no journal and no run row
+
+
+def test_a_port_in_use_exits_3_with_one_line_and_the_run_row_failed(tmp_path):
+    g = tmp_path / "g.toml"
+    g.write_text(graph(1, tokens=1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        state = tmp_path / "state"
+        p = subprocess.run(_orch("run", str(g), "--state-dir", str(state), "--bus-port",
+                                 str(port), "--progress", "none"),
+                           env=_env(), capture_output=True, timeout=60, check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 3, err
+    assert "Traceback" not in err
+    assert f"cannot start the bus on 127.0.0.1:{port}" in err
+    j = Journal.open_readonly(state / "journal.sqlite")
+    row = j.latest_run()
+    assert row is not None and row["status"] == "failed"
+    assert "cannot start the bus" in row["reason"]
+
+
+# ------------------------------------------------------------------ workers die, scale, cancel
+
+
+@pytest.mark.slow
+async def test_kill_9_a_worker_mid_task_requeues_its_attempts_and_refuses_its_late_result(run):
+    run.graph.write_text(graph(6, tokens=300))
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "2", "--capacity", "2")
+        on = await until(lambda: (lambda r: r if len(r) == 2 and all(len(v) == 2 for v in
+                                                                       r.values()) else None)(
+            run.running_on()))
+        victim = sorted(on)[0]
+        pid = await until(lambda: worker_pid(victim))
+        os.kill(pid, signal.SIGKILL)
+        # the dead worker's attempts are re-queued (process exit, or lease expiry)
+        await until(lambda: {a["task_id"] for a in run.attempts()
+                             if a["state"] == "lost"} >= set(on[victim]))
+        # a late result for a dead attempt, sent as the dead worker: refused
+        url = run.bus_url()
+        assert url is not None
+        dead_task = on[victim][0]
+        async with open_bus_client(url, token=TOKEN, endpoint_id=P.worker_endpoint(victim)) as c:
+            await c.send(P.ORCHESTRATOR_ID, P.to_wire(P.Result(
+                run_id=str(run.run_id()), task_id=dead_task, attempt=1, worker_id=victim,
+                status="succeeded", text="FORGED LATE RESULT")))
+            await until(lambda: run.events("result.refused"))
+        code = await run.wait()
+    assert code == 0, run.stderr()
+    tasks = run.tasks()
+    assert all(t["state"] == "succeeded" for t in tasks.values())
+    assert "FORGED" not in str(tasks[dead_task]["result"])
+    atts = run.attempts()
+    assert_never_twice_at_once(atts)
+    per = by_task(atts)
+    for tid in on[victim]:
+        states = [a["state"] for a in sorted(per[tid], key=lambda a: a["attempt"])]
+        assert states == ["lost", "succeeded"], (tid, states)
+        assert per[tid][1]["worker_id"] != victim
+    refused = run.events("result.refused")[0]["data"]
+    assert refused["attempt"] == 1 and refused["worker_id"] == victim
+    assert refused["reported"] == "succeeded"
+    # resume would not take it for a success either: its attempt row stays "lost"
+    assert next(a for a in per[dead_task] if a["attempt"] == 1)["result"] is None
+    assert not procs_touching(str(run.state))
+
+
+@pytest.mark.slow
+async def test_scale_up_adds_workers_and_scale_down_drains_without_losing_work(run):
+    run.graph.write_text(graph(14, tokens=300))
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "1", "--capacity", "2")
+        await until(lambda: len(run.running_on()) == 1)
+        rid = str(run.run_id())
+        p = await run.cli("scale", "3", "--run", rid)
+        assert p.returncode == 0, p.stderr
+        await until(lambda: len(run.running_on()) == 3)
+        workers = sorted(run.running_on())
+        p = await run.cli("scale", "1", "--run", rid)
+        assert p.returncode == 0, p.stderr
+        # two workers drain: they finish what they hold, then their processes exit
+        await until(lambda: sum(worker_pid(w) is not None for w in workers) == 1, poll_s=0.1)
+        code = await run.wait()
+    assert code == 0, run.stderr()
+    atts = run.attempts()
+    assert {a["state"] for a in atts} == {"succeeded"}  # draining lost or cancelled nothing
+    assert_never_twice_at_once(atts)
+    assert len({a["worker_id"] for a in atts}) == 3
+    log = run.log_lines()
+    assert log.count('"worker.draining"') == 2 and log.count('"worker.spawned"') == 3
+
+
+@pytest.mark.slow
+async def test_cancel_a_subtree_cancels_children_and_marks_dependents_not_run(run):
+    run.graph.write_text('''
+[run]
+failure_policy = "continue"
+[agents.planner]
+script = [{text = '{"files": ["a", "b", "c"]}'}]
+[agents.slow]
+script = [{text = "done", output_tokens = 2000}]
+[agents.quick]
+script = [{text = "ok", output_tokens = 100}]
+[[tasks]]
+id = "plan"
+agent = "planner"
+[[tasks]]
+id = "code"
+agent = "slow"
+needs = ["plan"]
+fan_out = "plan.outputs.files"
+prompt = "write {{ item }}"
+[[tasks]]
+id = "review"
+agent = "quick"
+needs = ["code"]
+[[tasks]]
+id = "other"
+agent = "quick"
+''')
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "2", "--capacity", "4")
+        await until(lambda: sum(a["task_id"].startswith("code[") and a["state"] == "running"
+                                for a in run.attempts()) == 3)
+        p = await run.cli("cancel", str(run.run_id()), "code")
+        assert p.returncode == 0, p.stderr
+        code = await run.wait()
+    assert code == 130, run.stderr()  # something was cancelled, nothing failed
+    tasks = run.tasks()
+    assert {t: tasks[t]["state"] for t in tasks} == {
+        "plan": "succeeded", "other": "succeeded", "code": "cancelled",
+        "code[0]": "cancelled", "code[1]": "cancelled", "code[2]": "cancelled",
+        "review": "not_run"}
+    assert "needs code, which was cancelled" in tasks["review"]["reason"]
+    kids = [a for a in run.attempts() if a["task_id"].startswith("code[")]
+    assert {a["state"] for a in kids} == {"cancelled"} and len(kids) == 3
+    assert all(a["error"] == "cancelled by request" for a in kids)
+    assert not procs_touching(str(run.state))
+
+
+SIGNAL_GRAPH = graph(2, tokens=5000, extra='''
+[agents.sleeper]
+tools = ["shell"]
+script = [{call = {name = "shell", arguments = {cmd = "sleep 60 & sleep 60"}}}, {text = "x"}]
+[[tasks]]
+id = "nap"
+agent = "sleeper"
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_cancels_the_run_exit_130_and_leaves_no_process(run, sig):
+    run.graph.write_text(SIGNAL_GRAPH)
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "2", "--capacity", "2")
+        await until(lambda: len([a for a in run.attempts() if a["state"] == "running"]) == 3)
+        # the tool's processes are up (their cwd is the task's workspace in the state dir)
+        await until(lambda: len([p for p in procs_touching(str(run.state / "workspaces"))]) >= 2)
+        assert run.proc is not None
+        run.proc.send_signal(sig)
+        code = await run.wait()
+        # everything the run started is gone (the workers were waited for before exit)
+        await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
+    assert code == 130, run.stderr()
+    row = run.run_row()
+    assert row["status"] == "cancelled" and signal.Signals(sig).name in row["reason"]
+    assert {t["state"] for t in run.tasks().values()} == {"cancelled"}
+    assert {a["state"] for a in run.attempts()} == {"cancelled"}
+
+
+@pytest.mark.slow
+async def test_kill_9_the_orchestrator_then_resume_finishes_without_repeating_tasks(run):
+    run.graph.write_text('''
+[agents.quick]
+script = [{text = "ok", output_tokens = 10}]
+[agents.slow]
+script = [{text = "slow done", output_tokens = 600}]
+[[tasks]]
+id = "a"
+agent = "quick"
+[[tasks]]
+id = "b"
+agent = "quick"
+[[tasks]]
+id = "c"
+agent = "slow"
+needs = ["a", "b"]
+[[tasks]]
+id = "d"
+agent = "quick"
+needs = ["c"]
+''')
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "2")
+        await until(lambda: any(a["task_id"] == "c" and a["state"] == "running"
+                                for a in run.attempts()))
+        rid = str(run.run_id())
+        assert run.proc is not None
+        run.proc.kill()
+        await run.wait()
+        # its local workers notice the orchestrator is gone and stop (tools included)
+        await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
+        assert run.run_row()["status"] == "running"
+        resumed = Run(run.tmp)
+        resumed.err_path = run.tmp / "resume.stderr"
+        await resumed.start("--workers", "1", cmd=("resume", rid))
+        code = await resumed.wait()
+    assert code == 0, resumed.stderr()
+    assert run.run_row()["status"] == "succeeded"
+    per = by_task(run.attempts())
+    assert [a["state"] for a in per["a"]] == ["succeeded"]  # finished before: not repeated
+    assert [a["state"] for a in per["b"]] == ["succeeded"]
+    assert [a["state"] for a in sorted(per["c"], key=lambda a: a["attempt"])] == [
+        "lost", "succeeded"]
+    assert [a["state"] for a in per["d"]] == ["succeeded"]
+    assert_never_twice_at_once(run.attempts())
+    assert run.events("resumed")[0]["data"]["closed_attempts"] == 1
+
+
+# ------------------------------------------------------------------ bad and remote workers
+
+
+@pytest.mark.slow
+async def test_bad_workers_are_cut_off_and_logged_while_the_run_goes_on(run):
+    run.graph.write_text(graph(4, tokens=200))
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "0", "--capacity", "4")  # no real worker yet
+        url = await until(run.bus_url)
+        rid = await until(run.run_id)
+
+        async with open_bus_client(url, token=TOKEN, endpoint_id="worker.nonsense") as a, \
+                open_bus_client(url, token=TOKEN, endpoint_id="worker.quitter") as b:
+            # a: says hello, then sends nonsense
+            await a.send(P.ORCHESTRATOR_ID, P.hello("nonsense", 1, 1, "h"))
+            await a.send(P.ORCHESTRATOR_ID, {"t": "heartbeat", "held": "everything"})
+            await a.send(P.ORCHESTRATOR_ID, b"\x00garbage")
+            # b: takes leases (it offers the most slots), then vanishes mid-task
+            await b.send(P.ORCHESTRATOR_ID, P.hello("quitter", 100, 2, "h"))
+            lease = await b.receive()
+            taken = P.parse_message(lease.payload())
+            assert isinstance(taken, P.Lease)
+        # a worker that never held the attempt returns a result for it
+        async with open_bus_client(url, token=TOKEN, endpoint_id="worker.forger2") as c:
+            await c.send(P.ORCHESTRATOR_ID, P.hello("forger2", 1, 3, "h"))
+            await c.send(P.ORCHESTRATOR_ID, P.to_wire(P.Result(
+                run_id=rid, task_id=taken.task_id, attempt=taken.attempt, worker_id="forger2",
+                status="succeeded", text="FORGED")))
+            await until(lambda: len(run.events("worker.cut_off")) >= 2)
+        # a real worker joins and runs everything, the quitter's attempts once its leases expire
+        p = await run.cli("scale", "1", "--run", rid)
+        assert p.returncode == 0, p.stderr
+        code = await run.wait()
+    assert code == 0, run.stderr()
+    cut = {e["data"]["source"]: e["data"]["why"] for e in run.events("worker.cut_off")}
+    assert "protocol error" in cut["worker.nonsense"]
+    assert "does not hold" in cut["worker.forger2"]
+    tasks = run.tasks()
+    assert all(t["state"] == "succeeded" for t in tasks.values())
+    assert "FORGED" not in str(tasks[taken.task_id]["result"])
+    per = by_task(run.attempts())
+    quit_att = next(a for a in per[taken.task_id] if a["worker_id"] == "quitter")
+    assert quit_att["state"] == "lost" and "quitter" in quit_att["error"]
+    assert_never_twice_at_once(run.attempts())
+    log = run.log_lines()
+    assert '"worker.cut_off"' in log and '"attempt.lost"' in log
+
+
+@pytest.mark.slow
+async def test_remote_workers_need_the_token_and_a_killed_one_loses_its_leases(run):
+    run.graph.write_text(graph(4, tokens=300))
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "0")
+        url = await until(run.bus_url)
+
+        def remote(wid: str) -> list[str]:
+            return _orch("worker", "--connect", url, "--worker-id", wid, "--capacity", "4",
+                         "--state-dir", str(run.state))
+
+        bad = await trio.run_process(remote("intruder"), env=_env("wrong-token"),
+                                     capture_stderr=True, check=False)
+        assert bad.returncode == 2
+        assert b"refused this worker's token" in bad.stderr
+        started: list[trio.Process] = []
+        try:
+            r1 = await trio.lowlevel.open_process(remote("r1"), env=_env(),
+                                                  stderr=subprocess.DEVNULL)
+            started.append(r1)
+            await until(lambda: len(run.running_on().get("r1", [])) == 4)
+            r1.kill()  # no bye, no process exit the orchestrator could see: leases expire
+            await r1.wait()
+            started.append(await trio.lowlevel.open_process(remote("r2"), env=_env(),
+                                                            stderr=subprocess.DEVNULL))
+            code = await run.wait()
+        finally:
+            for p in started:  # remote workers outlive runs (they serve the next one)
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
+    assert code == 0, run.stderr()
+    per = by_task(run.attempts())
+    for tid, atts in per.items():
+        atts.sort(key=lambda a: a["attempt"])
+        assert [(a["worker_id"], a["state"]) for a in atts] == [
+            ("r1", "lost"), ("r2", "succeeded")], tid
+        assert "lease expired" in atts[0]["error"] or "no heartbeat" in atts[0]["error"]
+    assert_never_twice_at_once(run.attempts())
+    assert "intruder" not in run.log_lines()
+
+
+# ------------------------------------------------------------------ in process: crash loop
+
+
+@pytest.mark.slow
+async def test_workers_that_keep_crashing_stop_being_respawned_and_the_run_fails_clearly(
+        tmp_path):
+    from orchestrator import scheduler as S
+    from orchestrator import supervisor as SV
+    from orchestrator.graph import GraphSpec
+
+    g = GraphSpec.from_text(graph(1, tokens=1), "g.toml")
+    j = Journal.open(tmp_path / "journal.sqlite")
+    j.create_run("r1", graph_path="g.toml", graph_text=g.source_text)
+    lines: list[bytes] = []
+    opts = SV.RunOptions(state_dir=tmp_path, workers=1, progress="none", token=TOKEN,
+                         worker_args=("--capacity", "0"))  # every worker exits with 2 at once
+    sup = SV.Supervisor(graph=g, journal=j, run_id="r1", opts=opts, scheduler=S.Scheduler(g),
+                        sink=lines.append)
+    with trio.fail_after(GUARD_S):
+        outcome = await sup.run()
+    assert outcome.status == "failed" and outcome.fatal is not None
+    assert outcome.fatal.startswith(f"no workers left: {SV.CRASH_LIMIT} local workers exited")
+    assert "--capacity must be at least 1" in outcome.fatal  # the last stderr line says why
+    assert sup.procs is not None and sup.procs.counter == SV.CRASH_LIMIT
+    row = j.get_run("r1")
+    assert row is not None and row["status"] == "failed" and "no workers left" in row["reason"]
+    assert {t["state"] for t in j.task_rows("r1")} == {"cancelled"}
