@@ -398,7 +398,7 @@ class _Parser:
         for key in ("url", "model", "api_key_env"):
             if key in t:
                 vals[key] = self.get(t, key, str, sec, where, vals[key], what="a string")
-        for key, allowed in (("transport", ("ws", "http")), ("encoding", ("msgpack", "json"))):
+        for key, allowed in (("transport", ("ws", "http", "chat")), ("encoding", ("msgpack", "json"))):
             if key in t:
                 v = t[key]
                 if v not in allowed:

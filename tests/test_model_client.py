@@ -470,45 +470,38 @@ async def _serve_ws_fake(nursery: trio.Nursery, reply: Any) -> str:
     return f"http://{host}:{port}/v1"
 
 
-async def test_a_garbled_event_is_a_connection_error():
-    async def garble(ws: Any, frame: Any) -> None:
-        await ws.send_message(b"\xc1 not msgpack")
+async def _garble(ws: Any, frame: Any) -> None:
+    await ws.send_message(b"\xc1 not msgpack")
+
+
+async def _hang_up(ws: Any, frame: Any) -> None:
+    await ws.aclose(1011, "boom")
+
+
+async def _fail(ws: Any, frame: Any) -> None:
+    await ws.send_message(msgpack.packb({"type": "error", "status": 500, "error": {
+        "type": "server_error", "code": "server_error", "message": "overloaded"}}))
+
+
+@pytest.mark.parametrize(("reply", "error", "match"), [
+    (_garble, ModelConnectionError, "bad event"),
+    # The turn, then its one resend on a new connection, both hung up on.
+    (_hang_up, ModelConnectionError, "again after a full resend"),
+    (_fail, ModelServerError, "overloaded"),
+], ids=["garbled-event", "breaks-after-resend", "server-error-event"])
+async def test_a_broken_server_gives_the_error_that_says_whose_fault(
+        reply: Any, error: type[Exception], match: str):
+    frames: list[Any] = []
+
+    async def record(ws: Any, frame: Any) -> None:
+        frames.append(frame)
+        await reply(ws, frame)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            base = await _serve_ws_fake(nursery, garble)
+            base = await _serve_ws_fake(nursery, record)
             async with open_model_session(ModelEndpoint(base_url=base)) as s:
-                with pytest.raises(ModelConnectionError, match="bad event"):
+                with pytest.raises(error, match=match):
                     await s.turn([_user("hi")])
             nursery.cancel_scope.cancel()
-
-
-async def test_a_link_that_breaks_again_after_the_resend_is_a_connection_error():
-    connections = []
-
-    async def hang_up(ws: Any, frame: Any) -> None:
-        connections.append(frame)
-        await ws.aclose(1011, "boom")
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            base = await _serve_ws_fake(nursery, hang_up)
-            async with open_model_session(ModelEndpoint(base_url=base)) as s:
-                with pytest.raises(ModelConnectionError, match="again after a full resend"):
-                    await s.turn([_user("hi")])
-            nursery.cancel_scope.cancel()
-    assert len(connections) == 2  # the turn, and its one resend on a new connection
-
-
-async def test_a_server_error_event_is_the_servers_fault():
-    async def fail(ws: Any, frame: Any) -> None:
-        await ws.send_message(msgpack.packb({"type": "error", "status": 500, "error": {
-            "type": "server_error", "code": "server_error", "message": "overloaded"}}))
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            base = await _serve_ws_fake(nursery, fail)
-            async with open_model_session(ModelEndpoint(base_url=base)) as s:
-                with pytest.raises(ModelServerError, match="overloaded"):
-                    await s.turn([_user("hi")])
-            nursery.cancel_scope.cancel()
+    assert len(frames) == (2 if reply is _hang_up else 1)
