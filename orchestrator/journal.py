@@ -12,13 +12,14 @@ table, which the running orchestrator polls with `take_requests`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 SCHEMA_VERSION = 2
@@ -98,6 +99,7 @@ class Journal:
         self.path = path
         self._synced: dict[str, dict[str, Any]] = {}  # run_id -> task_id -> last view written
         self._cursors: dict[str, tuple[list[str], int]] = {}  # run_id -> (change log, read up to)
+        self._in_batch = False  # True inside batch(): writes join its transaction
 
     # ------------------------------------------------------------ opening
 
@@ -203,8 +205,34 @@ class Journal:
         self.conn.close()
 
     def _tx(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-        with self.conn:
+        with self._write():
             return self.conn.execute(sql, params)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One transaction, committed on exit; inside `batch()` it joins the batch's."""
+        if self._in_batch:
+            yield
+            return
+        with self.conn:
+            self.conn.execute("BEGIN")
+            yield
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group every write in the block into one transaction, committed when the block
+        ends (rolled back if it raises). The write-ahead rule then holds per batch: act on
+        what the block wrote (send leases, start dependents) only after it. Re-entrant."""
+        if self._in_batch:
+            yield
+            return
+        self._in_batch = True
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                yield
+        finally:
+            self._in_batch = False
 
     # ------------------------------------------------------------ runs
 
@@ -213,8 +241,7 @@ class Journal:
 
         h = hashlib.sha256(graph_text.encode()).hexdigest()
         now = time.time()
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self._write():
             self.conn.execute(
                 "INSERT INTO runs (run_id, graph_path, graph_text, graph_hash, status, started) "
                 "VALUES (?, ?, ?, ?, 'running', ?)", (run_id, graph_path, graph_text, h, now))
@@ -225,8 +252,7 @@ class Journal:
     def finish_run(self, run_id: str, status: str, *, summary: Mapping[str, Any] | None = None,
                    reason: str | None = None) -> None:
         now = time.time()
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self._write():
             self.conn.execute("UPDATE runs SET status = ?, ended = ?, reason = ?, "
                               "summary_json = ? WHERE run_id = ?",
                               (status, now, reason, _dumps(dict(summary or {})), run_id))
@@ -289,8 +315,7 @@ class Journal:
 
     def attempt_started(self, run_id: str, task_id: str, attempt: int, worker_id: str) -> None:
         now = time.time()
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self._write():
             self.conn.execute(
                 "INSERT INTO attempts (run_id, task_id, attempt, worker_id, state, started) "
                 "VALUES (?, ?, ?, ?, 'running', ?) ON CONFLICT (run_id, task_id, attempt) DO "
@@ -311,8 +336,7 @@ class Journal:
         task as succeeded even if the task row was not synced before a crash.
         """
         now = time.time()
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self._write():
             self.conn.execute(
                 "INSERT INTO attempts (run_id, task_id, attempt, state, ended, error, "
                 "result_json, usage_json, stopped_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -337,8 +361,7 @@ class Journal:
         cancel or loss). Never stores its result, so resume never takes it for a success; an
         attempt row still open becomes "stale"; the tokens it spent are kept."""
         now = time.time()
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self._write():
             self.conn.execute(
                 "INSERT INTO attempts (run_id, task_id, attempt, worker_id, state, ended, error, "
                 "usage_json, stopped_at) VALUES (?, ?, ?, ?, 'stale', ?, ?, ?, ?) "
@@ -359,8 +382,7 @@ class Journal:
         """End every attempt still queued or running (after a crash, or at the end of a run):
         nobody will report it any more. Returns how many were closed."""
         now = time.time()
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self._write():
             cur = self.conn.execute(
                 "UPDATE attempts SET state = ?, ended = ?, error = COALESCE(error, ?) "
                 "WHERE run_id = ? AND state IN ('queued', 'running')",
@@ -441,8 +463,7 @@ class Journal:
                 events.append((run_id, tid, "task.state",
                                _dumps({"state": v.state, "attempt": v.attempt,
                                        "error": v.error, "reason": v.reason}), now))
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self._write():
             self.conn.executemany(
                 "INSERT INTO tasks (run_id, task_id, kind, parent, agent, state, attempt, "
                 "failures, prompt, item_json, result_json, error, reason, started, ended, "

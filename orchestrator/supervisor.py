@@ -255,15 +255,20 @@ class Supervisor:
                 self._poll_control()
                 next_poll = now + CONTROL_POLL_S
             self._check_workers_left()
-            for act in self.sched.next_actions(now):
-                if isinstance(act, S.StartAttempt):
-                    self.journal.attempt_queued(self.run_id, act.task_id, act.attempt)
-                    self.pending.append(act)
-                elif isinstance(act, S.CancelAttempt):
-                    await self._cancel_attempt(act)
-            await self._assign(now)
-            self._answer_waits()
-            self._sync_journal()
+            # one journal transaction per step, committed before any of it is sent
+            sends: list[tuple[str, Any]] = []
+            with self.journal.batch():
+                for act in self.sched.next_actions(now):
+                    if isinstance(act, S.StartAttempt):
+                        self.journal.attempt_queued(self.run_id, act.task_id, act.attempt)
+                        self.pending.append(act)
+                    elif isinstance(act, S.CancelAttempt):
+                        self._cancel_attempt(act, sends)
+                self._assign(now, sends)
+                self._answer_waits()
+                self._sync_journal()
+            for worker_id, body in sends:
+                await self._send(worker_id, body)
             if self.sched.done:
                 break  # after carrying out the last actions: a cancel_all's CancelAttempts
             deadline = next_poll
@@ -274,7 +279,9 @@ class Supervisor:
                 await self._wake.wait()
             self._wake = trio.Event()
 
-    async def _assign(self, now: float) -> None:
+    def _assign(self, now: float, sends: list[tuple[str, Any]]) -> None:
+        """Lease pending attempts to free workers: journaled now, sent by the caller after
+        the journal batch commits."""
         while self.pending:
             act = self.pending[0]
             if not self.sched.is_current(act.task_id, act.attempt):
@@ -294,10 +301,7 @@ class Supervisor:
                                          worker.worker_id)
             self.table.grant(act.task_id, act.attempt, worker.worker_id, now)
             self.sched.on_started(act.task_id, act.attempt, now)
-            try:
-                await self.bus.send(P.worker_endpoint(worker.worker_id), P.to_wire(lease))
-            except BusError as exc:
-                log.warning("lease.send_failed", worker_id=worker.worker_id, error=str(exc))
+            sends.append((worker.worker_id, P.to_wire(lease)))
 
     def _lease_agent(self, name: str) -> P.AgentSpec:
         """The agent spec a lease carries: on the embedded sim, the worker sends the bus token
@@ -313,7 +317,7 @@ class Supervisor:
     def _lease_model_url(self, name: str) -> str | None:
         return self.graph.agent_specs()[name].model.base_url or self.model_base_url
 
-    async def _cancel_attempt(self, act: S.CancelAttempt) -> None:
+    def _cancel_attempt(self, act: S.CancelAttempt, sends: list[tuple[str, Any]]) -> None:
         """The scheduler ended a live attempt (timeout, cancel, stop policy): journal how, then
         tell its worker. The lease stays until the worker reports, so its capacity is held."""
         state = "timed_out" if act.reason.startswith("timed out") else "cancelled"
@@ -323,7 +327,7 @@ class Supervisor:
         log.info("attempt.cancel", task_id=act.task_id, attempt=act.attempt, worker_id=holder,
                  reason=act.reason)
         if holder is not None:
-            await self._send(holder, P.cancel(act.task_id, act.attempt, act.reason))
+            sends.append((holder, P.cancel(act.task_id, act.attempt, act.reason)))
 
     async def _send(self, worker_id: str, body: Any) -> None:
         try:

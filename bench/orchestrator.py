@@ -1,0 +1,242 @@
+"""Orchestrator benchmark: per-task orchestration overhead across processes, and memory per
+idle agent session.
+
+    python bench/orchestrator.py            # 10,000 tasks, 1,000 sessions
+    python bench/orchestrator.py --quick    # 2,000 tasks, 1,000 sessions (under 60 s)
+
+Cost model: the embedded sim model with model time zero (no prefill, no decode, no time to
+first token): every model turn still really encodes, sends, decodes and tokenizes. What is
+measured is everything else.
+
+1. Throughput: one graph of N independent tasks (one agent, one model turn each) run by the
+   real supervisor (in this process: hub, embedded sim, scheduler, journal in WAL SQLite,
+   logs at info into the run's log.jsonl) and two real `orchestrator worker` processes dialing
+   it over loopback WebSockets. Each task is a full attempt: journal (queued, started, ended,
+   task row), lease over the bus, agent session on the worker (a model WebSocket opened, one
+   turn, closed), result over the bus, dependents. `overhead_us_per_task` = wall time from the
+   first lease to the last result / N (worker start-up excluded and reported apart);
+   `tasks_per_s` = N / that time.
+
+2. Sessions: S agent sessions held open at once, idle. A *session* is one leased task attempt
+   running on a worker: its cancel scope and agent loop, its model WebSocket (client side in
+   the worker, connection state and cached context in the sim server), its transcript after
+   one model turn, its tool registry, its `task.<id>` alias on the bus, and its lease in the
+   supervisor; it sits in a Python tool (`hold`) awaiting a release file. RSS of every process
+   holding them (this process: supervisor, hub, sim; plus both workers) is measured with one
+   session open and with S + 1 open; `kb_per_idle_session` = the difference / S.
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+async def hold(path: str) -> str:
+    """Wait until the file `path` exists (the bench's idle tool).
+
+    Args:
+        path: the file to wait for
+    """
+    import trio
+
+    while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240 - a file is the cross-process signal
+        await trio.sleep(1.0)
+    return "released"
+
+
+def _rss_kb(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _graph_tasks(n: int) -> str:
+    parts = ['[run]\nmax_concurrent = 512\nretries = 0\ntimeout = "10m"\n'
+             '[agents.a]\ninstructions = "answer"\nscript = [{text = "ok"}]\n']
+    parts += [f'[[tasks]]\nid = "t{i}"\nagent = "a"\nprompt = "task {i}"\n' for i in range(n)]
+    return "".join(parts)
+
+
+def _graph_sessions(n: int, gate: pathlib.Path, release: pathlib.Path) -> str:
+    parts = [f'[run]\nmax_concurrent = {n + 1}\ntimeout = "10m"\n'
+             '[agents.gate]\ninstructions = "wait"\ntools = ["bench.orchestrator:hold"]\n'
+             f'script = [{{call = {{name = "hold", arguments = {{path = "{gate}"}}}}}}, '
+             '{text = "open"}]\n'
+             '[agents.idle]\ninstructions = "wait"\ntools = ["bench.orchestrator:hold"]\n'
+             f'script = [{{call = {{name = "hold", arguments = {{path = "{release}"}}}}}}, '
+             '{text = "done"}]\n'
+             '[[tasks]]\nid = "gate"\nagent = "gate"\nprompt = "go"\n']
+    parts += [f'[[tasks]]\nid = "s{i}"\nagent = "idle"\nneeds = ["gate"]\nprompt = "idle {i}"\n'
+              for i in range(n)]
+    return "".join(parts)
+
+
+def _supervisor(text: str, state: pathlib.Path, *, capacity: int, log_level: str) -> Any:
+    from bus.logs import configure_logging
+    from modellink.sim import SimConfig
+    from orchestrator import scheduler as S
+    from orchestrator.graph import GraphSpec
+    from orchestrator.journal import Journal
+    from orchestrator.supervisor import RunOptions, Supervisor, bind_run
+
+    graph = GraphSpec.from_text(text, "bench.toml")
+    state.mkdir(parents=True, exist_ok=True)
+    journal = Journal.open(state / "journal.sqlite")
+    run_id = f"bench-{time.time_ns()}"
+    journal.create_run(run_id, graph_path="bench.toml", graph_text=text)
+    (state / "runs" / run_id).mkdir(parents=True)
+    log_f = open(state / "runs" / run_id / "log.jsonl", "ab")  # noqa: SIM115 - bench lifetime
+
+    def sink(line: bytes) -> None:
+        log_f.write(line + b"\n")
+
+    configure_logging(json=True, level=log_level, tee=sink, quiet=True)
+    bind_run(run_id)
+    opts = RunOptions(state_dir=state, workers=2, worker_capacity=capacity,
+                      sim=SimConfig.zero(), progress="none", lease_ttl_s=30.0,
+                      worker_args=("--log-level", log_level))
+    return Supervisor(graph=graph, journal=journal, run_id=run_id, opts=opts,
+                      scheduler=S.Scheduler(graph), sink=sink)
+
+
+async def bench_tasks(n: int, state: pathlib.Path, log_level: str) -> dict[str, Any]:
+    import trio
+
+    sup = _supervisor(_graph_tasks(n), state, capacity=256, log_level=log_level)
+    marks: dict[str, float] = {}
+
+    cpu: dict[str, float] = {}
+
+    def pids() -> dict[str, int]:
+        out = {"orchestrator": os.getpid()}
+        if sup.procs is not None:
+            out.update({w: p.pid for w, p in sup.procs.procs.items()})
+        return out
+
+    async def watch() -> None:  # polling: the bench must not change what it measures
+        t0 = time.perf_counter()
+        while not sup.table.leases:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+        marks["first_lease"] = time.perf_counter()
+        marks["startup"] = marks["first_lease"] - t0
+        for k, pid in pids().items():
+            cpu[k] = -_cpu_s(pid)
+        while not sup.sched.done:  # noqa: ASYNC110
+            await trio.sleep(0.001)
+        marks["done"] = time.perf_counter()
+        for k, pid in pids().items():
+            cpu[k] = cpu.get(k, 0.0) + _cpu_s(pid)
+
+    t0 = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        outcome = await sup.run()
+    wall = time.perf_counter() - t0
+    busy = marks["done"] - marks["first_lease"]
+    assert outcome.status == "succeeded", outcome
+    attempts = sup.journal.conn.execute(
+        "SELECT COUNT(*) FROM attempts WHERE run_id = ? AND state = 'succeeded'",
+        (sup.run_id,)).fetchone()[0]
+    assert attempts == n, attempts
+    return {"tasks": n, "seconds_first_lease_to_done": round(busy, 3),
+            "worker_startup_s": round(marks["startup"], 3), "run_wall_s": round(wall, 3),
+            "overhead_us_per_task": round(busy / n * 1e6, 1),
+            "tasks_per_s": round(n / busy, 1),
+            "cpu_us_per_task": {k: round(v / n * 1e6, 1) for k, v in cpu.items()},
+            "cpu_us_per_task_total": round(sum(cpu.values()) / n * 1e6, 1)}
+
+
+async def bench_sessions(n: int, state: pathlib.Path, log_level: str) -> dict[str, Any]:
+    import trio
+
+    gate, release = state / "GATE", state / "RELEASE"
+    sup = _supervisor(_graph_sessions(n, gate, release), state, capacity=n, log_level=log_level)
+    out: dict[str, Any] = {}
+
+    def rss() -> dict[str, int]:
+        pids = {"orchestrator": os.getpid()}
+        assert sup.procs is not None
+        for wid, p in sup.procs.procs.items():
+            pids[wid] = p.pid
+        return {k: _rss_kb(pid) for k, pid in pids.items()}
+
+    def running() -> int:
+        return int(sup.sched.counts().get("running", 0))
+
+    async def drive() -> None:
+        while running() < 1 or len(sup.table.workers) < 2:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        await trio.sleep(1.5)  # the gate session is in its tool; workers settled
+        before = rss()
+        gate.write_text("go")
+        t0 = time.perf_counter()
+        while running() < n:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        out["open_s"] = round(time.perf_counter() - t0, 3)
+        # every session has had its model turn and sits in the tool
+        while sup.table.leases and len(sup.table.leases) < n:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        await trio.sleep(3.0)
+        after = rss()
+        out["rss_kb_before"], out["rss_kb_after"] = before, after
+        out["kb_per_idle_session"] = round((sum(after.values()) - sum(before.values())) / n, 1)
+        out["kb_per_idle_session_by_process"] = {
+            k: round((after[k] - before.get(k, 0)) / n, 1) for k in after}
+        release.write_text("go")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drive)
+        outcome = await sup.run()
+    assert outcome.status == "succeeded", outcome
+    out["concurrent_sessions"] = n
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2,000 tasks instead of 10,000")
+    ap.add_argument("--tasks", type=int, default=None)
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args()
+    n = args.tasks or (2000 if args.quick else 10_000)
+    sys.path.insert(0, str(REPO))
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    import trio
+
+    result: dict[str, Any] = {"quick": args.quick, "cost_model": "sim, model time zero",
+                              "workers": 2, "log_level": args.log_level}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = trio.run(bench_tasks, n, pathlib.Path(tmp) / "tasks", args.log_level)
+        print(f"tasks: {json.dumps(t)}", file=sys.stderr)
+        result.update(t)
+        s = trio.run(bench_sessions, args.sessions, pathlib.Path(tmp) / "sessions",
+                     args.log_level)
+        print(f"sessions: {json.dumps(s)}", file=sys.stderr)
+        result.update(s)
+    result["targets"] = {"overhead_us_per_task": 300, "concurrent_sessions": 1000,
+                         "kb_per_idle_session": 100}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
