@@ -130,7 +130,7 @@ class BusTools:
             reply = await self.bus.request(
                 ORCHESTRATOR_ID,
                 {"t": "wait", "run_id": self.run_id, "parent": self.task_id,
-                 "children": list(children)},
+                 "attempt": self.attempt, "children": list(children)},
                 timeout=wait)
         except BusTimeoutError:
             raise ToolFailure(f"children {children} not finished after "
