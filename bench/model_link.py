@@ -10,8 +10,9 @@ server running in its own process (client and server do not share an event loop 
   http-keepalive  the same on one kept-alive connection
 
 Cost model: the sim charges ttft_s + prefill_s_per_token x uncached input tokens before the first
-event and decode_s_per_token per output token; its prefix cache is global to the server, so both
-transports get the same cached_tokens and the same simulated time. Every session's first message
+event and decode_s_per_token per output token; its prefix cache is global to the server (and sized
+here to hold every session), so both transports get the same cached_tokens and the same simulated
+time. Every session's first message
 carries a nonce, so no session reuses another's cache. "Overhead" is a turn's elapsed time minus
 that simulated model time (computed from the turn's usage and the server's rates): the time spent
 in transport, encoding, validation and rendering, on both sides.
@@ -97,8 +98,11 @@ def script(turns: int) -> str:
 def sim_config(rates: str) -> SimConfig:
     # The script lives in the server (default_script), not in each request's metadata: a real
     # agent's requests carry no script, and 50 steps would add ~3 KB to every WebSocket delta.
+    # The prefix cache holds every session's context (100 x 50 turns x ~1.1k tokens ~ 6M tokens):
+    # with the default 2M tokens, 100 interleaved sessions thrash the LRU and the simulated
+    # prefill of the misses, not the transport, decides the result.
     base = SimConfig.zero() if rates == "zero" else SimConfig()
-    return attrs.evolve(base, default_script=script(MAX_TURNS))
+    return attrs.evolve(base, default_script=script(MAX_TURNS), prefix_cache_blocks=1 << 19)
 
 
 # ------------------------------------------------------------------ server process
@@ -272,6 +276,13 @@ async def bench(args: argparse.Namespace, servers: dict[str, Server]) -> dict[st
     n_out = max(*turn_counts, args.concurrent_turns)
     outputs = [[tool_output(s, i) for i in range(n_out)] for s in range(8)]
     table: dict[tuple[str, int, int], dict[str, ModeResult]] = {}
+    print("columns: bytes t1/tN = bytes the client sent in turn 1 / turn T (WebSocket frame\n"
+          "  payloads; HTTP request head + body); ovh = a turn's elapsed time minus its simulated\n"
+          "  model time (ttft + prefill x uncached + decode x output, from the server's rates and\n"
+          "  the turn's usage); ovh@tN = median of turns T-4..T; ovh avg = mean over the rollout;\n"
+          "  model s = simulated model time of a rollout; e2e s = one rollout's wall time (median),\n"
+          "  or with many sessions the wall time until all finish; cpu = CPU seconds per repeat.\n"
+          "  Medians over sessions and repeats. Ratios are HTTP / WebSocket.")
     plan = [("zero", turns, 1, args.repeats) for turns in turn_counts]
     plan += [("default", turns, 1, max(1, args.repeats // 2)) for turns in default_turns]
     plan += [(rates, args.concurrent_turns, args.sessions, 1) for rates in conc_rates]
