@@ -369,6 +369,11 @@ class ModelSession:
         except trio.Cancelled:
             await self._cancel_ws(link, response_id)
             raise
+        except BaseException:
+            # Anything else mid-response (KeyboardInterrupt, a bug): the link's event stream is
+            # no longer in step with the session, so the next turn starts on a new one.
+            self._drop_link()
+            raise
 
     async def _cancel_ws(self, link: _WsLink, response_id: str | None) -> None:
         if not link.alive:

@@ -282,7 +282,7 @@ async def test_a_dropped_connection_is_redialled_and_the_context_resent():
 LONG = {"text": "a long answer", "output_tokens": 5000}
 
 
-@pytest.mark.parametrize("opts", TRANSPORTS[:4])
+@pytest.mark.parametrize("opts", TRANSPORTS)
 async def test_cancelling_a_turn_stops_generation_and_the_session_goes_on(
         opts: dict[str, Any], autojump_clock: Any):
     with trio.fail_after(100):
