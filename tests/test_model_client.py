@@ -307,8 +307,8 @@ async def test_cancelling_a_turn_stops_generation_and_the_session_goes_on(
                 r2 = await s.turn([])
                 assert trio.current_time() - t0 >= 5.0
                 assert r2.status == "completed" and r2.usage.output_tokens >= 5000
-                # (Over WS this is a delta when the server still holds the last completed
-                # response after a cancel, and one full resend when it does not.)
+                # After a cancel the server holds the last completed response again: a delta.
+                assert not r2.resent_full_context
                 r3 = await s.turn([_user("and?")])
                 assert r3.text == "short"
                 assert [i.get("type") for i in s.items] == [
