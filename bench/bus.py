@@ -92,7 +92,10 @@ async def role_publisher(args: argparse.Namespace) -> None:
                 while sent < n:
                     due = min(n, int((trio.current_time() - t0) * rate) + 1)
                     while sent < due:
-                        client.send_nowait("cons", body(sent))
+                        try:
+                            client.send_nowait("cons", body(sent))
+                        except trio.WouldBlock:  # outbound window full: wait like send() does
+                            await client.send("cons", body(sent))
                         sent += 1
                     await trio.sleep(0.001)
             while credited < n:
@@ -109,7 +112,12 @@ async def role_consumer(args: argparse.Namespace) -> None:
         got = 0
         t_first = t_last = 0.0
         while got < n:
-            msg = await client.receive()
+            with trio.move_on_after(15) as idle:
+                msg = await client.receive()
+            if idle.cancelled_caught:
+                print(json.dumps({"error": f"nothing for 15 s after {got} messages"}),
+                      flush=True)
+                return
             batch = [msg]
             while True:
                 try:
@@ -211,6 +219,8 @@ async def run_pair(url: str, n: int, rate: int, latency: bool) -> dict[str, Any]
     result = await read_json(cons_out)
     await cons.wait()
     await pub.wait()
+    if "error" in result or pub.returncode:
+        raise RuntimeError(f"run failed: {result}, publisher exit {pub.returncode}")
     return result
 
 
