@@ -129,6 +129,8 @@ class BusClient:
         self._error: BusError | None = None  # set once: every later call raises it
         self._closing = False
         self._done = trio.Event()  # set when the connection task has finished
+        # Bounded by config.inbox_size: the reader stops reading the socket while it is full
+        # (it may overshoot by the one frame it was handling, at most max_envelopes).
         self._inbox: deque[Message] = deque()
         self._inbox_lot = trio.lowlevel.ParkingLot()  # receivers waiting for a message
         self._reader_lot = trio.lowlevel.ParkingLot()  # the reader waiting for inbox room

@@ -95,6 +95,8 @@ class SeqState:
 
     Invariant: inflight holds envelopes written to some connection and not yet acked; pending
     holds envelopes not yet written; both ordered by seq, inflight before pending.
+    Bounded by the shells, not here: the client blocks senders at ClientConfig.max_outbound,
+    the hub closes a session over HubConfig.max_pending_msgs/bytes (slow-consumer policy).
     """
 
     next_seq: int = 1
