@@ -27,6 +27,10 @@ import attrs
 from orchestrator.graph import GraphSpec, RenderError, TaskSpec, references, render_prompt
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_run"})
+# the reason given to dynamic children cancelled because the parent attempt that spawned them
+# ended without succeeding (failed, timed out, lost): the parent's next attempt starts fresh
+# and never inherits them, and they do not count against the run's outcome
+SUPERSEDED = "superseded: "
 
 
 class SchedulerError(Exception):
@@ -155,7 +159,7 @@ class Scheduler:
         if any task failed, else "cancelled"."""
         if self.cancel_reason is not None:
             return "cancelled"
-        states = {t.state for t in self._tasks.values()}
+        states = {t.state for t in self._tasks.values() if not _superseded(t)}
         if states <= {"succeeded"}:
             return "succeeded"
         return "failed" if "failed" in states or self.stop_reason else "cancelled"
@@ -262,6 +266,7 @@ class Scheduler:
         if t is None:
             return False
         self._end_attempt(t)
+        self._drop_children(t, f"attempt {attempt} failed", now)
         self._fail_attempt(t, error, now, retryable=retryable)
         return True
 
@@ -271,6 +276,7 @@ class Scheduler:
         if t is None:
             return False
         self._end_attempt(t)
+        self._drop_children(t, f"attempt {attempt} was lost", now)
         self._set(t, "ready")
         self._enqueue(t, front=True)
         return True
@@ -290,6 +296,7 @@ class Scheduler:
             why = f"timed out after {_fmt_s(t.timeout_s)}"
             self._out.append(CancelAttempt(task_id=tid, attempt=attempt, reason=why))
             self._end_attempt(t)
+            self._drop_children(t, f"attempt {attempt} {why}", now)
             self._fail_attempt(t, why, now, retryable=True)
             hit.append(tid)
         return hit
@@ -605,6 +612,14 @@ class Scheduler:
         for c in t.children + t.dynamic:
             self._cancel_tree(self._tasks[c], reason, now, done)
 
+    def _drop_children(self, t: _Task, why: str, now: float) -> None:
+        """The attempt of `t` ended without succeeding: cancel the dynamic children it spawned
+        that are still open (and their subtrees), so a retry does not inherit them."""
+        for c in t.dynamic:
+            child = self._tasks[c]
+            if child.state not in TERMINAL:
+                self._cancel_tree(child, f"{SUPERSEDED}parent {t.id}'s {why}", now, [])
+
     def _prune(self) -> None:
         while self._backoff and not (
                 self._tasks[self._backoff[0][1]].state == "backoff"
@@ -616,6 +631,11 @@ class Scheduler:
             if t.live and t.attempt == attempt and t.state == "running":
                 break
             heapq.heappop(self._deadlines)
+
+
+def _superseded(t: _Task) -> bool:
+    return t.kind == "dynamic" and t.state == "cancelled" and \
+        (t.reason or "").startswith(SUPERSEDED)
 
 
 def _fmt_s(s: float) -> str:

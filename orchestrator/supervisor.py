@@ -506,9 +506,13 @@ class Supervisor:
             return
         still = []
         for msg, children in self.waits:
-            asker = self.sched.task_result(str(msg.payload().get("parent")))
-            if asker is None or asker["state"] in S.TERMINAL:
-                continue  # the waiting task ended (cancelled): an answer would only wake it
+            body = msg.payload()
+            parent, attempt = str(body.get("parent")), body.get("attempt")
+            asker = self.sched.task_result(parent)
+            if asker is None or asker["state"] in S.TERMINAL or (
+                    isinstance(attempt, int) and not self.sched.is_current(parent, attempt)):
+                continue  # the waiting attempt ended (cancelled, timed out, failed): an
+                # answer would only wake it for one more model turn
             states = {c: self.sched.task_result(c) for c in children}
             if all(s is not None and s["state"] in S.TERMINAL for s in states.values()):
                 self._inner.start_soon(self._reply_safe, msg, {"results": states})

@@ -273,6 +273,78 @@ def test_dynamic_children_do_not_wait_for_a_slot_their_parent_holds():
     assert starts(s.next_actions(0.0)) == [("x/1", 1)]
 
 
+def test_a_timed_out_parent_attempt_cancels_its_spawned_children_and_its_retry_starts_fresh():
+    s = Scheduler(graph(task("x", extra="retries = 1\ntimeout = \"10s\"")))
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    kid = s.spawn_child("x", prompt="sub", agent=None, now=1.0)
+    grandkid = s.spawn_child(kid, prompt="subsub", agent=None, now=1.0)
+    done = s.spawn_child("x", prompt="quick", agent=None, now=1.0)
+    [k, g, d] = s.next_actions(1.0)
+    for a in (k, g, d):
+        s.on_started(a.task_id, 1, 1.0)
+    assert s.on_succeeded(done, 1, {"text": "ok"}, 2.0)
+    assert s.check_timeouts(10.0) == ["x"]
+    acts = s.next_actions(10.0)
+    assert sorted(cancels(acts)) == [
+        ("x", 1, "timed out after 10s"),
+        ("x/1", 1, "superseded: parent x's attempt 1 timed out after 10s"),
+        (grandkid, 1, "superseded: parent x's attempt 1 timed out after 10s")]
+    assert s.task_result(done)["state"] == "succeeded"  # an ended child is left as it was
+    assert not s.on_succeeded(kid, 1, {"text": "late"}, 11.0)
+    # the retry has no live children: its own spawns are numbered after the old ones
+    [x2] = s.next_actions(s.next_wakeup())
+    assert (x2.task_id, x2.attempt) == ("x", 2)
+    s.on_started("x", 2, 20.0)
+    assert s.spawn_child("x", prompt="again", agent=None, now=20.0) == "x/3"
+    [k2] = s.next_actions(20.0)
+    run_ok(s, k2, 21.0)
+    assert s.on_succeeded("x", 2, {"text": "done"}, 22.0)
+    # superseded children do not make a successful run look cancelled
+    assert s.done and s.outcome() == "succeeded"
+
+
+def test_a_failed_or_lost_parent_attempt_cancels_its_live_spawned_children():
+    s = Scheduler(graph(task("x", extra="retries = 1") + task("y")))
+    [x, y] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    s.on_started("y", 1, 0.0)
+    kx = s.spawn_child("x", prompt="sub", agent=None, now=0.5)
+    ky = s.spawn_child("y", prompt="sub", agent=None, now=0.5)
+    for a in s.next_actions(0.5):
+        s.on_started(a.task_id, a.attempt, 0.5)
+    assert s.on_failed("x", 1, "boom", 1.0)
+    assert s.on_lost("y", 1, 1.0)
+    acts = s.next_actions(1.0)
+    assert sorted(cancels(acts)) == [
+        (kx, 1, "superseded: parent x's attempt 1 failed"),
+        (ky, 1, "superseded: parent y's attempt 1 was lost")]
+    assert starts(acts) == [("y", 2)]  # a lost attempt runs again at once
+    st_ = s.task_states()
+    assert st_[kx].state == st_[ky].state == "cancelled"
+    # the final failure of the parent: the run failed, whatever its children did
+    [y2] = [a for a in acts if isinstance(a, StartAttempt)]
+    run_ok(s, y2, 2.0)
+    [x2] = s.next_actions(s.next_wakeup())
+    s.on_started("x", 2, 5.0)
+    s.on_failed("x", 2, "boom again", 6.0)
+    assert s.done and s.outcome() == "failed"
+
+
+def test_a_superseded_child_stays_out_of_the_outcome_after_restore():
+    s = Scheduler(graph(task("x", extra="retries = 1")))
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    kid = s.spawn_child("x", prompt="sub", agent=None, now=0.5)
+    s.next_actions(0.5)
+    s.on_failed("x", 1, "boom", 1.0)
+    r = Scheduler.restore(s.graph, [v.to_record() for v in s.task_states().values()])
+    assert r.task_states()[kid].state == "cancelled"
+    [x2] = r.next_actions(10.0)
+    run_ok(r, x2, 11.0)
+    assert r.done and r.outcome() == "succeeded"
+
+
 def test_cancel_all_cancels_everything_and_the_outcome_says_so():
     s = Scheduler(graph(task("x") + task("y", "x")))
     [x] = s.next_actions(0.0)
