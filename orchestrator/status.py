@@ -359,10 +359,14 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
                 end = a.ended if a.ended is not None else (None if a.state in TERMINAL
                                                            else st.now)
                 took = None if a.started is None or end is None else max(end - a.started, 0.0)
+                err = a.error
+                if a.stopped_at:  # where the session stopped, as its worker reported it
+                    err = f"{err} (stopped at {a.stopped_at})" if err else \
+                        f"stopped at {a.stopped_at}"
                 rows.append([indent + f"  #{a.attempt}", a.state, "", a.worker_id or "-",
                              fmt_clock(a.started, tz), fmt_clock(a.ended, tz),
                              fmt_duration(took), *_usage_cells(a.usage),
-                             _clip(a.error, error_width)])
+                             _clip(err, error_width)])
     rows.append(["total", "", "", "", "", "", "", *_usage_cells(st.usage), ""])
     lines.extend(_table(HEADER, rows, right={2, 6, 7, 8, 9, 10}))
     if any_split or any(t.children for t in st.tasks):

@@ -215,3 +215,32 @@ def test_each_write_is_fast(jpath):
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(JournalError, match="directory .*nope does not exist"):
         Journal.open(tmp_path / "nope" / "journal.sqlite")
+
+
+def test_a_cancelled_or_timed_out_attempt_keeps_where_it_stopped_and_status_shows_it(jpath):
+    from orchestrator import status as ST
+    from orchestrator.cmd_status import load_status
+
+    j = Journal.open(jpath)
+    j.create_run("r1", graph_path="g.toml", graph_text=GRAPH)
+    s = Scheduler(GraphSpec.from_text(GRAPH, "g.toml"))
+    j.sync_tasks("r1", s.task_states())
+    for n, state in ((1, "timed_out"), (2, "cancelled")):
+        j.attempt_queued("r1", "x", n)
+        j.attempt_started("r1", "x", n, "w1")
+        # the supervisor ends the attempt first (deadline or cancel), the worker reports later
+        j.attempt_ended("r1", "x", n, state, error=f"{state} by the supervisor")
+        j.attempt_refused("r1", "x", n, reported="cancelled", why="attempt had already ended",
+                          worker_id="w1", usage={"turns": 2, "output_tokens": 7},
+                          stopped_at=f"turn {n + 1}: tools")
+    rows = {a["attempt"]: a for a in j.attempts("r1", "x")}
+    assert [(rows[n]["state"], rows[n]["stopped_at"], rows[n]["usage"]["output_tokens"])
+            for n in (1, 2)] == [("timed_out", "turn 2: tools", 7),
+                                 ("cancelled", "turn 3: tools", 7)]
+    assert rows[1]["error"] == "timed_out by the supervisor"
+    out = ST.render_text(load_status(j, "r1", now=time.time()), attempts=True, error_width=200)
+    assert "timed_out by the supervisor (stopped at turn 2: tools)" in out
+    assert "cancelled by the supervisor (stopped at turn 3: tools)" in out
+    assert ST.to_json(load_status(j, "r1", now=time.time()))["tasks"][0]["attempt_list"][0]["stopped_at"] == \
+        "turn 2: tools"
+    j.close()
