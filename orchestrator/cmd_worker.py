@@ -8,10 +8,13 @@ import pathlib
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 
 from bus.tokens import TokenError, load_token
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 130
+MODEL_TOKEN_ENV = "SWITCHBOARD_MODEL_TOKEN"  # agents.worker.MODEL_TOKEN_ENV (no agents import
+# at module level: `orchestrator --help` stays fast)
 PARENT_POLL_S = 0.5  # how often a worker started with --parent-pid checks its parent
 
 
@@ -26,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--connect", required=True, metavar="URL",
                    help="the orchestrator's bus URL, e.g. ws://host:7700/bus")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bus token")
+    p.add_argument("--model-token-file", metavar="FILE",
+                   help="file holding the bearer token for model servers whose agent names no "
+                   "api_key_env (a token-protected `orchestrator model-server`); "
+                   "else $SWITCHBOARD_MODEL_TOKEN")
     p.add_argument("--worker-id", default=None, help="unique id (default: HOST-PID)")
     p.add_argument("--capacity", type=int, default=8,
                    help="task attempts run at once (default 8)")
@@ -47,6 +54,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
+def load_model_token(token_file: str | None, *,
+                     env: Mapping[str, str] | None = None) -> str | None:
+    """The model servers' bearer token: the file's content (stripped) if given, else
+    $SWITCHBOARD_MODEL_TOKEN, else None. Raises TokenError for an unreadable or empty file."""
+    environ = os.environ if env is None else env
+    if token_file is None:
+        return environ.get(MODEL_TOKEN_ENV, "").strip() or None
+    try:
+        # the same rules as the bus token's file (bus.tokens.load_token); a file wins
+        return load_token(token_file, env={})
+    except TokenError as exc:
+        raise TokenError(str(exc).replace("--token-file or set SWITCHBOARD_TOKEN",
+                                          f"--model-token-file or set {MODEL_TOKEN_ENV}")
+                         ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     import trio  # imported here so `orchestrator --help` stays fast
 
@@ -63,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     try:
         token = load_token(args.token_file)
+        model_token = load_model_token(args.model_token_file)
     except TokenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -82,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = WorkerConfig(url=args.connect, token=token, worker_id=worker_id,
                        capacity=args.capacity,
                        workspace_root=pathlib.Path(args.state_dir) / "workspaces",
-                       pass_env=tuple(args.pass_env))
+                       pass_env=tuple(args.pass_env), model_token=model_token)
     worker = Worker(config=cfg, shipper=shipper)
 
     signalled = False

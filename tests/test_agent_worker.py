@@ -229,3 +229,45 @@ async def test_a_cancel_message_ends_the_attempt_where_it_is_and_reports_its_tur
     assert res.stopped_at == "turn 2: model"
     assert len(res.turns) == 1 and res.turns[0].tool_calls == ("shell",)
     assert json.dumps(P.to_wire(res))  # plain values only
+
+
+def test_worker_model_token_comes_from_the_file_else_the_environment(tmp_path):
+    from bus.tokens import TokenError
+    from orchestrator.cmd_worker import load_model_token
+
+    f = tmp_path / "model-token"
+    f.write_text("s3cret\n")
+    env = {"SWITCHBOARD_MODEL_TOKEN": "from-env", "SWITCHBOARD_TOKEN": "bus"}
+    assert load_model_token(str(f), env=env) == "s3cret"  # a file wins
+    assert load_model_token(None, env=env) == "from-env"
+    assert load_model_token(None, env={"SWITCHBOARD_TOKEN": "bus"}) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(TokenError, match="empty"):
+        load_model_token(str(tmp_path / "empty"), env=env)
+    with pytest.raises(TokenError, match="--model-token-file or set SWITCHBOARD_MODEL_TOKEN"):
+        load_model_token(str(tmp_path / "missing"), env=env)
+
+
+def test_worker_cli_passes_the_model_token_file_to_the_worker_config(tmp_path, monkeypatch):
+    from orchestrator import cli, cmd_worker
+
+    f = tmp_path / "model-token"
+    f.write_text("s3cret")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_worker(*, config, shipper):
+        seen["cfg"] = config
+        raise Stop
+
+    monkeypatch.setattr("agents.worker.Worker", fake_worker)
+    monkeypatch.setattr("bus.logs.configure_logging", lambda **kw: None)
+    monkeypatch.delenv("SWITCHBOARD_TOKEN", raising=False)
+    args = cli.build_parser().parse_args(
+        ["worker", "--connect", "ws://127.0.0.1:1/bus", "--model-token-file", str(f),
+         "--state-dir", str(tmp_path)])
+    with pytest.raises(Stop):
+        cmd_worker.run(args)
+    assert seen["cfg"].model_token == "s3cret"
