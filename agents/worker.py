@@ -105,6 +105,19 @@ class Worker:
     # topic pattern -> running attempts that subscribe to it; the bus subscription is held
     # while the count is above zero
     subs: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    stop_reason: str | None = None  # set by stop(); the bye says it
+
+    def stop(self, reason: str = "stopped") -> bool:
+        """Stop serving: cancel every running attempt (each still reports "cancelled", with
+        where it stopped, to the orchestrator), ship the last log lines, say bye, and return
+        from run(). Returns False, doing nothing, when run() is not serving yet (the caller
+        may then cancel it outright: there is nothing to report)."""
+        if self._nursery is None:
+            return False
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._nursery.cancel_scope.cancel()
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> int:
         """Serve leases until drained or cancelled. Raises BusError if the bus cannot be reached."""
@@ -426,7 +439,8 @@ class Worker:
                     except BusError:
                         pass
             try:
-                await self.bus.send(P.ORCHESTRATOR_ID, P.bye(self.config.worker_id, "drained"))
+                await self.bus.send(P.ORCHESTRATOR_ID,
+                                    P.bye(self.config.worker_id, self.stop_reason or "drained"))
             except BusError:
                 pass
 

@@ -117,15 +117,13 @@ def run(args: argparse.Namespace) -> int:
             async def on_signal() -> None:
                 nonlocal signalled
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-                    async for _ in sigs:
-                        inner = getattr(worker, "_nursery", None)
-                        if signalled or inner is None:
+                    async for sig in sigs:
+                        # first signal: cancel the attempts (each reports "cancelled"), then
+                        # the worker ships its last log lines and says bye before it exits
+                        if signalled or not worker.stop(f"received {signal.Signals(sig).name}"):
                             nursery.cancel_scope.cancel()  # second signal, or not serving yet
                             return
                         signalled = True
-                        # first signal: cancel the attempts (each reports "cancelled"), then
-                        # the worker ships its last log lines and says bye before it exits
-                        inner.cancel_scope.cancel()
 
             async def watch_parent(pid: int) -> None:
                 # orphaned: the orchestrator is gone, and with it the bus and the model

@@ -231,6 +231,29 @@ async def test_a_cancel_message_ends_the_attempt_where_it_is_and_reports_its_tur
     assert json.dumps(P.to_wire(res))  # plain values only
 
 
+async def test_stop_cancels_running_attempts_which_report_then_the_worker_says_bye(tmp_path):
+    sim = SimConfig(ttft_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.001)
+    agent = _agent("a", [{"text": "x", "output_tokens": 100_000}], [])
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path, sim=sim) as h:
+            assert Worker(config=h.worker.config).stop() is False  # not serving: nothing to do
+            await h.lease("t", agent)
+            stats = h.model.server.statistics
+            await until(lambda: stats()["output_tokens"] > 100)
+            assert h.worker.stop("received SIGTERM")
+            res = await h.result()
+            bye = None
+            async for msg in h.orch:
+                body = P.parse_message(msg.payload())
+                if isinstance(body, dict) and body["t"] == "bye":
+                    bye = body
+                    break
+            await until(lambda: stats()["in_flight"] == 0)
+    assert (res.status, res.error, res.stopped_at) == (
+        "cancelled", "worker shutting down", "turn 1: model")
+    assert bye == {"t": "bye", "worker_id": "w1", "reason": "received SIGTERM"}
+
+
 def test_worker_model_token_comes_from_the_file_else_the_environment(tmp_path):
     from bus.tokens import TokenError
     from orchestrator.cmd_worker import load_model_token
