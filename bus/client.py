@@ -39,6 +39,7 @@ from bus.logs import get_logger
 from bus.ws import WsClosed, WsConnection, WsHandshakeError, open_ws
 
 _KIND_NAME = {C.SEND: "send", C.PUBLISH: "publish", C.REQUEST: "request"}
+YIELD_EVERY = 256  # sends/receives between schedule points (see BusClient._maybe_yield)
 
 
 def _log() -> Any:
@@ -142,6 +143,7 @@ class BusClient:
         self._last_rx = 0.0
         self._conn_ok = False  # True iff the latest dial reached WELCOME
         self._reader_blocked = False  # True iff the reader waits for inbox room (not reading)
+        self._unyielded = 0  # sends/receives since this client last yielded to the scheduler
         self._max_body = C.envelope_size_limit(config.limits)
         self._sent = self._received = self._frames_out = self._frames_in = 0
         self._reconnects = self._no_route = self._late = self._dups = 0
@@ -229,12 +231,15 @@ class BusClient:
         """The next message. Raises BusClosedError after you closed the client, or the error
         that broke it (BusBrokenError, BusAuthError, ProtocolError) once the inbox is empty."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        while not self._inbox:
-            if self._error is not None:
-                raise self._error
-            await self._inbox_lot.park()
+        if not self._inbox:
+            while not self._inbox:
+                if self._error is not None:
+                    raise self._error
+                await self._inbox_lot.park()
+            self._unyielded = 0
+            return self._take()
         msg = self._take()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._maybe_yield()
         return msg
 
     def receive_nowait(self) -> Message:
@@ -297,9 +302,19 @@ class BusClient:
                 self._put_nowait(kind, dest, corr, body)
             except trio.WouldBlock:
                 await self._space_lot.park()  # woken when acks free room, or on failure
+                self._unyielded = 0
                 continue
             break
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        await self._maybe_yield()
+
+    async def _maybe_yield(self) -> None:
+        """A schedule point every YIELD_EVERY sends/receives, not on each: a task sending in a
+        loop then fills whole frames instead of handing the writer one message at a time
+        (measured: ~15k msgs/s with a yield per send). Every call is still a cancel point."""
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def _new_waiter(self) -> tuple[_Waiter, int]:
         corr = self._next_corr

@@ -299,3 +299,31 @@ async def test_send_blocks_when_the_outbound_queue_is_full_then_resumes():
                 got = [(await b.receive()).payload() for _ in range(11)]
                 assert got == list(range(11))
             nursery.cancel_scope.cancel()
+
+
+async def test_a_task_awaiting_send_in_a_loop_still_fills_frames():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, info = await start_hub(nursery)
+            async with open_bus_client(info.url, token=TOKEN, endpoint_id="a") as a, \
+                    open_bus_client(info.url, token=TOKEN, endpoint_id="b") as b:
+                for i in range(2048):
+                    await a.send("b", i)
+                got = [(await b.receive()).payload() for _ in range(2048)]
+                assert got == list(range(2048))
+                assert a.statistics().frames_out <= 2048 // 256 + 4
+            nursery.cancel_scope.cancel()
+
+
+async def test_send_in_a_cancelled_scope_raises_and_queues_nothing():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, info = await start_hub(nursery)
+            async with open_bus_client(info.url, token=TOKEN, endpoint_id="a") as a:
+                before = a.statistics().sent
+                with trio.CancelScope() as cs:
+                    cs.cancel()
+                    await a.send("b", 1)
+                assert cs.cancelled_caught
+                assert a.statistics().sent == before
+            nursery.cancel_scope.cancel()
