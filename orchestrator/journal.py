@@ -410,22 +410,56 @@ class Journal:
         return out
 
     def usage_summary(self, run_id: str) -> dict[str, Any]:
-        """Token and cost totals over every ended attempt: {"total": {...}, "by_agent": {...}}."""
+        """Token and cost totals over every attempt that reported usage:
+        {"total": {...}, "by_agent": {agent: {..., "tasks": n, "sub_agents": {..., "tasks": n}}}}.
+
+        A dynamic child (spawned at run time) counts toward the agent of the graph task that
+        spawned it (its first non-dynamic ancestor), whatever agent it ran: a parent's totals
+        include its sub-agents, and `sub_agents` is their share, shown separately. So the
+        agents' totals add up to the run's total.
+        """
         keys = ("turns", "input_tokens", "cached_tokens", "output_tokens", "cost_usd")
         total: dict[str, Any] = dict.fromkeys(keys, 0)
+        tasks = {tid: (kind, parent, agent) for tid, kind, parent, agent in self.conn.execute(
+            "SELECT task_id, kind, parent, agent FROM tasks WHERE run_id = ?", (run_id,))}
+
+        def owner(tid: str) -> tuple[str, bool]:
+            """(the agent the usage of task `tid` counts toward, whether it is a sub-agent's)"""
+            kind, parent, agent = tasks.get(tid, (None, None, None))
+            spawned = False
+            seen = {tid}
+            while kind == "dynamic" and parent in tasks and parent not in seen:
+                spawned = True
+                seen.add(parent)
+                kind, parent, agent = tasks[parent]
+            return agent or "?", spawned
+
         by_agent: dict[str, dict[str, Any]] = {}
-        rows = self.conn.execute(
-            "SELECT a.usage_json, t.agent FROM attempts a LEFT JOIN tasks t "
-            "ON t.run_id = a.run_id AND t.task_id = a.task_id "
-            "WHERE a.run_id = ? AND a.usage_json IS NOT NULL", (run_id,))
-        for usage_json, agent in rows:
+        task_ids: dict[tuple[str, bool], set[str]] = {}  # (agent, spawned) -> task ids
+        for tid, usage_json in self.conn.execute(
+                "SELECT task_id, usage_json FROM attempts WHERE run_id = ? AND "
+                "usage_json IS NOT NULL ORDER BY task_id, attempt", (run_id,)):
             u = _loads(usage_json) or {}
-            per = by_agent.setdefault(agent or "?", dict.fromkeys(keys, 0))
+            agent, spawned = owner(tid)
+            per = by_agent.get(agent)
+            if per is None:
+                per = by_agent[agent] = {**dict.fromkeys(keys, 0), "tasks": 0,
+                                         "sub_agents": {**dict.fromkeys(keys, 0), "tasks": 0}}
+            subs = per["sub_agents"]
             for k in keys:
                 v = u.get(k) or 0
                 total[k] += v
                 per[k] += v
+                if spawned:
+                    subs[k] += v
+            task_ids.setdefault((agent, spawned), set()).add(tid)
         total["cost_usd"] = round(total["cost_usd"], 6)
+        for agent, per in by_agent.items():
+            subs = len(task_ids.get((agent, True), ()))
+            per["tasks"] = len(task_ids.get((agent, False), ())) + subs
+            per["sub_agents"]["tasks"] = subs
+            per["cost_usd"] = round(per["cost_usd"], 6)
+            per["sub_agents"]["cost_usd"] = round(per["sub_agents"]["cost_usd"], 6)
         return {"total": total, "by_agent": by_agent}
 
     # ------------------------------------------------------------ tasks

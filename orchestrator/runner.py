@@ -143,11 +143,35 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
 
 
 def print_summary(summary: dict[str, Any], status: str, *, graph: Any) -> None:
+    """The end of `orchestrator run`: counts, the run's tokens and cost, then one line per
+    agent (its sub-agents included) and, under it, its spawned sub-agents' share."""
+    for line in summary_lines(summary, status):
+        print(line, file=sys.stderr)
+
+
+def summary_lines(summary: dict[str, Any], status: str) -> list[str]:
     usage = summary.get("usage") or {}
     total = usage.get("total") or {}
-    print(f"run {summary.get('run_id')} {status} in {summary.get('seconds')}s: "
-          f"{json.dumps(summary.get('counts'))}", file=sys.stderr)
-    if total:
-        print(f"tokens: input {total.get('input_tokens', 0)} (cached "
-              f"{total.get('cached_tokens', 0)}), output {total.get('output_tokens', 0)}; "
-              f"cost ${total.get('cost_usd', 0.0):.4f}", file=sys.stderr)
+    lines = [f"run {summary.get('run_id')} {status} in {summary.get('seconds')}s: "
+             f"{json.dumps(summary.get('counts'))}"]
+    if not total:
+        return lines
+    lines.append(f"tokens: {_usage_text(total)}")
+    by_agent = usage.get("by_agent") or {}
+    width = max((len(a) for a in by_agent), default=0)
+    for agent in sorted(by_agent):
+        per = by_agent[agent]
+        n = per.get("tasks", 0)
+        lines.append(f"  agent {agent:<{width}}  {n} task{'s' if n != 1 else ''}, "
+                     f"{_usage_text(per)}")
+        subs = per.get("sub_agents") or {}
+        if subs.get("tasks"):
+            m = subs["tasks"]
+            lines.append(f"  {'':<{width + 6}}  of which spawned sub-agents ({m} task"
+                         f"{'s' if m != 1 else ''}): {_usage_text(subs)}")
+    return lines
+
+
+def _usage_text(u: dict[str, Any]) -> str:
+    return (f"input {u.get('input_tokens', 0)} (cached {u.get('cached_tokens', 0)}), "
+            f"output {u.get('output_tokens', 0)}; cost ${u.get('cost_usd', 0.0):.4f}")

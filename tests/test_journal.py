@@ -244,3 +244,45 @@ def test_a_cancelled_or_timed_out_attempt_keeps_where_it_stopped_and_status_show
     assert ST.to_json(load_status(j, "r1", now=time.time()))["tasks"][0]["attempt_list"][0]["stopped_at"] == \
         "turn 2: tools"
     j.close()
+
+
+def test_usage_by_agent_counts_spawned_sub_agents_in_their_parents_agent_and_separately(jpath):
+    from orchestrator.runner import summary_lines
+
+    g = GraphSpec.from_text(GRAPH.replace('[agents.a]', '[agents.a]\n[agents.b]'), "g.toml")
+    j = Journal.open(jpath)
+    j.create_run("r", graph_path="g.toml", graph_text=g.source_text)
+    s = Scheduler(g)
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    kid = s.spawn_child("x", prompt="sub", agent="b", now=0.0)  # another agent ...
+    grandkid = s.spawn_child(kid, prompt="subsub", agent="b", now=0.0)  # ... and its child
+    j.sync_tasks("r", s.task_states())
+
+    def used(tid: str, n: int, out: int, cost: float) -> None:
+        j.attempt_ended("r", tid, n, "succeeded", result={"text": "", "outputs": {}},
+                        usage={"turns": 1, "input_tokens": 10 * out, "cached_tokens": out,
+                               "output_tokens": out, "cost_usd": cost})
+
+    used("x", 1, 1, 0.25)
+    used("x", 2, 2, 0.25)  # a second attempt of the same task is the same task
+    used(kid, 1, 10, 0.5)
+    used(grandkid, 1, 100, 1.0)
+    used("y", 1, 1000, 2.0)
+    u = j.usage_summary("r")
+    a = u["by_agent"]["a"]
+    assert (a["tasks"], a["output_tokens"], a["input_tokens"], a["cost_usd"]) == (
+        4, 1113, 11130, 4.0)
+    assert (a["sub_agents"]["tasks"], a["sub_agents"]["output_tokens"],
+            a["sub_agents"]["cost_usd"]) == (2, 110, 1.5)
+    assert "b" not in u["by_agent"]  # b only ran as a's sub-agent: counted there
+    assert u["total"]["output_tokens"] == sum(v["output_tokens"]
+                                              for v in u["by_agent"].values())
+    lines = summary_lines({"run_id": "r", "seconds": 1.0, "counts": {"succeeded": 4},
+                           "usage": u}, "succeeded")
+    assert lines[1] == "tokens: input 11130 (cached 1113), output 1113; cost $4.0000"
+    assert lines[2] == "  agent a  4 tasks, input 11130 (cached 1113), output 1113; cost $4.0000"
+    assert lines[3].split() == ["of", "which", "spawned", "sub-agents", "(2", "tasks):",
+                                "input", "1100", "(cached", "110),", "output", "110;", "cost",
+                                "$1.5000"]
+    j.close()
