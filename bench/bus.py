@@ -70,32 +70,21 @@ async def role_publisher(args: argparse.Namespace) -> None:
             nursery.start_soon(credits)
             await client.request("cons", "ready?", timeout=10)
             n, rate = args.n, args.rate
+            sent = 0
             if rate == 0:  # as fast as the credit window allows
-                sent = 0
                 while sent < n:
                     limit = min(n, credited + WINDOW)
                     while sent < limit:
-                        try:
-                            client.send_nowait("cons", body(sent))
-                        except trio.WouldBlock:
-                            break
+                        await client.send("cons", body(sent))
                         sent += 1
-                        if sent % 512 == 0:
-                            await trio.lowlevel.checkpoint()  # let the writer ship a frame meanwhile
-                    if sent < min(n, credited + WINDOW):
-                        await trio.lowlevel.checkpoint()
-                    else:
+                    if sent < n and sent >= credited + WINDOW:
                         await more.wait()
             else:  # paced: every millisecond, the messages that are due
                 t0 = trio.current_time()
-                sent = 0
                 while sent < n:
                     due = min(n, int((trio.current_time() - t0) * rate) + 1)
                     while sent < due:
-                        try:
-                            client.send_nowait("cons", body(sent))
-                        except trio.WouldBlock:  # outbound window full: wait like send() does
-                            await client.send("cons", body(sent))
+                        await client.send("cons", body(sent))
                         sent += 1
                     await trio.sleep(0.001)
             while credited < n:
