@@ -112,21 +112,27 @@ class HttpConnection:
         self._closed = False
 
     @classmethod
-    async def connect(cls, origin: Origin, *, timeout_s: float = 10.0) -> HttpConnection:
-        """Open a TCP (or TLS) connection. Raises HttpError when it cannot."""
+    async def connect(cls, origin: Origin, *, timeout_s: float = 10.0,
+                      ssl_context: ssl.SSLContext | None = None) -> HttpConnection:
+        """Open a TCP (or TLS: the system's CAs unless `ssl_context`) connection.
+
+        Raises HttpError when it cannot (refused, unreachable, timeout, certificate refused).
+        """
         try:
             with trio.fail_after(timeout_s):
                 if origin.tls:
                     stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                        origin.host, origin.port, ssl_context=_client_ssl_context(),
+                        origin.host, origin.port, ssl_context=ssl_context or _client_ssl_context(),
                         https_compatible=True)
+                    await stream.do_handshake()  # type: ignore[attr-defined]
                 else:
                     stream = await trio.open_tcp_stream(origin.host, origin.port)
         except trio.TooSlowError:
             raise HttpError(f"connecting to {origin.host}:{origin.port} timed out after "
                             f"{timeout_s}s") from None
-        except OSError as exc:
-            raise HttpError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            cause = exc.__cause__ or exc  # trio wraps a TLS failure (certificate ...) in Broken
+            raise HttpError(f"cannot connect to {origin.host}:{origin.port}: {cause}") from None
         return cls(origin, stream)
 
     @property

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
 from functools import partial
 from typing import Any
 
@@ -24,7 +27,7 @@ from modellink.client import (
     fetch_server_stats,
     open_model_session,
 )
-from modellink.httpclient import Origin
+from modellink.httpclient import HttpConnection, HttpError, Origin
 from modellink.server import ModelServerConfig, ModelServerInfo, serve_model
 from modellink.sim import SimConfig
 from modellink.turns import ContextBook, context_item, error_from_event, read_response
@@ -505,3 +508,51 @@ async def test_a_broken_server_gives_the_error_that_says_whose_fault(
                     await s.turn([_user("hi")])
             nursery.cancel_scope.cancel()
     assert len(frames) == (2 if reply is _hang_up else 1)
+
+
+# ------------------------------------------------------------------ TLS
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Any) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and a client
+    context that trusts it (made with the openssl CLI; skipped where it is missing)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
+
+
+async def test_https_requests_verify_the_certificate(tls_pair: Any):
+    server_ctx, client_ctx = tls_pair
+
+    async def handle(stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, server_ctx, server_side=True)
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(ev := conn.next_event(), h11.EndOfMessage):
+            if ev is h11.NEED_DATA:
+                conn.receive_data(bytes(await tls.receive_some(65536)))
+        out = b'{"ok":true}'
+        await tls.send_all(conn.send(h11.Response(status_code=200, headers=[
+            ("Content-Length", str(len(out)))])) + conn.send(h11.Data(data=out))
+            + conn.send(h11.EndOfMessage()))
+        await tls.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            origin = Origin.from_url(f"https://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1")
+            conn = await HttpConnection.connect(origin, ssl_context=client_ctx)
+            head = await conn.send_request("GET", "/x", headers=[])
+            assert (head.status, await conn.read_body()) == (200, b'{"ok":true}')
+            await conn.aclose()
+            with pytest.raises(HttpError, match="certificate|connect"):
+                await HttpConnection.connect(origin)  # the system CAs do not know it
+            nursery.cancel_scope.cancel()
