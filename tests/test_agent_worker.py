@@ -25,6 +25,7 @@ from modellink.server import ModelServerConfig, serve_model
 from modellink.sim import SimConfig
 
 GUARD_S = 15
+REPO = str(pathlib.Path(__file__).resolve().parents[1])
 BUS_TOKEN = "bus-secret"
 
 # ------------------------------------------------------------------ protocol (no I/O)
@@ -252,6 +253,69 @@ async def test_stop_cancels_running_attempts_which_report_then_the_worker_says_b
     assert (res.status, res.error, res.stopped_at) == (
         "cancelled", "worker shutting down", "turn 1: model")
     assert bye == {"t": "bye", "worker_id": "w1", "reason": "received SIGTERM"}
+
+
+def _live_with(needle: bytes) -> list[int]:
+    """pids of live (non-zombie) processes whose command line contains `needle`."""
+    found = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if needle in (d / "cmdline").read_bytes() and \
+                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_with_sigkill_mid_tool_leaves_no_tool_process(tmp_path):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    needle = f"60.{random.randrange(10**6):06d}"
+    started = tmp_path / "workspaces" / "run1" / "t" / "started"
+    # a grandchild (not the group leader) that would outlive its worker without the guardian
+    agent = _agent("a", [_call("shell", cmd=f"sleep {needle} & touch started; wait"),
+                         {"text": "done"}], ["shell"])
+    env = {**os.environ, "SWITCHBOARD_TOKEN": BUS_TOKEN,
+           "PYTHONPATH": REPO}
+    try:
+        with trio.fail_after(GUARD_S):
+            async with trio.open_nursery() as nursery:
+                hub = await nursery.start(serve_bus, HubConfig(token=BUS_TOKEN))
+                model = await nursery.start(serve_model, ModelServerConfig(
+                    host="127.0.0.1", port=0, sim=SimConfig.zero()))
+                async with open_bus_client(hub.url, token=BUS_TOKEN,
+                                           endpoint_id=P.ORCHESTRATOR_ID) as orch:
+                    proc = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "orchestrator", "worker", "--connect", hub.url,
+                         "--worker-id", "w1", "--state-dir", str(tmp_path), "--quiet"],
+                        env=env, stderr=subprocess.DEVNULL, cwd=tmp_path)
+                    try:
+                        async for msg in orch:
+                            if P.parse_message(msg.payload())["t"] == "hello":
+                                break
+                        h = Harness(orch=orch, worker=None, model_url=model.base_url,
+                                    model=model)
+                        await h.lease("t", agent, timeout_s=60.0)
+                        await until(started.exists)
+                        assert _live_with(needle.encode())  # the tool runs
+                        proc.send_signal(signal.SIGKILL)
+                        await proc.wait()
+                        await until(lambda: not _live_with(needle.encode()), poll_s=0.05)
+                    finally:
+                        if proc.returncode is None:
+                            proc.kill()
+                nursery.cancel_scope.cancel()
+    finally:
+        for pid in _live_with(needle.encode()):  # a failed test must not leak a process
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_worker_model_token_comes_from_the_file_else_the_environment(tmp_path):

@@ -5,6 +5,15 @@ command's process group is left running: SIGTERM to the group, up to a grace, SI
 group, and the leader reaped. Limit: a descendant that calls setsid() (or setpgid) itself leaves
 the group and is beyond reach; so do processes it hands work to (daemons). Use a container or
 cgroup if commands must be fully contained.
+
+If the process running the tool dies without running that cleanup (SIGKILL, OOM kill), a
+guardian ends the groups: the first command starts one small helper process per process
+(`_Guardian`) in its own session, holding the read end of a pipe; each command's group id is
+written to it when the command starts and crossed out when its group is gone. The pipe's write
+end closes when its owner dies however it dies, and the guardian then SIGTERMs every group still
+listed, SIGKILLs them after GUARDIAN_GRACE_S, and exits. Limits: a group started in the
+microseconds between fork and the write is missed; killing the guardian itself too (a kill of
+every process of the user) leaves the groups; setsid escapes as above.
 """
 
 from __future__ import annotations
@@ -28,6 +37,91 @@ KILL_WAIT_S = 1.0  # after SIGKILL, how long to wait for the kernel to finish th
 DRAIN_S = 0.5  # after the command ended, how long to wait for the output pipe to close
 READ_CHUNK = 65536
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+GUARDIAN_GRACE_S = 0.5  # guardian: SIGTERM -> SIGKILL for the groups of a dead owner
+
+# The guardian: reads "+PGID" / "-PGID" lines from fd argv[1] until EOF (its owner is gone),
+# then ends every group still listed. Ignores SIGINT/SIGTERM/SIGHUP: only its owner's death
+# (EOF) ends it, so it outlives a signal that kills its owner.
+_GUARDIAN_CODE = """
+import os, signal, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+fd, grace, groups, buf = int(sys.argv[1]), float(sys.argv[2]), set(), b""
+while True:
+    data = os.read(fd, 65536)
+    if not data:
+        break
+    *lines, buf = (buf + data).split(b"\\n")
+    for ln in lines:
+        if ln[:1] == b"+":
+            groups.add(int(ln[1:]))
+        elif ln[:1] == b"-":
+            groups.discard(int(ln[1:]))
+def send(sig):
+    alive = set()
+    for g in groups:
+        try:
+            os.killpg(g, sig)
+            alive.add(g)
+        except OSError:
+            pass
+    return alive
+left, end = send(signal.SIGTERM), time.monotonic() + grace
+while left and time.monotonic() < end:
+    time.sleep(0.02)
+    left = send(0)
+send(signal.SIGKILL)
+"""
+
+
+class _Guardian:
+    """This process's guardian of tool process groups (see the module docstring). Started on
+    first use; after a fork the child starts its own."""
+
+    def __init__(self) -> None:
+        self._owner = 0
+        self._fd: int | None = None
+        self._failed = False
+
+    def _start(self) -> int | None:
+        if self._owner == os.getpid():
+            return self._fd
+        self._owner, self._fd = os.getpid(), None
+        if self._failed:
+            return None
+        r, w = os.pipe()  # both non-inheritable: tool processes never hold the write end
+        try:
+            subprocess.Popen([sys.executable, "-S", "-c", _GUARDIAN_CODE, str(r),
+                              str(GUARDIAN_GRACE_S)], pass_fds=(r,), start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        except OSError:
+            self._failed = True  # the in-process cleanup still runs; only SIGKILL escapes
+            os.close(w)
+            return None
+        finally:
+            os.close(r)
+        self._fd = w
+        return w
+
+    def _write(self, line: bytes) -> None:
+        fd = self._start()
+        if fd is not None:
+            try:
+                os.write(fd, line)
+            except OSError:
+                self._fd = None
+
+    def watch(self, pgid: int) -> None:
+        self._write(b"+%d\n" % pgid)
+
+    def forget(self, pgid: int) -> None:
+        self._write(b"-%d\n" % pgid)
+
+
+GUARDIAN = _Guardian()
 
 
 @attrs.frozen(kw_only=True)
@@ -243,6 +337,7 @@ async def run_shell(
         ["/bin/sh", "-c", cmd], cwd=os.fspath(cwd), env=env, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     pgid = proc.pid  # start_new_session: the shell leads a new session and process group
+    GUARDIAN.watch(pgid)  # ends the group if this process dies before the finally below
     assert proc.stdout is not None
     stdout = proc.stdout
     cap = _Capture(max_output_bytes)
@@ -285,6 +380,7 @@ async def run_shell(
                 with trio.move_on_after(KILL_WAIT_S):
                     await proc.wait()
             await stdout.aclose()
+            GUARDIAN.forget(pgid)
     text, binary, cut = cap.render()
     return ShellOutcome(returncode=proc.returncode, output=text, total_bytes=cap.total,
                         truncated_bytes=cut, binary=binary, timed_out=timed_out, note=note)
