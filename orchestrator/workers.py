@@ -42,6 +42,10 @@ class WorkerRec:
     pid: int | None = None
     host: str = ""
     last_seen: float = 0.0
+    # When a lease held here last expired. True iff last_seen <= lease_expired_at: the worker has
+    # not been heard from since one of its leases ran out, so it may be dead and is not picked
+    # (a lease granted just after its last heartbeat expires before the worker counts as silent).
+    lease_expired_at: float = float("-inf")
     draining: bool = False
     held: set[tuple[str, int]] = attrs.field(factory=set)
 
@@ -94,6 +98,8 @@ class WorkerTable:
         """The connected, non-draining worker with the most free slots (ties: oldest)."""
         best = None
         for rec in self.workers.values():
+            if rec.last_seen <= rec.lease_expired_at:
+                continue  # suspect: silent since a lease of its expired
             if rec.free > 0 and (best is None or rec.free > best.free):
                 best = rec
         return best
@@ -122,6 +128,9 @@ class WorkerTable:
         """Leases past their deadline, removed from the table (their attempts are lost)."""
         gone = [lease for lease in self.leases.values() if lease.expires <= now]
         for lease in gone:
+            rec = self.workers.get(lease.worker_id)
+            if rec is not None:
+                rec.lease_expired_at = now
             self.release(lease.task_id, lease.attempt)
             self._retire(lease)
         return gone
