@@ -216,7 +216,7 @@ async def run_pair(url: str, n: int, rate: int, latency: bool) -> dict[str, Any]
 async def conductor(quick: bool) -> dict[str, Any]:
     n_tput = 300_000 if quick else 1_500_000
     lat_seconds = 3.0 if quick else 10.0
-    n_raw = 100_000 if quick else 400_000
+    n_raw = 50_000 if quick else 150_000
     hub, hub_out = await spawn("hub")
     try:
         url = (await read_json(hub_out))["url"]
