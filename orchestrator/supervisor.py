@@ -32,7 +32,7 @@ import trio
 from agents import protocol as P
 from bus.client import open_bus_client
 from bus.config import HubConfig
-from bus.errors import BusError
+from bus.errors import BusClosedError, BusError
 from bus.hub import serve_bus
 from bus.logs import get_logger
 from modellink.server import ModelServerConfig, serve_model
@@ -50,6 +50,7 @@ FINISH_GRACE_S = 2.0  # after the last task: how long cancelled attempts may tak
 STOP_GRACE_S = 3.0  # SIGTERM -> SIGKILL for local workers (a second signal: at once)
 CRASH_WINDOW_S = 30.0  # local workers exiting unasked ...
 CRASH_LIMIT = 5  # ... this many times within the window stop being respawned
+RECEIVE_BATCH = 256  # bus messages handled per pass; a row of results is one journal transaction
 TOKEN_ENV = "SWITCHBOARD_TOKEN"  # the env var workers read the bus (and embedded sim) token from
 
 
@@ -369,21 +370,64 @@ class Supervisor:
     # ------------------------------------------------------------ bus input
 
     async def _receive_loop(self) -> None:
-        async for msg in self.bus:
-            src = msg.source
-            wid = src[len("worker."):] if src.startswith("worker.") else None
-            if wid is not None and wid in self.banned:
-                continue
+        """Take what the bus has, up to RECEIVE_BATCH messages at a time, in order. Results
+        in a row are journaled in one transaction (`_apply_results`); anything else is
+        handled one by one, after the results before it."""
+        results: list[tuple[str, str | None, P.Result]] = []
+        while True:
             try:
-                body = P.parse_message(msg.payload())
-                await self._on_message(msg, wid, body)
-            except Exception as exc:  # the peer's fault: cut it off, the run goes on
-                await self._cut_off(src, f"protocol error: {type(exc).__name__}: {exc}")
+                group = [await self.bus.receive()]
+            except BusClosedError:
+                return
+            while len(group) < RECEIVE_BATCH:
+                try:
+                    group.append(self.bus.receive_nowait())
+                except (trio.WouldBlock, BusError):
+                    break  # an error is raised by the next receive(), after this group
+            for msg in group:
+                src = msg.source
+                wid = src[len("worker."):] if src.startswith("worker.") else None
+                if wid is not None and wid in self.banned:
+                    continue
+                try:
+                    body = P.parse_message(msg.payload())
+                    if isinstance(body, P.Result):
+                        results.append((src, wid, body))
+                        continue
+                    await self._apply_results(results)
+                    await self._on_message(msg, wid, body)
+                except Exception as exc:  # the peer's fault: cut it off, the run goes on
+                    await self._apply_results(results)
+                    await self._cut_off(src, f"protocol error: {type(exc).__name__}: {exc}")
+            await self._apply_results(results)
             self.wake()
+
+    async def _apply_results(self, results: list[tuple[str, str | None, P.Result]]) -> None:
+        """Journal and apply `results` (emptied) in one transaction; no await inside it, so
+        it is committed before the dispatcher can act on what it changed. Then cut off the
+        workers whose results broke the rules."""
+        if not results:
+            return
+        cut: list[tuple[str, str]] = []
+        with self.journal.batch():
+            for src, wid, res in results:
+                if wid is not None and wid in self.banned:
+                    continue
+                try:
+                    why = self._on_result(src, wid, res)
+                except Exception as exc:  # the peer's fault, as in _receive_loop
+                    why = f"protocol error: {type(exc).__name__}: {exc}"
+                if why is not None:
+                    cut.append((src, why))
+                    if wid is not None:
+                        self.banned.add(wid)  # its later results in this batch are ignored
+        results.clear()
+        for src, why in cut:
+            await self._cut_off(src, why)
 
     async def _on_message(self, msg: Any, wid: str | None, body: Any) -> None:
         if isinstance(body, P.Result):
-            await self._on_result(msg.source, wid, body)
+            await self._apply_results([(msg.source, wid, body)])
             return
         if isinstance(body, P.Lease):
             raise P.WorkerProtocolError("a worker does not send leases")
@@ -426,14 +470,16 @@ class Supervisor:
         else:
             raise P.WorkerProtocolError(f"unexpected {t!r} ({msg.kind}) from a worker")
 
-    async def _on_result(self, source: str, wid: str | None, res: P.Result) -> None:
+    def _on_result(self, source: str, wid: str | None, res: P.Result) -> str | None:
+        """Journal a result and feed it to the scheduler. Returns why its sender must be cut
+        off (a result for an attempt it does not hold), else None."""
         key = (res.task_id, res.attempt)
         holder = self.table.holder(*key)
         usage = _usage(res)
         if wid is None or res.run_id != self.run_id:
             log.warning("result.refused", task_id=res.task_id, attempt=res.attempt,
                         source=source, reason="not from a worker of this run")
-            return
+            return None
         if holder != wid:
             if holder is None and self.table.retired.get(key) == wid:
                 why = "late result from an attempt that had been given up on"
@@ -442,10 +488,8 @@ class Supervisor:
                                              usage=usage, stopped_at=res.stopped_at)
                 log.warning("result.refused", task_id=res.task_id, attempt=res.attempt,
                             worker_id=wid, status=res.status, reason=why)
-                return
-            await self._cut_off(source, f"result for {res.task_id}#{res.attempt}, which it "
-                                        "does not hold")
-            return
+                return None
+            return f"result for {res.task_id}#{res.attempt}, which it does not hold"
         self.table.release(*key)
         self.tokens_out += usage["output_tokens"]
         if not self.sched.is_current(*key):
@@ -456,7 +500,7 @@ class Supervisor:
                                          usage=usage, stopped_at=res.stopped_at)
             log.info("result.stale", task_id=res.task_id, attempt=res.attempt, worker_id=wid,
                      status=res.status, reason=why)
-            return
+            return None
         now = trio.current_time()
         record = {"text": res.text, "outputs": res.outputs}
         # journal before the scheduler acts: dependents start only after this is durable
@@ -471,6 +515,7 @@ class Supervisor:
             self.sched.on_failed(res.task_id, res.attempt, res.error or "failed", now)
         log.info("task.result", task_id=res.task_id, attempt=res.attempt, status=res.status,
                  worker_id=wid, error=res.error, output_tokens=usage["output_tokens"])
+        return None
 
     async def _on_spawn(self, msg: Any, wid: str, body: dict[str, Any]) -> None:
         parent = str(body.get("parent"))
