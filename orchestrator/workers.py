@@ -8,6 +8,7 @@ is forgotten when it has not been heard from for a lease TTL (so `pick` never ch
 
 from __future__ import annotations
 
+import heapq
 import os
 import signal
 import subprocess
@@ -67,6 +68,11 @@ class WorkerTable:
     workers: dict[str, WorkerRec] = attrs.field(factory=dict)
     leases: dict[tuple[str, int], LeaseRec] = attrs.field(factory=dict)
     retired: OrderedDict[tuple[str, int], str] = attrs.field(factory=OrderedDict)
+    # (expiry when pushed, task, attempt) per granted lease: a min-heap, pruned lazily (a
+    # released lease's entry is dropped when it reaches the top; a renewed one is pushed again
+    # with its new expiry), so `expired` and `next_deadline` cost O(log n) per lease, not
+    # O(leases) per call
+    _expiry: list[tuple[float, str, int]] = attrs.field(factory=list)
 
     def hello(self, worker_id: str, capacity: int, pid: int | None, host: str, now: float) -> bool:
         """Register a worker; True iff it is new (a reconnecting worker keeps its leases)."""
@@ -107,6 +113,7 @@ class WorkerTable:
     def grant(self, task_id: str, attempt: int, worker_id: str, now: float) -> None:
         self.leases[(task_id, attempt)] = LeaseRec(task_id, attempt, worker_id,
                                                    now + self.lease_ttl)
+        heapq.heappush(self._expiry, (now + self.lease_ttl, task_id, attempt))
         self.workers[worker_id].held.add((task_id, attempt))
 
     def holder(self, task_id: str, attempt: int) -> str | None:
@@ -126,7 +133,17 @@ class WorkerTable:
 
     def expired(self, now: float) -> list[LeaseRec]:
         """Leases past their deadline, removed from the table (their attempts are lost)."""
-        gone = [lease for lease in self.leases.values() if lease.expires <= now]
+        gone = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, task_id, attempt = heapq.heappop(heap)
+            lease = self.leases.get((task_id, attempt))
+            if lease is None:
+                continue  # released or removed since
+            if lease.expires > now:  # renewed by a heartbeat: look again then
+                heapq.heappush(heap, (lease.expires, task_id, attempt))
+            else:
+                gone.append(lease)
         for lease in gone:
             rec = self.workers.get(lease.worker_id)
             if rec is not None:
@@ -152,7 +169,11 @@ class WorkerTable:
 
     def next_deadline(self) -> float | None:
         """The earliest time a lease expires or a silent worker counts as dead."""
-        times = [lease.expires for lease in self.leases.values()]
+        heap = self._expiry
+        while heap and (heap[0][1], heap[0][2]) not in self.leases:
+            heapq.heappop(heap)
+        # the top may be a renewed lease's old expiry: an early wakeup, never a late one
+        times = [heap[0][0]] if heap else []
         times += [rec.last_seen + self.lease_ttl for rec in self.workers.values()]
         return min(times) if times else None
 
