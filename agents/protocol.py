@@ -71,6 +71,9 @@ class Lease:
     timeout_s: float | None
     model_base_url: str | None  # the resolved URL (embedded sim filled in by the orchestrator)
     parent_task: str | None = None
+    # False iff no agent of the run has a tool that addresses a task (ask, send_message): the
+    # worker then does not claim `task.<id>` on the bus (two control round trips per attempt)
+    reachable: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -225,6 +228,7 @@ def parse_message(body: Any) -> Any:
             timeout_s=_opt(body, "timeout_s", (int, float), "lease", None),
             model_base_url=_opt(body, "model_base_url", str, "lease", None),
             parent_task=_opt(body, "parent_task", str, "lease", None),
+            reachable=_opt(body, "reachable", bool, "lease", True),
         )
     if t == "result":
         turns = [_turn_from_wire(i, tr)

@@ -342,10 +342,11 @@ class Worker:
         with r.scope:
             try:
                 workspace = workspace_dir(cfg.workspace_root, lease.run_id, lease.task_id)
-                workspace.mkdir(parents=True, exist_ok=True)
                 env = {k: os.environ[k] for k in SAFE_ENV + cfg.pass_env if k in os.environ}
                 local: list[str | dict[str, Any]] = [
                     t for t in agent.tools if t not in BUS_TOOL_NAMES]
+                if local:  # only local tools (shell, files, functions) use the workspace
+                    workspace.mkdir(parents=True, exist_ok=True)
                 registry = build_registry(local, ToolContext(
                     workspace=workspace, env=env, shell_timeout_s=agent.shell_timeout_s))
                 bus_tools = BusTools(bus=self.bus, run_id=lease.run_id, task_id=lease.task_id,
@@ -355,8 +356,9 @@ class Worker:
                 if agent.script:
                     metadata["sim_script"] = json.dumps(list(agent.script))
                 with trio.move_on_at(deadline if deadline is not None else float("inf")) as dl:
-                    await self.bus.claim(P.task_endpoint(lease.task_id))
-                    claimed = True
+                    if lease.reachable:  # another task may ask or message this one
+                        await self.bus.claim(P.task_endpoint(lease.task_id))
+                        claimed = True
                     for pattern in agent.subscribe:
                         subscribed.append(pattern)
                         self.subs[pattern] += 1

@@ -50,6 +50,7 @@ FINISH_GRACE_S = 2.0  # after the last task: how long cancelled attempts may tak
 STOP_GRACE_S = 3.0  # SIGTERM -> SIGKILL for local workers (a second signal: at once)
 CRASH_WINDOW_S = 30.0  # local workers exiting unasked ...
 CRASH_LIMIT = 5  # ... this many times within the window stop being respawned
+TASK_ADDRESSING_TOOLS = frozenset({"ask", "send_message"})  # tools that reach `task.<id>`
 RECEIVE_BATCH = 256  # bus messages handled per pass; a row of results is one journal transaction
 TOKEN_ENV = "SWITCHBOARD_TOKEN"  # the env var workers read the bus (and embedded sim) token from
 
@@ -140,6 +141,11 @@ class Supervisor:
         self.clock_offset = 0.0  # wall time - trio time, set when the run starts
         self.progress: Progress | None = None
         self._lease_agents: dict[str, Any] = {}
+        # True iff some agent can address another task (ask, send_message): only then do
+        # workers claim `task.<id>` for each attempt on the bus
+        self._reachable = any(
+            t in TASK_ADDRESSING_TOOLS for a in graph.agent_specs().values() for t in a.tools
+            if isinstance(t, str))
 
     # ------------------------------------------------------------ entry
 
@@ -296,7 +302,7 @@ class Supervisor:
                             agent=self._lease_agent(act.agent), prompt=act.prompt,
                             timeout_s=act.timeout_s,
                             model_base_url=self._lease_model_url(act.agent),
-                            parent_task=act.parent)
+                            parent_task=act.parent, reachable=self._reachable)
             # journal first: a crash after this line re-runs the attempt, never loses it
             self.journal.attempt_started(self.run_id, act.task_id, act.attempt,
                                          worker.worker_id)

@@ -88,10 +88,10 @@ class Harness:
     results: list[P.Result] = attrs.Factory(list)
 
     async def lease(self, task_id: str, agent: P.AgentSpec, *, attempt: int = 1,
-                    timeout_s: float | None = 10.0) -> None:
+                    timeout_s: float | None = 10.0, reachable: bool = True) -> None:
         await self.orch.send(P.worker_endpoint("w1"), P.to_wire(P.Lease(
             run_id="run1", task_id=task_id, attempt=attempt, agent=agent, prompt="go",
-            timeout_s=timeout_s, model_base_url=self.model_url)))
+            timeout_s=timeout_s, model_base_url=self.model_url, reachable=reachable)))
 
     async def result(self) -> P.Result:
         async for msg in self.orch:
@@ -253,6 +253,33 @@ async def test_stop_cancels_running_attempts_which_report_then_the_worker_says_b
     assert (res.status, res.error, res.stopped_at) == (
         "cancelled", "worker shutting down", "turn 1: model")
     assert bye == {"t": "bye", "worker_id": "w1", "reason": "received SIGTERM"}
+
+
+async def test_only_a_reachable_lease_claims_its_task_endpoint(tmp_path):
+    from bus.errors import BusNoRouteError
+
+    sim = SimConfig(ttft_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.001)
+    agent = _agent("a", [{"text": "x", "output_tokens": 100_000}], [])
+    lease = P.Lease(run_id="r", task_id="t", attempt=1, agent=agent, prompt="p",
+                    timeout_s=None, model_base_url=None, reachable=False)
+    assert P.parse_message(P.to_wire(lease)) == lease
+    assert P.parse_message({**P.to_wire(lease), "reachable": None}).reachable  # default
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path, sim=sim) as h:
+            stats = h.model.server.statistics
+            await h.lease("alone", agent, reachable=False)
+            await h.lease("asked", agent)
+            await until(lambda: stats()["in_flight"] == 2)
+            with pytest.raises(BusNoRouteError):
+                await h.orch.request(P.task_endpoint("alone"), {"t": "message", "from": "x",
+                                                                 "text": "hi"}, timeout=5)
+            reply = await h.orch.request(P.task_endpoint("asked"), {
+                "t": "message", "from": "x", "text": "hi"}, timeout=5)
+            assert reply == {"ok": True}
+            for tid in ("alone", "asked"):
+                await h.orch.send(P.worker_endpoint("w1"), P.cancel(tid, 1, "done"))
+            assert {(await h.result()).status for _ in range(2)} == {"cancelled"}
+    assert not (tmp_path / "ws" / "run1" / "alone").exists()  # no local tools: no workspace
 
 
 def _live_with(needle: bytes) -> list[int]:
