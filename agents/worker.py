@@ -106,6 +106,7 @@ class Worker:
     # while the count is above zero
     subs: collections.Counter[str] = attrs.field(factory=collections.Counter)
     stop_reason: str | None = None  # set by stop(); the bye says it
+    _env: dict[str, str] | None = None  # see _tool_env
 
     def stop(self, reason: str = "stopped") -> bool:
         """Stop serving: cancel every running attempt (each still reports "cancelled", with
@@ -342,7 +343,7 @@ class Worker:
         with r.scope:
             try:
                 workspace = workspace_dir(cfg.workspace_root, lease.run_id, lease.task_id)
-                env = {k: os.environ[k] for k in SAFE_ENV + cfg.pass_env if k in os.environ}
+                env = self._tool_env()
                 local: list[str | dict[str, Any]] = [
                     t for t in agent.tools if t not in BUS_TOOL_NAMES]
                 if local:  # only local tools (shell, files, functions) use the workspace
@@ -389,6 +390,14 @@ class Worker:
         if r.scope.cancelled_caught:
             status, error = "cancelled", r.cancel_reason or "cancelled"
         return self._result(r, status, text=text, outputs=outputs, error=error)
+
+    def _tool_env(self) -> dict[str, str]:
+        """The environment tools see (an allow-list of this process's), read once: a copy per
+        attempt, since a tool context may keep it."""
+        if self._env is None:
+            names = SAFE_ENV + self.config.pass_env
+            self._env = {k: os.environ[k] for k in names if k in os.environ}
+        return dict(self._env)
 
     async def _unhold(self, task_id: str | None, patterns: list[str]) -> None:
         """Release the task's alias and drop subscriptions no other running attempt needs."""
