@@ -397,13 +397,18 @@ class Supervisor:
                     continue
                 try:
                     body = P.parse_message(msg.payload())
-                    if isinstance(body, P.Result):
-                        results.append((src, wid, body))
-                        continue
-                    await self._apply_results(results)
-                    await self._on_message(msg, wid, body)
                 except Exception as exc:  # the peer's fault: cut it off, the run goes on
                     await self._apply_results(results)
+                    await self._cut_off(src, f"protocol error: {type(exc).__name__}: {exc}")
+                    continue
+                if isinstance(body, P.Result):
+                    results.append((src, wid, body))
+                    continue
+                # a journal that cannot commit is fatal: _apply_results is not in the try
+                await self._apply_results(results)
+                try:
+                    await self._on_message(msg, wid, body)
+                except Exception as exc:  # the peer's fault, as above
                     await self._cut_off(src, f"protocol error: {type(exc).__name__}: {exc}")
             await self._apply_results(results)
             self.wake()

@@ -1,0 +1,100 @@
+"""The supervisor's bus input, driven by a scripted bus: what arrives in one pass is applied in
+order, results in one journal transaction, and a rule-breaking worker is cut off at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from agents import protocol as P
+from bus import codec as C
+from bus.client import Message
+from bus.errors import BusClosedError
+from orchestrator import scheduler as S
+from orchestrator import supervisor as SV
+from orchestrator.graph import GraphSpec
+from orchestrator.journal import Journal
+
+GRAPH = "[run]\nfailure_policy = \"continue\"\n[agents.a]\n" + "".join(
+    f'[[tasks]]\nid = "{t}"\nagent = "a"\n' for t in ("x", "y", "z"))
+
+
+class ScriptedBus:
+    """Delivers `messages` (all already waiting), then says the bus closed; records sends."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = list(messages)
+        self.sent: list[tuple[str, Any]] = []
+
+    async def receive(self) -> Message:
+        await trio.lowlevel.checkpoint()
+        return self.receive_nowait()
+
+    def receive_nowait(self) -> Message:
+        if not self.messages:
+            raise BusClosedError("closed")
+        return self.messages.pop(0)
+
+    async def send(self, dest: str, body: Any) -> None:
+        self.sent.append((dest, body))
+
+
+def msg(source: str, body: Any) -> Message:
+    return Message(kind="send", source=source, dest=P.ORCHESTRATOR_ID, correlation_id=0,
+                   body=C.pack_body(body))
+
+
+def result(task_id: str, worker: str, status: str = "succeeded") -> Message:
+    return msg(f"worker.{worker}", P.to_wire(P.Result(
+        run_id="r1", task_id=task_id, attempt=1, worker_id=worker, status=status,
+        text=f"{task_id} done")))
+
+
+def started(tmp_path) -> SV.Supervisor:
+    g = GraphSpec.from_text(GRAPH, "g.toml")
+    j = Journal.open(tmp_path / "journal.sqlite")
+    j.create_run("r1", graph_path="g.toml", graph_text=GRAPH)
+    sup = SV.Supervisor(graph=g, journal=j, run_id="r1", scheduler=S.Scheduler(g),
+                        opts=SV.RunOptions(state_dir=tmp_path, progress="none"))
+    now = trio.current_time()
+    for w in ("w1", "w2"):
+        sup.table.hello(w, 4, None, "", now)
+    for act, w in zip(sup.sched.next_actions(now), ("w1", "w1", "w2"), strict=True):
+        j.attempt_queued("r1", act.task_id, act.attempt)
+        j.attempt_started("r1", act.task_id, act.attempt, w)
+        sup.table.grant(act.task_id, act.attempt, w, now)
+        sup.sched.on_started(act.task_id, act.attempt, now)
+    return sup
+
+
+async def test_results_then_a_bye_in_one_pass_are_applied_before_the_worker_is_forgotten(
+        tmp_path):
+    sup = started(tmp_path)
+    commits = []
+    sup.journal.conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT"
+                                        else None)
+    sup.bus = ScriptedBus([result("x", "w1"), result("y", "w1", "failed"),
+                           msg("worker.w1", P.bye("w1", "drained"))])
+    with trio.fail_after(5):
+        await sup._receive_loop()
+    states = {t: v.state for t, v in sup.sched.task_states().items()}
+    # nothing was lost to the bye: x succeeded, y failed (no retries), z still runs on w2
+    assert states == {"x": "succeeded", "y": "failed", "z": "running"}
+    assert "w1" not in sup.table.workers
+    assert {a["task_id"]: a["state"] for a in sup.journal.attempts("r1")} == {
+        "x": "succeeded", "y": "failed", "z": "running"}
+    assert len(commits) == 1  # both results in one transaction (the bye writes nothing)
+
+
+async def test_a_result_for_an_attempt_it_does_not_hold_cuts_the_worker_off_at_once(tmp_path):
+    sup = started(tmp_path)
+    # w2 claims x (w1's), then reports its own z in the same pass: ignored, it is cut off
+    sup.bus = ScriptedBus([result("x", "w2"), result("z", "w2"), result("x", "w1")])
+    with trio.fail_after(5):
+        await sup._receive_loop()
+    states = {t: v.state for t, v in sup.sched.task_states().items()}
+    assert states["x"] == "succeeded"  # w1's real result, after the forged one
+    assert "w2" in sup.banned and "w2" not in sup.table.workers
+    assert states["z"] == "ready"  # w2's attempt was lost with it: it runs again
+    assert (P.worker_endpoint("w2"), P.drain()) in sup.bus.sent
