@@ -400,6 +400,38 @@ agent = "quick"
     assert not procs_touching(str(run.state))
 
 
+async def test_a_parent_that_times_out_takes_its_spawned_child_with_it(run):
+    run.graph.write_text('''
+[run]
+failure_policy = "continue"
+timeout = "10m"
+[agents.talker]
+script = [{text = "long", output_tokens = 100000}]
+[agents.boss]
+tools = ["spawn", "wait"]
+script = [
+  {call = {name = "spawn", arguments = {prompt = "talk a lot", agent = "talker"}}},
+  {call = {name = "wait", arguments = {children = ["boss/1"]}}},
+  {text = "never"},
+]
+[[tasks]]
+id = "boss"
+agent = "boss"
+timeout = "2s"
+''')
+    with trio.fail_after(GUARD_S):  # the child alone would talk for 500 s
+        await run.start("--workers", "1", "--capacity", "4")
+        code = await run.wait()
+    assert code == 1, run.stderr()  # boss failed; its child was cancelled, not left running
+    tasks = run.tasks()
+    assert (tasks["boss"]["state"], tasks["boss"]["error"]) == ("failed", "timed out after 2s")
+    assert tasks["boss/1"]["state"] == "cancelled"
+    assert tasks["boss/1"]["reason"] == (
+        "superseded: parent boss's attempt 1 timed out after 2s")
+    [child] = [a for a in run.attempts() if a["task_id"] == "boss/1"]
+    assert child["state"] == "cancelled" and child["stopped_at"] == "turn 1: model"
+
+
 SIGNAL_GRAPH = graph(2, tokens=5000, extra='''
 [agents.sleeper]
 tools = ["shell"]
