@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="print one JSON object (run, tasks in tree order with attempts and "
                    "usage, pending requests) instead of the table")
     p.add_argument("--attempts", "-a", action="store_true",
-                   help="list every attempt under its task (worker, times, tokens, error)")
+                   help="list every attempt under its task (worker, times, tokens, error, "
+                   "and where a cancelled, failed or timed-out attempt's session stopped)")
     p.add_argument("--runs", action="store_true", help="list every run instead, newest first")
     p.add_argument("--utc", action="store_true", help="show times in UTC (default: local time)")
     p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"),
