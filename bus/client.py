@@ -35,8 +35,11 @@ from bus.errors import (
     ProtocolError,
     describe_close,
 )
+from bus.local import LocalHub, LocalWs
 from bus.logs import get_logger
 from bus.ws import WsClosed, WsConnection, WsHandshakeError, open_ws
+
+_Ws = WsConnection | LocalWs
 
 _KIND_NAME = {C.SEND: "send", C.PUBLISH: "publish", C.REQUEST: "request"}
 YIELD_EVERY = 256  # sends/receives between schedule points (see BusClient._maybe_yield)
@@ -118,8 +121,10 @@ class _LinkEnd(Exception):
 class BusClient:
     """One endpoint on the bus. Make it with `open_bus_client`."""
 
-    def __init__(self, url: str, *, token: str, endpoint_id: str, config: ClientConfig) -> None:
+    def __init__(self, url: str, *, token: str, endpoint_id: str, config: ClientConfig,
+                 local: LocalHub | None = None) -> None:
         self.url = url
+        self._local = local  # the hub in this process, reached over memory channels; or None
         self.endpoint_id = endpoint_id
         self.config = config
         self._token = token
@@ -406,7 +411,7 @@ class BusClient:
         end: _LinkEnd | None = None
         with trio.CancelScope() as scope:
             try:
-                async with open_ws(self.url, config=self.config.ws_config()) as ws:
+                async with self._dial() as ws:
                     conn = await self._handshake(ws)
                     self._conn_ok = True
                     if task_status is not None:
@@ -436,7 +441,20 @@ class BusClient:
             raise end.final if end.final is not None else BusBrokenError(end.reason, end.code)
         return end
 
-    async def _handshake(self, ws: WsConnection) -> BusConn:
+    @asynccontextmanager
+    async def _dial(self) -> AsyncIterator[_Ws]:
+        """A WebSocket to `url`, or a local pair when the hub runs in this process."""
+        if self._local is None:
+            async with open_ws(self.url, config=self.config.ws_config()) as ws:
+                yield ws
+            return
+        end = self._local.connect_local()
+        try:
+            yield end
+        finally:
+            end.close()  # as leaving open_ws does: the hub sees the connection end
+
+    async def _handshake(self, ws: _Ws) -> BusConn:
         conn = BusConn(Role.CLIENT, limits=self.config.limits, seq=self._seq,
                        max_frame_envelopes=self.config.max_frame_envelopes)
         await ws.send_message(conn.hello(token=self._token, endpoint_id=self.endpoint_id,
@@ -471,7 +489,7 @@ class BusClient:
                 f"the hub closed the session ({code}: {why}); open a new client", code))
         return _LinkEnd(f"connection closed ({code}: {why})", code=code)
 
-    async def _serve(self, ws: WsConnection, conn: BusConn) -> _LinkEnd:
+    async def _serve(self, ws: _Ws, conn: BusConn) -> _LinkEnd:
         """Run reader, writer and keepalive for one connection until it ends."""
         self._conn = conn
         self._last_rx = trio.current_time()
@@ -500,7 +518,7 @@ class BusClient:
             self._conn = None
         return ends[0] if ends else _LinkEnd("connection ended")
 
-    async def _reader(self, ws: WsConnection, conn: BusConn) -> None:
+    async def _reader(self, ws: _Ws, conn: BusConn) -> None:
         inbox = self._inbox
         limit = self.config.inbox_size
         max_out = self.config.max_outbound
@@ -550,7 +568,7 @@ class BusClient:
             if conn.wants_write():
                 self._wake_writer()
 
-    async def _writer(self, ws: WsConnection, conn: BusConn) -> None:
+    async def _writer(self, ws: _Ws, conn: BusConn) -> None:
         while True:
             data = conn.data_to_send()
             if data is None:
@@ -560,7 +578,7 @@ class BusClient:
             await ws.send_message(data)
             self._frames_out += 1
 
-    async def _keepalive(self, ws: WsConnection, conn: BusConn) -> None:
+    async def _keepalive(self, ws: _Ws, conn: BusConn) -> None:
         cfg = self.config
         pinged_for = -1.0
         while True:
@@ -626,14 +644,19 @@ def _raise_single(eg: BaseExceptionGroup[BaseException]) -> NoReturn:
 
 @asynccontextmanager
 async def open_bus_client(url: str, *, token: str, endpoint_id: str,
-                          config: ClientConfig = ClientConfig()) -> AsyncIterator[BusClient]:
+                          config: ClientConfig = ClientConfig(),
+                          local: LocalHub | None = None) -> AsyncIterator[BusClient]:
     """Connect to a hub as `endpoint_id` and yield the client; on exit flush, BYE and close.
+
+    `local`: the hub when it runs in this process (`HubInfo.hub`): the client then talks to it
+    over bounded memory channels (bus.local) instead of a WebSocket to `url`, with the same
+    protocol (auth, sequencing, acks, resume), errors and API; `url` only names it in errors.
 
     Raises ValueError for a bad endpoint id, BusAuthError when the hub refuses the token,
     BusBrokenError when the hub cannot be reached, ProtocolError when it speaks nonsense.
     Exceptions from the body propagate unchanged (not wrapped in an ExceptionGroup)."""
     _user_check(C.check_endpoint_id, endpoint_id)
-    client = BusClient(url, token=token, endpoint_id=endpoint_id, config=config)
+    client = BusClient(url, token=token, endpoint_id=endpoint_id, config=config, local=local)
     try:
         async with trio.open_nursery() as nursery:
             try:

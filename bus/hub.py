@@ -34,6 +34,7 @@ from bus.errors import (
     ProtocolError,
     describe_close,
 )
+from bus.local import LocalWs, local_ws_pair
 from bus.logs import get_logger
 from bus.ws import WsClosed, WsConnection, WsRequest, serve_ws
 
@@ -53,6 +54,9 @@ class HubInfo:
     host: str
     port: int
     url: str  # ws://HOST:PORT/bus: give this to open_bus_client
+    # The hub itself, for a client in this same process: open_bus_client(url, ...,
+    # local=info.hub) talks to it over memory channels instead of a loopback socket.
+    hub: Hub | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen(kw_only=True)
@@ -85,7 +89,7 @@ class _Session:
 class _Link:
     """One live WebSocket connection."""
 
-    ws: WsConnection
+    ws: WsConnection | LocalWs
     conn: BusConn
     peer: str
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -141,15 +145,29 @@ class Hub:
     async def serve(self, *, task_status: trio.TaskStatus[HubInfo] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         cfg = self.config
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            host, port = await nursery.start(
-                lambda task_status: serve_ws(self._handle, cfg.host, cfg.port,
-                                             config=cfg.ws_config(), task_status=task_status))
-            shown = f"[{host}]" if ":" in host else host
-            info = HubInfo(host=host, port=port, url=f"ws://{shown}:{port}{cfg.path}")
-            _log().info("bus.listening", url=info.url, auth=self._token is not None)
-            task_status.started(info)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                host, port = await nursery.start(
+                    lambda task_status: serve_ws(self._handle, cfg.host, cfg.port,
+                                                 config=cfg.ws_config(), task_status=task_status))
+                shown = f"[{host}]" if ":" in host else host
+                info = HubInfo(host=host, port=port, url=f"ws://{shown}:{port}{cfg.path}",
+                               hub=self)
+                _log().info("bus.listening", url=info.url, auth=self._token is not None)
+                task_status.started(info)
+        finally:
+            self._nursery = None
+
+    def connect_local(self) -> LocalWs:
+        """A new connection from this process, over memory channels (bus.local): the hub
+        serves it like a socket's (handshake, auth, sequencing) in its own nursery. Returns
+        the client's end. Raises ConnectionRefusedError when the hub is not serving."""
+        if self._nursery is None:
+            raise ConnectionRefusedError("the hub is not serving (in-process attach)")
+        client_end, hub_end = local_ws_pair(names=("hub", "local"))
+        self._nursery.start_soon(self._serve_link, hub_end, "local")
+        return client_end
 
     # ------------------------------------------------------------------ connections
 
@@ -159,7 +177,10 @@ class Hub:
             return
         ws = await request.accept()
         remote = ws.remote
-        peer = f"{getattr(remote, 'address', remote)}:{getattr(remote, 'port', '')}"
+        await self._serve_link(ws, f"{getattr(remote, 'address', remote)}:"
+                                   f"{getattr(remote, 'port', '')}")
+
+    async def _serve_link(self, ws: WsConnection | LocalWs, peer: str) -> None:
         link = _Link(ws=ws, conn=BusConn(Role.HUB, limits=self.config.limits,
                                          max_frame_envelopes=self.config.max_frame_envelopes),
                      peer=peer)

@@ -34,6 +34,7 @@ from bus.client import open_bus_client
 from bus.config import HubConfig
 from bus.errors import BusClosedError, BusError
 from bus.hub import serve_bus
+from bus.local import LocalHub
 from bus.logs import get_logger
 from modellink.server import ModelServerConfig, serve_model
 from modellink.sim import SimConfig
@@ -124,6 +125,9 @@ class Supervisor:
         self.model_base_url: str | None = None  # as leases carry it (advertised)
         self.model_token: str | None = None  # the embedded sim's bearer token (the bus token)
         self.bus_url: str = ""  # as local workers dial it
+        # the embedded hub, which our own client reaches over memory channels; None when
+        # --bus-url names an external hub (then our client dials it like any worker)
+        self.hub: LocalHub | None = None
         self.advertised_bus_url: str = ""  # as remote workers dial it
         self._wake = trio.Event()
         self._hurry = trio.Event()  # a second signal: stop waiting for workers
@@ -158,8 +162,8 @@ class Supervisor:
             self._outer = nursery
             nursery.start_soon(self._signals)
             await self._start_servers(nursery, token)
-            async with open_bus_client(self.bus_url, token=token,
-                                       endpoint_id=P.ORCHESTRATOR_ID) as bus:
+            async with open_bus_client(self.bus_url, token=token, endpoint_id=P.ORCHESTRATOR_ID,
+                                       local=self.hub) as bus:
                 self.bus = bus
                 self.procs = LocalProcesses(url=self.bus_url, token=token,
                                             state_dir=str(opts.state_dir),
@@ -206,6 +210,7 @@ class Supervisor:
                                                               token=token),
                                 what=f"the bus on {bind}:{opts.bus_port}")
             self.bus_url = with_host(info.url, "127.0.0.1") if is_wildcard(bind) else info.url
+            self.hub = info.hub
         else:
             self.bus_url = opts.bus_url
         adv = opts.advertise_host
