@@ -12,6 +12,8 @@ from typing import Any
 import attrs
 import trio
 import trio_websocket as _tw
+from wsproto.events import BytesMessage as _BytesMessage
+from wsproto.events import TextMessage as _TextMessage
 
 # Re-exported names: callers use these, not trio_websocket's.
 WsConnection = _tw.WebSocketConnection
@@ -70,6 +72,37 @@ async def serve_ws(
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         task_status.started((sockname[0], sockname[1]))
+
+
+async def send_messages(conn: WsConnection, messages: list[str | bytes]) -> None:
+    """Send several WebSocket messages (str: text, bytes: binary) with one write to the socket.
+
+    Each stays its own WebSocket message, so the peer sees exactly what `send_message` per
+    message would send; only the syscalls are batched. Raises WsClosed like `send_message`
+    (the connection is closed, being closed, or broke while writing).
+
+    Built on trio-websocket's internals (its wsproto connection and stream lock, as its own
+    `_send` uses them), so it lives here, beside the one import of the library.
+    """
+    if conn._close_reason:
+        raise WsClosed(conn._close_reason)
+    proto = conn._wsproto
+    parts = []
+    for m in messages:
+        if isinstance(m, str):
+            parts.append(proto.send(_TextMessage(data=m)))
+        elif isinstance(m, bytes):
+            parts.append(proto.send(_BytesMessage(data=m)))
+        else:
+            raise ValueError("message must be str or bytes")
+    data = b"".join(parts)
+    async with conn._stream_lock:
+        try:
+            await conn._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await conn._abort_web_socket()
+            assert conn._close_reason is not None
+            raise WsClosed(conn._close_reason) from None
 
 
 @asynccontextmanager

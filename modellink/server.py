@@ -25,7 +25,7 @@ import h11
 import trio
 
 from bus.logs import get_logger
-from bus.ws import WsClosed, WsConfig, WsConnection, accept_on_stream
+from bus.ws import WsClosed, WsConfig, WsConnection, accept_on_stream, send_messages
 from modellink import protocol as p
 from modellink.protocol import ErrorCode, ProtocolError, ResponseCancel, ResponseCreate
 from modellink.sim import Generation, RenderedContext, SimConfig, SimModel
@@ -190,7 +190,11 @@ class _Run:
         )
 
 
-Emit = Callable[[dict[str, Any]], Awaitable[None]]
+# Receives a response's events in order, a batch at a time: every event produced between two
+# pauses of simulated model time (at most _MAX_BATCH), so a transport can write them at once.
+Emit = Callable[[list[dict[str, Any]]], Awaitable[None]]
+_MAX_BATCH = 64
+
 
 
 @attrs.define(eq=False)
@@ -250,84 +254,90 @@ class ModelServer:
         st.input_tokens += run.gen.input_tokens
         st.cached_tokens += run.gen.cached_tokens
         st.tokens_rendered += run.rendered
+        out = _Out(run.seq, emit)
         try:
             with run.scope:
-                await self._stream(run, emit)
+                await self._stream(run, out)
             if run.status == "failed":
                 pass  # a scripted failure, already sent
             elif run.status != "completed":  # run.scope was cancelled: response.cancel
                 run.status = "incomplete"
                 self._finish(run)
                 st.responses_cancelled += 1
-                await emit(run.seq.stamp(p.ev_incomplete(run.response(
-                    "incomplete", incomplete_details={"reason": "cancelled"}))))
+                # What was produced before the cancel goes first (run.partial_text holds it).
+                out.add(p.ev_incomplete(run.response(
+                    "incomplete", incomplete_details={"reason": "cancelled"})))
+                await out.flush()
         except Exception as exc:
             if run.status != "in_progress":
                 raise
             run.status = "failed"
             st.responses_failed += 1
             log.error("response.failed", response_id=run.id, error=repr(exc), exc_info=True)
-            await emit(run.seq.stamp(p.ev_failed(run.response("failed", error={
+            out.add(p.ev_failed(run.response("failed", error={
                 "code": ErrorCode.SERVER_ERROR,
-                "message": "the sim model failed; this is a server bug, please report it"}))))
+                "message": "the sim model failed; this is a server bug, please report it"})))
+            await out.flush()
         finally:
             st.in_flight -= 1
             if run.status == "in_progress":  # torn down from outside (client gone, shutdown)
                 st.responses_cancelled += 1
 
-    async def _stream(self, run: _Run, emit: Emit) -> None:
-        seq, gen = run.seq, run.gen
-        await emit(seq.stamp(p.ev_created(run.response("in_progress", usage=False))))
-        await emit(seq.stamp(p.ev_in_progress(run.response("in_progress", usage=False))))
-        await _sleep(gen.prefill_s)
+    async def _stream(self, run: _Run, out: _Out) -> None:
+        gen, add, pause = run.gen, out.add, out.pause
+        add(p.ev_created(run.response("in_progress", usage=False)))
+        add(p.ev_in_progress(run.response("in_progress", usage=False)))
+        await pause(gen.prefill_s)
         if gen.fail is not None:  # the script says this response fails (retry tests)
             run.status = "failed"
             self.stats.responses_failed += 1
-            await emit(seq.stamp(p.ev_failed(run.response("failed", error={
+            add(p.ev_failed(run.response("failed", error={
                 "code": ErrorCode.SERVER_ERROR,
-                "message": f"the sim script fails this response: {gen.fail}"}))))
+                "message": f"the sim script fails this response: {gen.fail}"})))
+            await out.flush()
             return
         per_token = gen.decode_s_per_token
-        for out in gen.outputs:
+        stats = self.stats
+        for plan in gen.outputs:
             idx = len(run.output)
-            if out.kind == "text":
+            if plan.kind == "text":
                 iid = p.new_message_id()
-                await emit(seq.stamp(p.ev_output_item_added(
-                    idx, p.message_item(iid, "", status="in_progress"))))
-                await emit(seq.stamp(p.ev_content_part_added(iid, idx, 0)))
+                add(p.ev_output_item_added(idx, p.message_item(iid, "", status="in_progress")))
+                add(p.ev_content_part_added(iid, idx, 0))
                 text = ""
                 run.partial_text = (iid, text)
-                for delta, n in out.chunks:
-                    await _sleep(n * per_token)
+                for delta, n in plan.chunks:
+                    await pause(n * per_token)
                     text += delta
                     run.partial_text = (iid, text)
                     run.output_tokens += n
-                    self.stats.output_tokens += n
-                    await emit(seq.stamp(p.ev_output_text_delta(iid, idx, 0, delta)))
-                await emit(seq.stamp(p.ev_output_text_done(iid, idx, 0, text)))
-                await emit(seq.stamp(p.ev_content_part_done(iid, idx, 0, text)))
+                    stats.output_tokens += n
+                    add(p.ev_output_text_delta(iid, idx, 0, delta))
+                add(p.ev_output_text_done(iid, idx, 0, text))
+                add(p.ev_content_part_done(iid, idx, 0, text))
                 item = p.message_item(iid, text)
                 run.output.append(item)
                 run.partial_text = None
             else:
                 iid, call_id = p.new_function_call_id(), p.new_call_id()
-                await emit(seq.stamp(p.ev_output_item_added(
-                    idx, p.function_call_item(iid, call_id, out.name, "", status="in_progress"))))
+                add(p.ev_output_item_added(
+                    idx, p.function_call_item(iid, call_id, plan.name, "", status="in_progress")))
                 args = ""
-                for delta, n in out.chunks:
-                    await _sleep(n * per_token)
+                for delta, n in plan.chunks:
+                    await pause(n * per_token)
                     args += delta
                     run.output_tokens += n
-                    self.stats.output_tokens += n
-                    await emit(seq.stamp(p.ev_function_call_arguments_delta(iid, idx, delta)))
-                await emit(seq.stamp(p.ev_function_call_arguments_done(iid, idx, out.name, args)))
-                item = p.function_call_item(iid, call_id, out.name, args)
+                    stats.output_tokens += n
+                    add(p.ev_function_call_arguments_delta(iid, idx, delta))
+                add(p.ev_function_call_arguments_done(iid, idx, plan.name, args))
+                item = p.function_call_item(iid, call_id, plan.name, args)
                 run.output.append(item)
-            await emit(seq.stamp(p.ev_output_item_done(idx, item)))
+            add(p.ev_output_item_done(idx, item))
         run.status = "completed"
         self._finish(run)
-        self.stats.responses_completed += 1
-        await emit(seq.stamp(p.ev_completed(run.response("completed"))))
+        stats.responses_completed += 1
+        add(p.ev_completed(run.response("completed")))
+        await out.flush()
 
     def _finish(self, run: _Run) -> None:
         """The response's output joins its context (and the store, if asked)."""
@@ -337,11 +347,41 @@ class ModelServer:
             self.store.put(run.id, run.request.previous_response_id, run.request.input, output)
 
 
-async def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        await trio.sleep(seconds)
-    else:
-        await trio.lowlevel.checkpoint()
+class _Out:
+    """A response's outgoing events: numbered, held until the next pause, then emitted as one
+    batch; and the simulated clock, paid against one origin.
+
+    Simulated time is slept until `start + total so far` (not `sleep(each)`): every trio.sleep
+    wakes up to a timer tick late, which summed over a response's pauses added milliseconds of
+    time no model would spend. The total simulated time is unchanged.
+    """
+
+    def __init__(self, seq: p.EventSequence, emit: Emit) -> None:
+        self._seq = seq
+        self._emit = emit
+        self._pending: list[dict[str, Any]] = []
+        self._start = trio.current_time()
+        self._due = 0.0  # simulated seconds paid so far
+
+    def add(self, ev: dict[str, Any]) -> None:
+        self._pending.append(self._seq.stamp(ev))
+
+    async def flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            await self._emit(batch)
+
+    async def pause(self, seconds: float) -> None:
+        """Emit what is pending, then pay `seconds` of simulated model time (a cancellation
+        point even when zero)."""
+        if seconds > 0:
+            await self.flush()
+            self._due += seconds
+            await trio.sleep_until(self._start + self._due)
+        elif len(self._pending) >= _MAX_BATCH:
+            await self.flush()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
 
 
 # --------------------------------------------------------------------------- WebSocket
@@ -370,7 +410,8 @@ class _WsSession:
         self.nursery = nursery
         self.encoding: p.Encoding | None = None  # set by the client's first frame
         self.lanes: dict[str | None, _Lane] = {None: _Lane()}
-        self.send, self._recv = trio.open_memory_channel[str | bytes | _Close](
+        # Each entry is a batch of encoded events (at most _MAX_BATCH) or a close.
+        self.send, self._recv = trio.open_memory_channel[list[str | bytes] | _Close](
             server.config.send_queue_size)
 
     async def run(self) -> None:
@@ -388,12 +429,28 @@ class _WsSession:
             nursery.cancel_scope.cancel()  # the client is gone: stop every response at once
 
     async def _writer(self, scope: trio.CancelScope) -> None:
+        # Every frame that is ready goes out in one socket write (still one event per WebSocket
+        # message): a response's events are produced in bursts, and a write per event was
+        # most of the server's CPU per turn.
+        recv = self._recv
         try:
-            async for frame in self._recv:
-                if isinstance(frame, _Close):
-                    await self.ws.aclose(frame.code, frame.reason)
-                    break
-                await self.ws.send_message(frame)
+            async for entry in recv:
+                batch: list[str | bytes] = []
+                while True:
+                    if isinstance(entry, _Close):
+                        if batch:
+                            await send_messages(self.ws, batch)
+                        await self.ws.aclose(entry.code, entry.reason)
+                        scope.cancel()
+                        return
+                    batch += entry
+                    if len(batch) >= _MAX_BATCH:
+                        break
+                    try:
+                        entry = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                await send_messages(self.ws, batch)
         except WsClosed:
             pass
         scope.cancel()
@@ -413,13 +470,14 @@ class _WsSession:
         ))
         await self.send.send(_Close(p.CLOSE_GOING_AWAY, "connection age limit"))
 
-    async def _emit(self, ev: dict[str, Any]) -> None:
+    async def _emit(self, events: list[dict[str, Any]]) -> None:
         # Before the client's first frame (e.g. the age limit of an idle connection): JSON.
-        await self.send.send(p.encode_event(ev, self.encoding or p.JSON))
+        encoding = self.encoding or p.JSON
+        await self.send.send([p.encode_event(ev, encoding) for ev in events])
 
     async def _error(self, err: ProtocolError, stream_id: str | None = None) -> None:
         self.server.stats.errors_sent += 1
-        await self._emit(err.to_event(stream_id=stream_id))
+        await self._emit([err.to_event(stream_id=stream_id)])
 
     async def _on_frame(self, frame: str | bytes) -> None:
         kind = p.encoding_of_frame(frame)
@@ -733,9 +791,10 @@ class _HttpConn:
     async def _respond_json(self, run: _Run) -> None:
         final: dict[str, Any] = {}
 
-        async def keep_terminal(ev: dict[str, Any]) -> None:
-            if ev["type"] in p.TERMINAL_TYPES:
-                final.update(ev["response"])
+        async def keep_terminal(events: list[dict[str, Any]]) -> None:
+            for ev in events:
+                if ev["type"] in p.TERMINAL_TYPES:
+                    final.update(ev["response"])
             await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:
@@ -750,9 +809,9 @@ class _HttpConn:
         await self._send(h11.Response(status_code=200, headers=[
             ("content-type", "text/event-stream"), ("cache-control", "no-cache")]))
 
-        async def send_sse(ev: dict[str, Any]) -> None:
+        async def send_sse(events: list[dict[str, Any]]) -> None:
             try:
-                await self._send(h11.Data(data=p.encode_sse(ev)))
+                await self._send(h11.Data(data=b"".join(map(p.encode_sse, events))))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 run.scope.cancel()
                 await trio.lowlevel.checkpoint()

@@ -13,7 +13,7 @@ import h11
 import pytest
 import trio
 
-from bus.ws import WsClosed, WsConnection, WsRejected, open_ws
+from bus.ws import WsClosed, WsConnection, WsRejected, open_ws, send_messages, serve_ws
 from modellink import protocol as p
 from modellink.server import ModelServerConfig, ModelServerInfo, serve_model
 from modellink.sim import SimConfig
@@ -278,6 +278,39 @@ async def test_model_time_is_ttft_plus_uncached_prefill_plus_decode_as_it_stream
             first = next(t for k, t in times if k == "response.output_text.delta")
             assert first == pytest.approx(prefill + 0.1, abs=1e-6)  # first 10-token chunk
             assert times[-1][1] == pytest.approx(prefill + 1.0, abs=1e-6)  # 100 tokens
+
+
+async def test_send_messages_sends_each_as_its_own_message_in_one_write_and_raises_when_closed():
+    got: list[str | bytes] = []
+    writes: list[int] = []
+    writes_before_close: list[int] = []
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        inner = conn._stream
+        real_send_all = inner.send_all
+
+        async def counting_send_all(data: Any) -> None:
+            writes.append(len(data))
+            await real_send_all(data)
+
+        inner.send_all = counting_send_all
+        await send_messages(conn, ["one", b"\x00two", "three"])
+        writes_before_close.append(len(writes))
+        await conn.aclose()
+        with pytest.raises(WsClosed):
+            await send_messages(conn, ["after close"])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+            async with open_ws(f"ws://{host}:{port}/") as conn:
+                with pytest.raises(WsClosed):
+                    while True:
+                        got.append(await conn.get_message())
+            nursery.cancel_scope.cancel()
+    assert got == ["one", b"\x00two", "three"]
+    assert writes_before_close == [1]
 
 
 # ------------------------------------------------------------------ cancellation
