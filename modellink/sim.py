@@ -76,21 +76,33 @@ class SimConfig:
 
 
 class PrefixCache:
-    """LRU set of chained block hashes. `match(hashes)` = leading blocks already cached."""
+    """LRU set of chained block hashes. `match(hashes)` = leading blocks already cached.
+
+    `version` changes with every match and insert, so a caller can tell that nothing touched
+    the LRU since it last looked (see `tail_is`).
+    """
 
     def __init__(self, max_blocks: int) -> None:
         self._max = max_blocks
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._lru)
 
-    def match(self, hashes: list[int]) -> int:
+    @property
+    def max_blocks(self) -> int:
+        return self._max
+
+    def match(self, hashes: list[int], start: int = 0) -> int:
         """Number of leading blocks present (each hash chains its prefix, so the first miss ends
-        the match); hits are refreshed."""
-        n = 0
+        the match); hits are refreshed. `start` > 0 skips blocks the caller knows are present
+        and already the most recently used, in order (refreshing them would change nothing)."""
+        self.version += 1
+        n = start
         lru = self._lru
-        for h in hashes:
+        for i in range(start, len(hashes)):
+            h = hashes[i]
             if h not in lru:
                 break
             lru.move_to_end(h)
@@ -98,6 +110,7 @@ class PrefixCache:
         return n
 
     def insert(self, hashes: Iterable[int]) -> None:
+        self.version += 1
         lru = self._lru
         for h in hashes:
             if h in lru:
@@ -133,6 +146,10 @@ class RenderedContext:
         self.prefix_key: tuple[str | None, str] | None = None
         self.model_turns = 0  # model responses (runs of output items) in the context
         self._in_output_run = False
+        # (prefix cache version, n): True iff the cache is unchanged since that version, whose
+        # n most recently used blocks are hashes[:n] in order (set by SimModel.finish).
+        self.lru_tail: tuple[int, int] | None = None
+        self.plan_version = -1  # the prefix cache version right after this context's plan
         sp = tokenizer.special
         self._start, self._end = sp["<|im_start|>"], sp["<|im_end|>"]
         self._role = {r: sp[f"<|{r}|>"] for r in ("system", "developer", "user", "assistant")}
@@ -144,6 +161,7 @@ class RenderedContext:
         c.tokens, c.hashes, c.items = list(self.tokens), list(self.hashes), list(self.items)
         c.prefix_key, c.model_turns = self.prefix_key, self.model_turns
         c._in_output_run = self._in_output_run
+        c.lru_tail = self.lru_tail  # same blocks; whichever plans first changes the version
         return c
 
     def mark(self) -> tuple[Any, ...]:
@@ -159,6 +177,7 @@ class RenderedContext:
             return False
         del self.tokens[n_tokens:], self.hashes[n_hashes:], self.items[n_items:]
         self.model_turns, self._in_output_run = turns, in_run
+        self.lru_tail = None
         return True
 
     def set_prefix(self, instructions: str | None, tools: list[dict[str, Any]]) -> int:
@@ -173,6 +192,7 @@ class RenderedContext:
         items = self.items
         self.tokens, self.hashes, self.items = [], [], []
         self.model_turns, self._in_output_run = 0, False
+        self.lru_tail = None
         self.prefix_key = key
         toks: list[int] = []
         if instructions:
@@ -418,9 +438,20 @@ class SimModel:
         (prefill fills the cache). Raises ProtocolError for a bad script."""
         steps = self.script_for(metadata)
         cfg = self.config
-        cached_blocks = self.prefix_cache.match(ctx.hashes)
+        pc = self.prefix_cache
+        # A continuation whose previous response was the last thing to touch the cache: its
+        # blocks so far are the cache's most recently used, in order, so matching them again
+        # would find and refresh them all without changing anything; start after them. Any
+        # other request in between (any connection, any transport) means a full match. Either
+        # way the result and the LRU order are exactly those of a full match.
+        tail = ctx.lru_tail
+        start = tail[1] if tail is not None and tail[0] == pc.version \
+            and tail[1] <= len(ctx.hashes) else 0
+        cached_blocks = pc.match(ctx.hashes, start)
         cached = min(cached_blocks * cfg.block_tokens, len(ctx.tokens))
-        self.prefix_cache.insert(ctx.hashes[cached_blocks:])
+        pc.insert(ctx.hashes[cached_blocks:])
+        ctx.lru_tail = None
+        ctx.plan_version = pc.version
         uncached = len(ctx.tokens) - cached
         outputs: tuple[OutputPlan, ...] = ()
         fail = None
@@ -443,8 +474,14 @@ class SimModel:
         """Append the response's output to the context and cache its blocks (decode fills the
         cache too, so the next turn's prefix hits)."""
         n = len(ctx.hashes)  # the prompt's blocks were cached (and refreshed) by plan()
+        pc = self.prefix_cache
+        # Nothing touched the cache since plan() left the prompt's blocks most recently used,
+        # in order, and these go after them: then the context's blocks are the LRU's tail.
+        untouched = ctx.plan_version == pc.version
         ctx.append_items(output_items)
-        self.prefix_cache.insert(ctx.hashes[n:])
+        pc.insert(ctx.hashes[n:])
+        ctx.lru_tail = (pc.version, len(ctx.hashes)) \
+            if untouched and len(ctx.hashes) <= pc.max_blocks else None
 
     def _outputs(self, step: ScriptStep, turn: int) -> tuple[OutputPlan, ...]:
         if step.calls:

@@ -162,6 +162,69 @@ def test_finished_output_is_cached_for_the_next_turn():
     assert model.plan(ctx, {}).cached_tokens == n // 4 * 4
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["turn", "truncate", "fork"]),
+                          st.integers(1, 40)), min_size=1, max_size=25),
+       st.integers(4, 40))
+def test_continuations_skip_matching_blocks_only_when_a_full_match_would_give_the_same(
+        ops: list[tuple[int, str, int]], cache_blocks: int):
+    """The shortcut (start after the blocks a context's last finish left most recently used)
+    gives the same cached tokens and the same LRU order as a full match every time, however
+    sessions interleave, truncate, fork and evict one another."""
+    fast, ref = (SimModel(SimConfig(block_tokens=4, prefix_cache_blocks=cache_blocks))
+                 for _ in range(2))
+    ctxs: dict[int, tuple[Any, Any]] = {}
+    marks: dict[int, tuple[Any, Any]] = {}
+    for k, (sess, op, words) in enumerate(ops):
+        if sess not in ctxs:
+            ctxs[sess] = (_ctx(fast, [user(f"session {sess}")])[0],
+                          _ctx(ref, [user(f"session {sess}")])[0])
+        pair = ctxs[sess]
+        if op == "truncate":  # a cancelled continuation: back to before its request
+            if sess in marks:
+                for c, m in zip(pair, marks.pop(sess), strict=True):
+                    assert c.truncate(m)
+            continue
+        if op == "fork":
+            ctxs[sess] = pair = (pair[0].copy(), pair[1].copy())
+            marks.pop(sess, None)
+        marks[sess] = (pair[0].mark(), pair[1].mark())
+        text = " ".join(f"w{k}x{i}" for i in range(words))
+        gens = []
+        for model, c in zip((fast, ref), pair, strict=True):
+            if model is ref:
+                c.lru_tail = None  # the reference always matches every block
+            c.append_items([user(text)])
+            gens.append(model.plan(c, {}).cached_tokens)
+            model.finish(c, [assistant(f"answer {k} " + text[: words])])
+        assert gens[0] == gens[1]
+        assert list(fast.prefix_cache._lru) == list(ref.prefix_cache._lru)
+
+
+def test_a_continuation_after_nothing_else_touched_the_cache_matches_only_its_new_blocks():
+    model = SimModel(SimConfig(block_tokens=4))
+    ctx, _ = _ctx(model, [user("hello there, a first message of a few tokens")])
+    model.plan(ctx, {})
+    model.finish(ctx, [assistant("an answer of several tokens, long enough")])
+    assert ctx.lru_tail == (model.prefix_cache.version, len(ctx.hashes))
+    n = len(ctx.hashes)
+    seen: list[int] = []
+    real_match = model.prefix_cache.match
+
+    def spy(hashes: list[int], start: int = 0) -> int:
+        seen.append(start)
+        return real_match(hashes, start)
+
+    model.prefix_cache.match = spy  # type: ignore[method-assign]
+    ctx.append_items([user("next")])
+    model.plan(ctx, {})
+    other, _ = _ctx(model, [user("another session")])
+    model.plan(other, {})
+    model.finish(ctx, [assistant("late")])  # another request planned meanwhile
+    assert ctx.lru_tail is None
+    assert seen == [n, 0]
+
+
 # ------------------------------------------------------------------ scripts and output
 
 
