@@ -105,6 +105,12 @@ async def send_messages(conn: WsConnection, messages: list[str | bytes]) -> None
             raise WsClosed(conn._close_reason) from None
 
 
+def queued_messages(conn: WsConnection) -> int:
+    """How many received messages wait for `get_message` (0 for a connection nobody left
+    anything unread on: one that may be handed to another user)."""
+    return conn._recv_channel.statistics().current_buffer_used
+
+
 @asynccontextmanager
 async def open_ws(
     url: str,

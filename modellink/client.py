@@ -27,7 +27,15 @@ import attrs
 import trio
 
 from bus.logs import get_logger
-from bus.ws import WsClosed, WsConfig, WsConnectTimeout, WsHandshakeError, WsRejected, open_ws
+from bus.ws import (
+    WsClosed,
+    WsConfig,
+    WsConnectTimeout,
+    WsHandshakeError,
+    WsRejected,
+    open_ws,
+    queued_messages,
+)
 from modellink import protocol as P
 from modellink.chat import chat_body, response_from_chat
 from modellink.httpclient import HttpConnection, HttpError, Origin
@@ -88,6 +96,9 @@ class ModelEndpoint:
     keepalive: bool = True
     stream: bool = False
     connect_timeout_s: float = 10.0
+    # "ws": a closed session hands its healthy WebSocket to the process's pool and the next
+    # session to the same endpoint (URL, encoding, key) takes it instead of a new handshake.
+    reuse_connections: bool = True
 
     @property
     def origin(self) -> Origin:
@@ -102,6 +113,7 @@ class SessionStats:
     bytes_sent: int
     bytes_received: int
     connects: int  # connections opened (WS, or HTTP)
+    reused: int  # WebSockets taken from the pool instead of opened
     resends: int  # turns that had to resend the full context
     cancelled_turns: int
 
@@ -110,25 +122,162 @@ class _LinkLost(Exception):
     """The WebSocket is gone (closed, reset, or at its age limit); the server lost our context."""
 
 
-@attrs.define
+@attrs.define(eq=False)
 class _WsLink:
-    """One WebSocket, held open by a task in the session's nursery until `done` is set."""
+    """One WebSocket, held open by a task (in the pool's nursery, or the session's when it is
+    not pooled) until `done` is set."""
 
     conn: Any  # bus.ws.WsConnection
+    opened_at: float = 0.0
     done: trio.Event = attrs.Factory(trio.Event)
     dead: bool = False
     # True iff a cancelled response may still send events that must be read before the next turn.
     drain_pending: bool = False
+    idle_since: float = 0.0
 
     @property
     def alive(self) -> bool:
         return not self.dead and self.conn.closed is None
+
+    def close(self) -> None:
+        self.dead = True
+        self.done.set()
+
+
+# The pool of idle model WebSockets, per trio run (so per process in practice): a session that
+# ends with a healthy connection leaves it here and the next session to the same endpoint takes
+# it, saving a TCP connect and an HTTP upgrade on both sides (what the OpenAI Agents SDK's
+# responses_websocket_session does). A taken connection starts like a new one: the session's
+# first turn sends its whole context with previous_response_id null, so nothing of the previous
+# session's server-side cache is ever continued.
+POOL_MAX_IDLE = 16  # bounded: idle connections kept per process, oldest closed first
+POOL_IDLE_TIMEOUT_S = 60.0
+# A connection is not pooled past this age: OpenAI closes at 60 minutes (our server's default
+# too); with the margin, a taken connection has minutes left, not seconds.
+POOL_MAX_AGE_S = 55 * 60.0
+
+
+class _WsPool:
+    """Idle WebSockets by (url, encoding, credentials); their holders run in its nursery."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self._idle: dict[tuple[str, str, str | None], list[_WsLink]] = {}
+        self._count = 0
+        self._wake = trio.Event()
+
+    def take(self, key: tuple[str, str, str | None]) -> _WsLink | None:
+        links = self._idle.get(key)
+        now = trio.current_time()
+        while links:
+            link = links.pop()  # the most recently used: least likely to have gone stale
+            self._count -= 1
+            if _reusable(link, now):
+                return link
+            link.close()
+        return None
+
+    def give(self, key: tuple[str, str, str | None], link: _WsLink) -> None:
+        if not _reusable(link, trio.current_time()):
+            link.close()
+            return
+        link.idle_since = trio.current_time()
+        self._idle.setdefault(key, []).append(link)
+        self._count += 1
+        while self._count > POOL_MAX_IDLE:
+            oldest = min((ls for ls in self._idle.values() if ls), key=lambda ls: ls[0].idle_since)
+            oldest.pop(0).close()
+            self._count -= 1
+        self._wake.set()
+
+    async def reap(self) -> None:
+        """Close connections idle longer than POOL_IDLE_TIMEOUT_S (or gone bad meanwhile)."""
+        while True:
+            now = trio.current_time()
+            first = min((link.idle_since for ls in self._idle.values() for link in ls),
+                        default=None)
+            if first is None:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            if first + POOL_IDLE_TIMEOUT_S > now:
+                with trio.move_on_at(first + POOL_IDLE_TIMEOUT_S):
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                continue
+            for key, links in list(self._idle.items()):
+                keep = [ln for ln in links
+                        if ln.idle_since + POOL_IDLE_TIMEOUT_S > now and ln.alive]
+                for ln in links:
+                    if ln not in keep:
+                        ln.close()
+                self._count -= len(links) - len(keep)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]
+
+
+def _reusable(link: _WsLink, now: float) -> bool:
+    """True iff another session may take `link`: open, nothing in flight or unread, young."""
+    return (link.alive and not link.drain_pending and queued_messages(link.conn) == 0
+            and now - link.opened_at < POOL_MAX_AGE_S)
+
+
+_POOL: trio.lowlevel.RunVar[_WsPool | None] = trio.lowlevel.RunVar("modellink_ws_pool",
+                                                                   default=None)
+
+
+async def _pool() -> _WsPool | None:
+    """This run's pool, started on first use in a system task (it outlives every session and is
+    cancelled, closing its connections, when the run ends). None while the run is ending."""
+    pool = _POOL.get()
+    if pool is not None:
+        return pool
+    ready = trio.Event()
+
+    async def service() -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                pool = _WsPool(nursery)
+                _POOL.set(pool)
+                ready.set()
+                await pool.reap()
+        except Exception as exc:  # a system task must not raise: give up pooling instead
+            log.warning("model.ws_pool_failed", error=repr(exc))
+        finally:
+            _POOL.set(None)
+            ready.set()
+
+    try:
+        trio.lowlevel.spawn_system_task(service, name="modellink.ws_pool")
+    except RuntimeError:  # the run is shutting down
+        return None
+    await ready.wait()
+    return _POOL.get()
 
 
 def _frame_size(frame: str | bytes) -> int:
     if isinstance(frame, str):
         return len(frame) if frame.isascii() else len(frame.encode("utf-8"))
     return len(frame)
+
+
+async def _hold_ws(url: str, headers: list[tuple[bytes, bytes]], config: WsConfig, *,
+                   task_status: trio.TaskStatus[_WsLink] = trio.TASK_STATUS_IGNORED) -> None:
+    """Hold one WebSocket open in the pool's or a session's nursery (not in a turn's cancel
+    scope) until its link's `done` is set. Never raises once started."""
+    started = False
+    try:
+        async with open_ws(url, headers=headers, config=config) as conn:
+            link = _WsLink(conn=conn, opened_at=trio.current_time())
+            task_status.started(link)
+            started = True
+            await link.done.wait()
+    except Exception as exc:  # after start, a failed close must not end the session
+        if not started:
+            raise
+        log.debug("model.ws_close_failed", error=repr(exc))
 
 
 class ModelSession:
@@ -151,7 +300,9 @@ class ModelSession:
         self._tx = 0  # this turn's bytes
         self._rx = 0
         self._stats = {"turns": 0, "bytes_sent": 0, "bytes_received": 0, "connects": 0,
-                       "resends": 0, "cancelled_turns": 0}
+                       "reused": 0, "resends": 0, "cancelled_turns": 0}
+        self._pool_key = (self._origin.ws_url("/responses"), self._encoding,
+                          endpoint.api_key) if endpoint.reuse_connections else None
 
     # ------------------------------------------------------------ public
 
@@ -192,8 +343,15 @@ class ModelSession:
             self._stats["bytes_received"] += self._rx
 
     async def aclose(self) -> None:
-        """Close the link (the WebSocket's close handshake runs in the session's nursery)."""
-        self._drop_link()
+        """Close the link, or give it to the pool when it is healthy and nothing is in flight
+        (a closed WebSocket's close handshake runs in the task that holds it)."""
+        link, self._link, key = self._link, None, self._pool_key
+        if link is not None:
+            pool = _POOL.get() if key is not None else None
+            if pool is not None and key is not None and not self._busy:
+                pool.give(key, link)
+            else:
+                link.close()
         if self._http is not None:
             http, self._http = self._http, None
             await http.aclose()
@@ -274,18 +432,27 @@ class ModelSession:
         if self._link is not None and not self._link.alive:
             self._drop_link()
         if self._link is None:
-            self._book.forget_server()  # a new connection's cache is empty
-            self._link = await self._connect_ws()
-            self._stats["connects"] += 1
+            # A new (or pooled) connection's cache holds nothing of ours: send everything.
+            self._book.forget_server()
+            key = self._pool_key
+            pool = await _pool() if key is not None else None
+            link = pool.take(key) if pool is not None and key is not None else None
+            if link is not None:
+                self._stats["reused"] += 1
+            else:
+                link = await self._connect_ws(pool.nursery if pool is not None else self._nursery)
+                self._stats["connects"] += 1
+            self._link = link
         return self._link
 
-    async def _connect_ws(self) -> _WsLink:
+    async def _connect_ws(self, nursery: trio.Nursery) -> _WsLink:
         url = self._origin.ws_url("/responses")
         headers = [(b"User-Agent", USER_AGENT.encode())]
         if self.endpoint.api_key:
             headers.append((b"Authorization", b"Bearer " + self.endpoint.api_key.encode()))
         try:
-            link: _WsLink = await self._nursery.start(self._hold_ws, url, headers)
+            config = attrs.evolve(_WS_CONFIG, connect_timeout=self.endpoint.connect_timeout_s)
+            link: _WsLink = await nursery.start(_hold_ws, url, headers, config)
         except WsRejected as exc:
             status = getattr(exc, "status_code", None)
             if status in (401, 403):
@@ -299,26 +466,9 @@ class ModelSession:
             raise ModelConnectionError(f"cannot open the model WebSocket {url}: {cause!r}") from None
         return link
 
-    async def _hold_ws(self, url: str, headers: list[tuple[bytes, bytes]], *,
-                       task_status: trio.TaskStatus[_WsLink] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold one WebSocket open in the session's nursery (not in a turn's cancel scope)."""
-        started = False
-        config = attrs.evolve(_WS_CONFIG, connect_timeout=self.endpoint.connect_timeout_s)
-        try:
-            async with open_ws(url, headers=headers, config=config) as conn:
-                link = _WsLink(conn=conn)
-                task_status.started(link)
-                started = True
-                await link.done.wait()
-        except Exception as exc:  # after start, a failed close must not end the session
-            if not started:
-                raise
-            log.debug("model.ws_close_failed", error=repr(exc))
-
     def _drop_link(self) -> None:
         if self._link is not None:
-            self._link.dead = True
-            self._link.done.set()
+            self._link.close()
             self._link = None
 
     async def _send(self, link: _WsLink, event: dict[str, Any], timeout_s: float) -> None:

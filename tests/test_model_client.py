@@ -9,6 +9,7 @@ import subprocess
 from functools import partial
 from typing import Any
 
+import attrs
 import h11
 import msgpack
 import pytest
@@ -555,4 +556,113 @@ async def test_https_requests_verify_the_certificate(tls_pair: Any):
             await conn.aclose()
             with pytest.raises(HttpError, match="certificate|connect"):
                 await HttpConnection.connect(origin)  # the system CAs do not know it
+            nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ the connection pool
+
+
+async def test_a_closed_sessions_websocket_is_reused_and_starts_with_the_full_context():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            meta = _script(*_reads(2), {"text": "done"})
+            async with open_model_session(ep, tools=TOOLS, metadata=meta) as s1:
+                a1 = await s1.turn([_user("secret of session one")])
+                await s1.turn(_outputs(a1, TOOL_TEXT))
+                assert s1.statistics().connects == 1
+            async with open_model_session(ep, tools=TOOLS, metadata=meta) as s2:
+                b1 = await s2.turn([_user("session two")])
+                b2 = await s2.turn(_outputs(b1, TOOL_TEXT))
+                st2 = s2.statistics()
+            async with open_model_session(ep, tools=TOOLS, metadata=meta) as fresh:
+                assert fresh.statistics().reused == 1
+                c1 = await fresh.turn([_user("session two")])
+            server = await fetch_server_stats(info.base_url)
+            nursery.cancel_scope.cancel()
+    assert (st2.connects, st2.reused) == (0, 1)
+    assert server["ws_connections_total"] == 1
+    # Session two's first turn carried its own context only (no previous_response_id): the
+    # same tokens as a third session's first turn, and nothing of session one.
+    assert b1.usage.input_tokens == c1.usage.input_tokens
+    assert [json.loads(r.function_calls[0].arguments)["path"] for r in (b1, b2)] == [
+        "f0.py", "f1.py"]
+    assert not b1.resent_full_context and not b2.resent_full_context
+
+
+async def test_a_session_never_continues_the_previous_sessions_response_on_a_reused_link():
+    sent: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url, encoding="json")
+            for n in range(2):
+                async with open_model_session(ep, tools=TOOLS) as s:
+                    real_send = s._send
+
+                    async def spy(link: Any, event: dict[str, Any], timeout_s: float,
+                                  real_send: Any = real_send) -> None:
+                        sent.append(dict(event, input=list(event["input"])))  # a snapshot
+                        await real_send(link, event, timeout_s)
+
+                    s._send = spy  # type: ignore[method-assign]
+                    await s.turn([_user(f"session {n}")])
+                    await s.turn([_user("more")])
+            nursery.cancel_scope.cancel()
+    assert [e.get("previous_response_id") is None for e in sent] == [True, False, True, False]
+    assert sent[2]["input"] == [_user("session 1")]
+
+
+@pytest.mark.parametrize("how", ["cancelled turn", "server closed", "other encoding",
+                                 "not reusable"])
+async def test_an_unhealthy_or_foreign_websocket_is_never_reused(how: str, autojump_clock: Any):
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery, sim=SimConfig(ttft_s=0.01),
+                                max_connection_age_s=30.0)
+            ep = ModelEndpoint(base_url=info.base_url,
+                               reuse_connections=how != "not reusable")
+            async with open_model_session(ep, metadata=_script(LONG)) as s:
+                if how == "cancelled turn":  # leaves a cancelled response draining
+                    with trio.move_on_after(0.5):
+                        await s.turn([_user("go")])
+                else:
+                    await s.turn([_user("go")])
+            if how == "server closed":
+                await trio.sleep(31)  # the age limit: the server closes the idle connection
+            ep2 = attrs.evolve(ep, encoding="json") if how == "other encoding" else ep
+            async with open_model_session(ep2) as s2:
+                await s2.turn([_user("hello")])
+                st = s2.statistics()
+            nursery.cancel_scope.cancel()
+    assert (st.connects, st.reused) == (1, 0)
+
+
+async def test_idle_pooled_websockets_are_closed_after_the_idle_timeout_and_bounded(
+        autojump_clock: Any):
+    from modellink import client as client_mod
+
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            n = client_mod.POOL_MAX_IDLE + 3
+            async with trio.open_nursery() as sessions:
+                release = trio.Event()
+
+                async def one() -> None:
+                    async with open_model_session(ep) as s:
+                        await s.turn([_user("hi")])
+                        await release.wait()
+
+                for _ in range(n):
+                    sessions.start_soon(one)
+                await trio.sleep(1)
+                assert info.server.statistics()["ws_connections_open"] == n
+                release.set()
+            await trio.sleep(1)
+            assert info.server.statistics()["ws_connections_open"] == client_mod.POOL_MAX_IDLE
+            await trio.sleep(client_mod.POOL_IDLE_TIMEOUT_S + 1)
+            assert info.server.statistics()["ws_connections_open"] == 0
             nursery.cancel_scope.cancel()
