@@ -96,8 +96,8 @@ class ModelEndpoint:
     keepalive: bool = True
     stream: bool = False
     connect_timeout_s: float = 10.0
-    # "ws": a closed session hands its healthy WebSocket to the process's pool and the next
-    # session to the same endpoint (URL, encoding, key) takes it instead of a new handshake.
+    # A closed session hands its healthy WebSocket (or kept-alive HTTP connection) to the
+    # run's pool and the next session to the same endpoint takes it instead of connecting.
     reuse_connections: bool = True
 
     @property
@@ -113,7 +113,7 @@ class SessionStats:
     bytes_sent: int
     bytes_received: int
     connects: int  # connections opened (WS, or HTTP)
-    reused: int  # WebSockets taken from the pool instead of opened
+    reused: int  # connections taken from the pool instead of opened
     resends: int  # turns that had to resend the full context
     cancelled_turns: int
 
@@ -165,6 +165,33 @@ class _WsPool:
         self._idle: dict[tuple[str, str, str | None], list[_WsLink]] = {}
         self._count = 0
         self._wake = trio.Event()
+        # Kept-alive HTTP connections get the same treatment (what any HTTP client's pool
+        # does), so the HTTP transport is not charged a TCP connect per session that WebSocket
+        # sessions no longer pay: (connection, idle since), most recent last.
+        self._http: dict[tuple[str, str | None], list[tuple[HttpConnection, float]]] = {}
+
+    def take_http(self, key: tuple[str, str | None]) -> HttpConnection | None:
+        conns = self._http.get(key)
+        now = trio.current_time()
+        while conns:
+            conn, since = conns.pop()
+            if conn.reusable and now - since < POOL_IDLE_TIMEOUT_S:
+                return conn
+            self.nursery.start_soon(conn.aclose)
+        return None
+
+    def give_http(self, key: tuple[str, str | None], conn: HttpConnection) -> None:
+        conns = self._http.setdefault(key, [])
+        conns.append((conn, trio.current_time()))
+        if len(conns) > POOL_MAX_IDLE:
+            self.nursery.start_soon(conns.pop(0)[0].aclose)
+
+    def close_all_http(self) -> None:
+        """Close every idle HTTP connection now (their sockets; no I/O to wait for)."""
+        for conns in self._http.values():
+            for conn, _ in conns:
+                conn.close_nowait()
+        self._http.clear()
 
     def take(self, key: tuple[str, str, str | None]) -> _WsLink | None:
         links = self._idle.get(key)
@@ -190,12 +217,15 @@ class _WsPool:
             self._count -= 1
         self._wake.set()
 
+    def wake(self) -> None:
+        self._wake.set()
+
     async def reap(self) -> None:
         """Close connections idle longer than POOL_IDLE_TIMEOUT_S (or gone bad meanwhile)."""
         while True:
             now = trio.current_time()
-            first = min((link.idle_since for ls in self._idle.values() for link in ls),
-                        default=None)
+            first = min([link.idle_since for ls in self._idle.values() for link in ls]
+                        + [t for cs in self._http.values() for _, t in cs], default=None)
             if first is None:
                 await self._wake.wait()
                 self._wake = trio.Event()
@@ -205,6 +235,12 @@ class _WsPool:
                     await self._wake.wait()
                     self._wake = trio.Event()
                 continue
+            for hkey, conns in list(self._http.items()):
+                fresh = [(c, t) for c, t in conns if t + POOL_IDLE_TIMEOUT_S > now]
+                for c, t in conns:
+                    if t + POOL_IDLE_TIMEOUT_S <= now:
+                        c.close_nowait()
+                self._http[hkey] = fresh
             for key, links in list(self._idle.items()):
                 keep = [ln for ln in links
                         if ln.idle_since + POOL_IDLE_TIMEOUT_S > now and ln.alive]
@@ -237,12 +273,16 @@ async def _pool() -> _WsPool | None:
     ready = trio.Event()
 
     async def service() -> None:
+        pool: _WsPool | None = None
         try:
             async with trio.open_nursery() as nursery:
                 pool = _WsPool(nursery)
                 _POOL.set(pool)
                 ready.set()
-                await pool.reap()
+                try:
+                    await pool.reap()
+                finally:
+                    pool.close_all_http()
         except Exception as exc:  # a system task must not raise: give up pooling instead
             log.warning("model.ws_pool_failed", error=repr(exc))
         finally:
@@ -303,6 +343,8 @@ class ModelSession:
                        "reused": 0, "resends": 0, "cancelled_turns": 0}
         self._pool_key = (self._origin.ws_url("/responses"), self._encoding,
                           endpoint.api_key) if endpoint.reuse_connections else None
+        self._http_key = (endpoint.base_url, endpoint.api_key) \
+            if endpoint.reuse_connections and endpoint.keepalive else None
 
     # ------------------------------------------------------------ public
 
@@ -354,7 +396,13 @@ class ModelSession:
                 link.close()
         if self._http is not None:
             http, self._http = self._http, None
-            await http.aclose()
+            pool = _POOL.get() if self._http_key is not None else None
+            if pool is not None and self._http_key is not None and not self._busy \
+                    and http.reusable:
+                pool.give_http(self._http_key, http)
+                pool.wake()
+            else:
+                await http.aclose()
 
     # ------------------------------------------------------------ results
 
@@ -560,6 +608,11 @@ class ModelSession:
         if self._http is not None and not self._http.reusable:
             await self._http.aclose()
             self._http = None
+        if self._http is None and self._http_key is not None:
+            pool = await _pool()
+            self._http = pool.take_http(self._http_key) if pool is not None else None
+            if self._http is not None:
+                self._stats["reused"] += 1
         if self._http is None:
             try:
                 self._http = await HttpConnection.connect(
@@ -610,7 +663,13 @@ class ModelSession:
     async def _close_http(self) -> None:
         if self._http is not None:
             http, self._http = self._http, None
-            await http.aclose()
+            pool = _POOL.get() if self._http_key is not None else None
+            if pool is not None and self._http_key is not None and not self._busy \
+                    and http.reusable:
+                pool.give_http(self._http_key, http)
+                pool.wake()
+            else:
+                await http.aclose()
 
     async def _exchange_http(self, conn: HttpConnection, path: str, body: bytes,
                              headers: list[tuple[str, str]]

@@ -226,3 +226,12 @@ class HttpConnection:
         """Close at once (no TLS goodbye): used after a finished exchange and on cancel."""
         self._closed = True
         await trio.aclose_forcefully(self._stream)
+
+    def close_nowait(self) -> None:
+        """Close the socket without a checkpoint (for a pool shutting down under a cancel)."""
+        self._closed = True
+        stream: Any = self._stream
+        sock = getattr(stream, "socket", None) or getattr(
+            getattr(stream, "transport_stream", None), "socket", None)
+        if sock is not None:
+            sock.close()

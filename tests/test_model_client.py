@@ -666,3 +666,22 @@ async def test_idle_pooled_websockets_are_closed_after_the_idle_timeout_and_boun
             await trio.sleep(client_mod.POOL_IDLE_TIMEOUT_S + 1)
             assert info.server.statistics()["ws_connections_open"] == 0
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+async def test_kept_alive_http_connections_are_pooled_like_websockets(keepalive: bool):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url, transport="http", keepalive=keepalive)
+            stats = []
+            for n in range(2):
+                async with open_model_session(ep) as s:
+                    r = await s.turn([_user(f"session {n}")])
+                    assert r.status == "completed"
+                    stats.append(s.statistics())
+            nursery.cancel_scope.cancel()
+    if keepalive:
+        assert [(st.connects, st.reused) for st in stats] == [(1, 0), (0, 1)]
+    else:
+        assert [(st.connects, st.reused) for st in stats] == [(1, 0), (1, 0)]
