@@ -663,13 +663,7 @@ class ModelSession:
     async def _close_http(self) -> None:
         if self._http is not None:
             http, self._http = self._http, None
-            pool = _POOL.get() if self._http_key is not None else None
-            if pool is not None and self._http_key is not None and not self._busy \
-                    and http.reusable:
-                pool.give_http(self._http_key, http)
-                pool.wake()
-            else:
-                await http.aclose()
+            await http.aclose()
 
     async def _exchange_http(self, conn: HttpConnection, path: str, body: bytes,
                              headers: list[tuple[str, str]]
