@@ -569,7 +569,15 @@ class BusClient:
                 self._wake_writer()
 
     async def _writer(self, ws: _Ws, conn: BusConn) -> None:
+        delay = self.config.ack_delay
         while True:
+            if delay > 0 and conn.ack_can_wait():
+                # a lone ACK waits (bounded) for data to the hub to carry it
+                with trio.move_on_after(delay):
+                    while conn.ack_can_wait():
+                        self._writer_parked = True
+                        await self._writer_lot.park()
+                self._writer_parked = False
             data = conn.data_to_send()
             if data is None:
                 self._writer_parked = True

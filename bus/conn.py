@@ -85,6 +85,9 @@ class Welcome:
 
 
 _ENCODER = C.EnvelopeEncoder()  # one per process is enough: trio runs one task at a time
+# A lone ACK may wait for data to carry it (the shells' ack_delay) only while it covers fewer
+# envelopes than this; past it the ACK goes at once, so a sender's window keeps draining.
+ACK_HOLD_MAX = 1024
 _pack_env = C.pack_envelope
 
 
@@ -282,6 +285,13 @@ class BusConn:
                                 resume_window=resume_window)
 
     # ------------------------------------------------------------------ sending
+
+    def ack_can_wait(self) -> bool:
+        """True iff all we owe the peer is an ACK, for fewer than ACK_HOLD_MAX envelopes: the
+        shell may hold it briefly for data going the same way to carry it."""
+        seq = self.seq
+        return (not seq.pending and not self.pong_due and not self.ping_due
+                and 0 < seq.in_seq - seq.acked_in < ACK_HOLD_MAX)
 
     def wants_write(self) -> bool:
         seq = self.seq

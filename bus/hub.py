@@ -389,7 +389,15 @@ class Hub:
 
     async def _writer(self, link: _Link) -> None:
         ws, conn = link.ws, link.conn
+        delay = self.config.ack_delay
         while not link.retired:
+            if delay > 0 and conn.ack_can_wait():
+                # a lone ACK waits (bounded) for data to the same peer to carry it
+                with trio.move_on_after(delay):
+                    while conn.ack_can_wait():
+                        link.parked = True
+                        await link.lot.park()
+                link.parked = False
             data = conn.data_to_send()
             if data is None:
                 link.parked = True

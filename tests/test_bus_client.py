@@ -327,3 +327,32 @@ async def test_send_in_a_cancelled_scope_raises_and_queues_nothing():
                 assert cs.cancelled_caught
                 assert a.statistics().sent == before
             nursery.cancel_scope.cancel()
+
+
+async def test_a_lone_ack_waits_ack_delay_and_data_carries_it_at_once(autojump_clock):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            hub, info = await start_hub(nursery)
+            async with open_bus_client(info.url, token=TOKEN, endpoint_id="a") as a, \
+                    open_bus_client(info.url, token=TOKEN, endpoint_id="b") as b:
+                delay = b.config.ack_delay
+                assert delay > 0
+                held = hub.sessions[b.statistics().session].seq
+                await a.send("b", 1)
+                await b.receive()
+                await trio.sleep(delay * 0.9)
+                assert held.unacked == 1  # b's ACK is held for data to carry it
+                assert a.statistics().unacked == 1  # and so is the hub's ACK to a
+                await trio.sleep(delay * 0.2)
+                assert held.unacked == 0  # ... for ack_delay at most
+                assert a.statistics().unacked == 0
+                frames = b.statistics().frames_out
+                await a.send("b", 2)
+                await b.receive()
+                t1 = trio.current_time()
+                await b.send("a", "back")
+                await a.receive()
+                await wait_for(lambda: held.unacked == 0)
+                assert trio.current_time() - t1 < delay / 4  # the reply carried the ACK
+                assert b.statistics().frames_out == frames + 1  # one frame: ACK + data
+            nursery.cancel_scope.cancel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bus import codec as C
-from bus.conn import BusConn, Hello, Role, SeqState, State, Welcome
+from bus.conn import ACK_HOLD_MAX, BusConn, Hello, Role, SeqState, State, Welcome
 from bus.errors import CLOSE_POLICY, CLOSE_PROTOCOL, CLOSE_TOO_BIG, ProtocolError
 
 
@@ -245,3 +245,24 @@ def test_take_unacked_returns_everything_not_acknowledged():
     taken = seq.take_unacked()
     assert [decode(C.frame([d]))[0][4] for d in taken] == [1, 2, 3, 4]
     assert seq.unacked == 0 and seq.unacked_bytes == 0
+
+
+def test_a_lone_ack_may_wait_only_while_nothing_else_is_owed_and_it_is_small():
+    client, hub, _ = open_pair()
+    assert not hub.ack_can_wait()  # nothing owed at all
+    client.seq.queue(C.SEND, "", "b", 0, b"x")
+    pump(client, hub)
+    assert hub.ack_can_wait()  # only the ACK for 1 envelope
+    hub.seq.queue(C.SEND, "a", "a", 0, b"y")
+    assert not hub.ack_can_wait()  # data goes now, and carries the ACK
+    pump(hub, client)
+    assert not hub.ack_can_wait() and client.seq.unacked == 0
+    client.seq.queue(C.SEND, "", "b", 0, b"x")
+    pump(client, hub)
+    hub.pong_due = True
+    assert not hub.ack_can_wait()  # a PONG goes at once, ACK included
+    pump(hub, client)
+    for _ in range(ACK_HOLD_MAX):
+        client.seq.queue(C.SEND, "", "b", 0, b"x")
+    pump(client, hub)
+    assert not hub.ack_can_wait()  # a big ACK goes at once: the sender's window drains

@@ -267,7 +267,9 @@ async def test_slow_consumer_is_closed_1013_after_grace_while_others_keep_talkin
                         while True:
                             got.append((await slow.receive()).payload())
                     assert exc.value.close_code == CLOSE_TRY_LATER
-                    assert got == list(range(len(got))) and 10 <= len(got) < 150
+                    # an in-order prefix: what had reached the client before the close (all of
+                    # it, when the client's held ACK did not hit the closed socket first)
+                    assert got == list(range(len(got))) and 10 <= len(got) <= 150
                     assert await p.request("q", "still", timeout=1) == "still"
             slow_lines = [e for e in bus_events(logs) if e["event"] == "bus.slow_consumer"]
             assert len(slow_lines) == 1 and slow_lines[0]["endpoint_id"] == "slow"
