@@ -34,6 +34,15 @@ four or more free cores a separate model server is the faster layout (`orchestra
 --model-url URL` of an `orchestrator model-server` does that today); the run keeps the sim
 embedded by default (one process fewer to start, stop and keep from being orphaned).
 
+The orchestrator's own bus client reaches the embedded hub over memory channels (bus.local),
+not a loopback WebSocket, and lone ACKs wait up to 20 ms for data to carry them. Measured
+alternating with the commit before them (2,000 tasks, load 1.4-2.1 from other work on the box):
+`--quick`: orchestrator CPU 2,260-2,380 -> 2,095-2,235 us/task; `--quick --sessions 10`
+(load 2.4-2.8): 2,725-2,805 -> 2,190-2,345; `--quick --model-process`: 585-640 -> 435-565.
+WebSocket messages through the hub: 3,564 -> 2,120 per 2,000 tasks (the orchestrator's 1,574
+are now local; lone ACKs on worker links 786 -> 123). Wall time follows the load too closely
+to show the change on 2 shared cores.
+
 The last line is one JSON object.
 """
 
