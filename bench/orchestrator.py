@@ -39,9 +39,10 @@ not a loopback WebSocket, and lone ACKs wait up to 20 ms for data to carry them.
 alternating with the commit before them (2,000 tasks, load 1.4-2.1 from other work on the box):
 `--quick`: orchestrator CPU 2,260-2,380 -> 2,095-2,235 us/task; `--quick --sessions 10`
 (load 2.4-2.8): 2,725-2,805 -> 2,190-2,345; `--quick --model-process`: 585-640 -> 435-565.
-WebSocket messages through the hub: 3,564 -> 2,120 per 2,000 tasks (the orchestrator's 1,574
-are now local; lone ACKs on worker links 786 -> 123). Wall time follows the load too closely
-to show the change on 2 shared cores.
+Frames through the hub per 2,000 tasks: 3,564 -> 2,120. The orchestrator's link (1,574 ->
+946) no longer is a WebSocket (each of its frames was one at the hub and one at the client,
+both in this process); the worker links' WebSocket messages went 1,990 -> 1,174 (lone ACKs
+786 -> 123). Wall time follows the load too closely to show the change on 2 shared cores.
 
 The last line is one JSON object.
 """
