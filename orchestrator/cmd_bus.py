@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from bus.tokens import TokenError, is_loopback, load_token
+from orchestrator.serving import ServeArgsError, print_error, serving_token
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 130
 
@@ -30,21 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0 <= args.port <= 65535:
-        print(f"error: --port {args.port} is not a TCP port (0-65535)", file=sys.stderr)
-        return EXIT_BAD_INPUT
     if args.resume_window < 0:
         print("error: --resume-window must not be negative", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        token = load_token(args.token_file)
-    except TokenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if token is None and not is_loopback(args.host):
-        print(f"error: refusing to serve the bus on {args.host!r} without a token: anyone who "
-              "can reach it could read and send every message. Set SWITCHBOARD_TOKEN or pass "
-              "--token-file, or listen on 127.0.0.1.", file=sys.stderr)
+        token = serving_token(args, risk="read and send every message on the bus")
+    except ServeArgsError as exc:
+        print_error(exc)
         return EXIT_BAD_INPUT
 
     import trio  # imported here so `orchestrator --help` stays fast

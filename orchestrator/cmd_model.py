@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from bus.tokens import TokenError, is_loopback, load_token
+from orchestrator.serving import ServeArgsError, print_error, serving_token
 
 if TYPE_CHECKING:
     from modellink.sim import SimConfig
@@ -67,17 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from bus.logs import configure_logging
 
     try:
-        token = load_token(args.token_file)
-    except TokenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if token is None and not is_loopback(args.host):
-        print(f"error: refusing to serve on {args.host!r} without a token: anyone who can reach "
-              "it could use it. Set SWITCHBOARD_TOKEN or --token-file, or listen on 127.0.0.1",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if not 0 <= args.port <= 65535:
-        print(f"error: --port {args.port} is not a TCP port (0-65535)", file=sys.stderr)
+        token = serving_token(args, risk="run the model on your machine")
+    except ServeArgsError as exc:
+        print_error(exc)
         return EXIT_BAD_INPUT
     if args.max_connection_age <= 0:
         print("error: --max-connection-age must be more than 0 seconds", file=sys.stderr)

@@ -1,0 +1,36 @@
+"""Owns the checks every standalone server command makes before it listens: port and token."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bus.tokens import TokenError, is_loopback, load_token
+
+
+class ServeArgsError(ValueError):
+    """The command line or token configuration cannot serve (the user's to fix; exit 2)."""
+
+
+def serving_token(args: argparse.Namespace, *, risk: str) -> str | None:
+    """The token a server on `args.host:args.port` uses, or None for an open loopback server.
+
+    Raises ServeArgsError when the port is not a TCP port, the token file is unusable, or no
+    token is configured for a host other machines can reach (`risk` says what a stranger
+    could then do).
+    """
+    if not 0 <= args.port <= 65535:
+        raise ServeArgsError(f"--port {args.port} is not a TCP port (0-65535)")
+    try:
+        token = load_token(args.token_file)
+    except TokenError as exc:
+        raise ServeArgsError(str(exc)) from None
+    if token is None and not is_loopback(args.host):
+        raise ServeArgsError(
+            f"refusing to serve on {args.host!r} without a token: anyone who can reach it "
+            f"could {risk}. Set SWITCHBOARD_TOKEN or pass --token-file, or listen on 127.0.0.1.")
+    return token
+
+
+def print_error(exc: Exception) -> None:
+    print(f"error: {exc}", file=sys.stderr)
