@@ -10,7 +10,10 @@ the consumer through the hub. Throughput is end to end (first to last message at
 consumer) with a credit window so the publisher never outruns the hub's slow-consumer limit.
 Latency is measured at half the measured throughput: the publisher paces sends every
 millisecond, the consumer subtracts the send time (CLOCK_MONOTONIC is shared by processes).
-raw_ws_msgs_per_s: plain trio-websocket echo, one message per WS message, pipelined.
+raw_ws_msgs_per_s: plain trio-websocket echo, one message per WS message, pipelined; each
+counted message crosses the socket twice and the echo server both receives and sends it.
+raw_ws_oneway_msgs_per_s: the same server, the client streams one way and waits for one ack
+(the research notes' "tput" method), so the two baselines bracket one-message-per-frame cost.
 The last line printed is one JSON object.
 """
 
@@ -142,6 +145,13 @@ async def role_raw_server(args: argparse.Namespace) -> None:
     async def echo(request: WsRequest) -> None:
         ws = await request.accept()
         try:
+            first = await ws.get_message()
+            if first[:7] == b"oneway:":  # count n messages, then one ack
+                for _ in range(int(first[7:])):
+                    await ws.get_message()
+                await ws.send_message(b"done")
+                return
+            await ws.send_message(first)
             while True:
                 await ws.send_message(await ws.get_message())
         except WsClosed:
@@ -167,7 +177,15 @@ async def role_raw_client(args: argparse.Namespace) -> None:
             for _ in range(n):
                 await ws.get_message()
         seconds = time.perf_counter() - t0
-    print(json.dumps({"echoed": n, "seconds": seconds}), flush=True)
+    async with open_ws(args.url, config=WS) as ws:
+        await ws.send_message(b"oneway:%d" % n)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await ws.send_message(payload)
+        await ws.get_message()
+        oneway_seconds = time.perf_counter() - t0
+    print(json.dumps({"echoed": n, "seconds": seconds, "oneway_seconds": oneway_seconds}),
+          flush=True)
 
 
 ROLES = {"hub": role_hub, "publisher": role_publisher, "consumer": role_consumer,
@@ -243,6 +261,7 @@ async def conductor(quick: bool) -> dict[str, Any]:
         raw_srv.terminate()
         await raw_srv.wait()
     raw_rates = sorted(r["echoed"] / r["seconds"] for r in raw_runs)
+    oneway_rates = sorted(r["echoed"] / r["oneway_seconds"] for r in raw_runs)
     return {
         "routed_msgs_per_s": round(routed),
         "routed_runs": [round(r) for r in rates],
@@ -252,6 +271,7 @@ async def conductor(quick: bool) -> dict[str, Any]:
         "latency_rate_msgs_per_s": half,
         "latency_messages": lat["received"],
         "raw_ws_msgs_per_s": round(raw_rates[len(raw_rates) // 2]),
+        "raw_ws_oneway_msgs_per_s": round(oneway_rates[len(oneway_rates) // 2]),
         "hub_cpu_us_per_msg": round(hub_cpu_us, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "body_bytes": len(msgpack.packb(body(0))),

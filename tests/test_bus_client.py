@@ -8,7 +8,7 @@ import trio
 from bus_helpers import TOKEN, Proxy, start_hub
 
 from bus import codec as C
-from bus.client import Message, open_bus_client
+from bus.client import YIELD_EVERY, Message, open_bus_client
 from bus.config import ClientConfig
 from bus.errors import (
     CLOSE_PROTOCOL,
@@ -311,7 +311,7 @@ async def test_a_task_awaiting_send_in_a_loop_still_fills_frames():
                     await a.send("b", i)
                 got = [(await b.receive()).payload() for _ in range(2048)]
                 assert got == list(range(2048))
-                assert a.statistics().frames_out <= 2048 // 256 + 4
+                assert a.statistics().frames_out <= 2048 // YIELD_EVERY + 4
             nursery.cancel_scope.cancel()
 
 
