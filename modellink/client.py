@@ -150,7 +150,11 @@ class _WsLink:
 # responses_websocket_session does). A taken connection starts like a new one: the session's
 # first turn sends its whole context with previous_response_id null, so nothing of the previous
 # session's server-side cache is ever continued.
-POOL_MAX_IDLE = 16  # bounded: idle connections kept per process, oldest closed first
+# Bounded: idle connections kept per process, oldest closed first, at most this many or as many
+# as sessions held at once since the last idle sweep (a worker running 256 one-turn sessions
+# at a time otherwise closed ~240 of every 256 it gave back and paid a TCP connect and an
+# upgrade, on both sides, for each of the next ones).
+POOL_MAX_IDLE = 16
 POOL_IDLE_TIMEOUT_S = 60.0
 # A connection is not pooled past this age: OpenAI closes at 60 minutes (our server's default
 # too); with the margin, a taken connection has minutes left, not seconds.
@@ -164,6 +168,8 @@ class _WsPool:
         self.nursery = nursery
         self._idle: dict[tuple[str, str, str | None], list[_WsLink]] = {}
         self._count = 0
+        self._in_use = 0  # links sessions hold (lent, not yet given back or dropped)
+        self._peak = 0  # most held at once since the last sweep: bounds the idle ones
         self._wake = trio.Event()
         # Kept-alive HTTP connections get the same treatment (what any HTTP client's pool
         # does), so the HTTP transport is not charged a TCP connect per session that WebSocket
@@ -204,6 +210,15 @@ class _WsPool:
             link.close()
         return None
 
+    def lent(self) -> None:
+        """A session holds one more link (taken from here or newly opened)."""
+        self._in_use += 1
+        self._peak = max(self._peak, self._in_use)
+
+    def returned(self) -> None:
+        """A session let go of a link it held (gave it back or closed it)."""
+        self._in_use -= 1
+
     def give(self, key: tuple[str, str, str | None], link: _WsLink) -> None:
         if not _reusable(link, trio.current_time()):
             link.close()
@@ -211,7 +226,7 @@ class _WsPool:
         link.idle_since = trio.current_time()
         self._idle.setdefault(key, []).append(link)
         self._count += 1
-        while self._count > POOL_MAX_IDLE:
+        while self._count > max(POOL_MAX_IDLE, self._peak):
             oldest = min((ls for ls in self._idle.values() if ls), key=lambda ls: ls[0].idle_since)
             oldest.pop(0).close()
             self._count -= 1
@@ -252,6 +267,7 @@ class _WsPool:
                     self._idle[key] = keep
                 else:
                     del self._idle[key]
+            self._peak = self._in_use + self._count
 
 
 def _reusable(link: _WsLink, now: float) -> bool:
@@ -335,6 +351,7 @@ class ModelSession:
         self._encoding: P.Encoding = P.JSON if endpoint.encoding == "json" else P.MSGPACK
         self._book = ContextBook()
         self._link: _WsLink | None = None
+        self._lent_from: _WsPool | None = None  # the pool counting self._link as held
         self._http: HttpConnection | None = None
         self._busy = False
         self._tx = 0  # this turn's bytes
@@ -394,6 +411,7 @@ class ModelSession:
                 pool.give(key, link)
             else:
                 link.close()
+            self._let_go()
         if self._http is not None:
             http, self._http = self._http, None
             pool = _POOL.get() if self._http_key is not None else None
@@ -491,7 +509,16 @@ class ModelSession:
                 link = await self._connect_ws(pool.nursery if pool is not None else self._nursery)
                 self._stats["connects"] += 1
             self._link = link
+            if pool is not None:
+                pool.lent()
+                self._lent_from = pool
         return self._link
+
+    def _let_go(self) -> None:
+        """Tell the pool this session no longer holds the link it lent (or opened) for it."""
+        if self._lent_from is not None:
+            self._lent_from.returned()
+            self._lent_from = None
 
     async def _connect_ws(self, nursery: trio.Nursery) -> _WsLink:
         url = self._origin.ws_url("/responses")
@@ -518,6 +545,7 @@ class ModelSession:
         if self._link is not None:
             self._link.close()
             self._link = None
+            self._let_go()
 
     async def _send(self, link: _WsLink, event: dict[str, Any], timeout_s: float) -> None:
         frame = P.encode_event(event, self._encoding)

@@ -639,7 +639,7 @@ async def test_an_unhealthy_or_foreign_websocket_is_never_reused(how: str, autoj
     assert (st.connects, st.reused) == (1, 0)
 
 
-async def test_idle_pooled_websockets_are_closed_after_the_idle_timeout_and_bounded(
+async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idle_timeout(
         autojump_clock: Any):
     from modellink import client as client_mod
 
@@ -662,9 +662,35 @@ async def test_idle_pooled_websockets_are_closed_after_the_idle_timeout_and_boun
                 assert info.server.statistics()["ws_connections_open"] == n
                 release.set()
             await trio.sleep(1)
-            assert info.server.statistics()["ws_connections_open"] == client_mod.POOL_MAX_IDLE
+            # more than the POOL_MAX_IDLE floor: the next wave of n sessions connects nothing
+            assert info.server.statistics()["ws_connections_open"] == n
+            async with trio.open_nursery() as sessions:
+                release = trio.Event()
+                for _ in range(n):
+                    sessions.start_soon(one)
+                await trio.sleep(1)
+                release.set()
+            assert info.server.statistics()["ws_connections_open"] == n
+            assert info.server.statistics()["ws_connections_total"] == n
             await trio.sleep(client_mod.POOL_IDLE_TIMEOUT_S + 1)
             assert info.server.statistics()["ws_connections_open"] == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_pooled_websockets_are_counted_back_when_sessions_end_or_lose_them(
+        autojump_clock: Any):
+    from modellink import client as client_mod
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            for _ in range(3):  # one at a time: one link, lent and returned three times
+                async with open_model_session(ep) as s:
+                    await s.turn([_user("hi")])
+            pool = client_mod._POOL.get()
+            assert pool is not None
+            assert (pool._in_use, pool._peak, pool._count) == (0, 1, 1)
             nursery.cancel_scope.cancel()
 
 
