@@ -19,6 +19,7 @@ continues from the last completed response (`turn([])` asks again without adding
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -134,6 +135,8 @@ class _WsLink:
     # True iff a cancelled response may still send events that must be read before the next turn.
     drain_pending: bool = False
     idle_since: float = 0.0
+    # Events of a batched frame not read yet (P.EVENT_BATCH_HEADER): in order, before the next.
+    pending: collections.deque[dict[str, Any]] = attrs.Factory(collections.deque)
 
     @property
     def alive(self) -> bool:
@@ -272,7 +275,8 @@ class _WsPool:
 
 def _reusable(link: _WsLink, now: float) -> bool:
     """True iff another session may take `link`: open, nothing in flight or unread, young."""
-    return (link.alive and not link.drain_pending and queued_messages(link.conn) == 0
+    return (link.alive and not link.drain_pending and not link.pending
+            and queued_messages(link.conn) == 0
             and now - link.opened_at < POOL_MAX_AGE_S)
 
 
@@ -523,6 +527,8 @@ class ModelSession:
     async def _connect_ws(self, nursery: trio.Nursery) -> _WsLink:
         url = self._origin.ws_url("/responses")
         headers = [(b"User-Agent", USER_AGENT.encode())]
+        if self._encoding == P.MSGPACK:  # a Switchboard server may then batch events per frame
+            headers.append(P.EVENT_BATCH_HEADER)
         if self.endpoint.api_key:
             headers.append((b"Authorization", b"Bearer " + self.endpoint.api_key.encode()))
         try:
@@ -562,6 +568,8 @@ class ModelSession:
         self._tx += _frame_size(frame)
 
     async def _recv(self, link: _WsLink) -> dict[str, Any]:
+        if link.pending:
+            return link.pending.popleft()
         try:
             frame = await link.conn.get_message()
         except WsClosed as exc:
@@ -569,10 +577,12 @@ class ModelSession:
             raise _LinkLost(f"closed ({_close_reason(exc)})") from None
         self._rx += _frame_size(frame)
         try:
-            return P.decode_event(frame)
+            first, *rest = P.decode_events(frame)
         except P.ProtocolError as exc:
             self._drop_link()
             raise ModelConnectionError(f"the model server sent a bad event: {exc}") from None
+        link.pending.extend(rest)
+        return first
 
     async def _exchange(self, link: _WsLink, items: list[dict[str, Any]], previous: str | None
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -404,11 +404,15 @@ class _Lane:
 class _WsSession:
     """One WebSocket connection: a reader (this task), a writer task, one task per response."""
 
-    def __init__(self, server: ModelServer, ws: WsConnection, nursery: trio.Nursery) -> None:
+    def __init__(self, server: ModelServer, ws: WsConnection, nursery: trio.Nursery,
+                 *, batch: bool = False) -> None:
         self.server = server
         self.ws = ws
         self.nursery = nursery
         self.encoding: p.Encoding | None = None  # set by the client's first frame
+        # The client asked for it at the upgrade (p.EVENT_BATCH_HEADER): on a msgpack
+        # connection the events of one pause go out as one frame holding an array of them.
+        self.batch = batch
         self.lanes: dict[str | None, _Lane] = {None: _Lane()}
         # Each entry is a batch of encoded events (at most _MAX_BATCH) or a close.
         self.send, self._recv = trio.open_memory_channel[list[str | bytes] | _Close](
@@ -473,7 +477,10 @@ class _WsSession:
     async def _emit(self, events: list[dict[str, Any]]) -> None:
         # Before the client's first frame (e.g. the age limit of an idle connection): JSON.
         encoding = self.encoding or p.JSON
-        await self.send.send([p.encode_event(ev, encoding) for ev in events])
+        if self.batch and encoding == p.MSGPACK and len(events) > 1:
+            await self.send.send([p.encode_event_batch(events)])
+        else:
+            await self.send.send([p.encode_event(ev, encoding) for ev in events])
 
     async def _error(self, err: ProtocolError, stream_id: str | None = None) -> None:
         self.server.stats.errors_sent += 1
@@ -745,7 +752,8 @@ class _HttpConn:
         st.ws_connections_open += 1
         st.ws_connections_total += 1
         try:
-            await _WsSession(self.server, ws, nursery).run()
+            batch = headers.get(p.EVENT_BATCH_HEADER[0].lower()) == p.EVENT_BATCH_HEADER[1]
+            await _WsSession(self.server, ws, nursery, batch=batch).run()
         finally:
             st.ws_connections_open -= 1
             # Cancelled from outside: the server is shutting down. The library's reader task is

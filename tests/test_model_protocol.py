@@ -288,3 +288,23 @@ def test_function_call_items_keep_their_arguments_verbatim(name: str, args: str)
     item = p.function_call_item("fc_1", "call_1", name, args)
     back = p.decode_event(p.encode_event({"type": "x", "item": item}, p.MSGPACK))["item"]
     assert back == item
+
+
+def test_decode_events_reads_a_batch_and_a_single_event_alike():
+    a = {"type": "response.created", "sequence_number": 0}
+    b = {"type": "response.completed", "sequence_number": 1}
+    assert p.decode_events(p.encode_event_batch([a, b])) == [a, b]
+    assert p.decode_events(p.encode_event(a, p.MSGPACK)) == [a]
+    assert p.decode_events(p.encode_event(a, p.JSON)) == [a]
+
+
+@pytest.mark.parametrize("frame,code", [
+    (msgpack.packb([]), "invalid_type"),
+    (msgpack.packb([{"type": "x"}, 3]), "invalid_type"),
+    (msgpack.packb([{"no_type": 1}]), "missing_required_parameter"),
+    (msgpack.packb([{"type": "x"}])[:-1], "invalid_msgpack"),
+])
+def test_decode_events_refuses_bad_batches_with_a_code(frame: bytes, code: str):
+    with pytest.raises(ProtocolError) as err:
+        p.decode_events(frame)
+    assert err.value.code == code

@@ -779,3 +779,30 @@ async def test_cli_serves_with_a_token_file_until_sigint(tmp_path: Any):
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+# ------------------------------------------------------------------ event batches (our extension)
+
+
+@pytest.mark.parametrize("asked,enc", [(True, p.MSGPACK), (False, p.MSGPACK), (True, p.JSON)])
+async def test_events_are_batched_per_frame_only_on_msgpack_connections_that_asked(
+        asked: bool, enc: p.Encoding):
+    headers = [p.EVENT_BATCH_HEADER] if asked else None
+    with trio.fail_after(10):
+        async with running() as info, open_ws(info.ws_url, headers=headers) as conn:
+            for script in ('[{"text": "hello there"}]', CALL_THEN_TEXT):
+                await conn.send_message(p.encode_event(p.response_create_event(
+                    model="sim", input=[user("hi")], tools=TOOLS,
+                    metadata={"sim_script": script}), enc))
+                frames, evs = 0, []
+                while not evs or not p.is_terminal(evs[-1]):
+                    frames += 1
+                    evs += p.decode_events(await conn.get_message())
+                # the same events, in order, numbered, however they were framed
+                assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+                assert evs[0]["type"] == "response.created"
+                assert evs[-1]["type"] == "response.completed"
+                if asked and enc == p.MSGPACK:
+                    assert frames < len(evs)  # a zero-time response is one pause: one frame
+                else:
+                    assert frames == len(evs)
