@@ -247,8 +247,10 @@ class LocalProcesses:
                 # a tool process that inherited the pipe could hold it open: bounded wait
                 n.cancel_scope.deadline = trio.current_time() + 0.5
             self.procs.pop(worker_id, None)
-            self.draining.discard(worker_id)
-            await on_exit(worker_id, code, list(tail))
+            try:  # on_exit reads `draining`: was this exit asked for (drain, stop, run end)?
+                await on_exit(worker_id, code, list(tail))
+            finally:
+                self.draining.discard(worker_id)
 
         nursery.start_soon(watch)
         return worker_id

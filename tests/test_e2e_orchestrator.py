@@ -15,6 +15,7 @@ so a slow machine makes a test slower, never wrong.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -350,6 +351,9 @@ async def test_scale_up_adds_workers_and_scale_down_drains_without_losing_work(r
     assert len({a["worker_id"] for a in atts}) == 3
     log = run.log_lines()
     assert log.count('"worker.draining"') == 2 and log.count('"worker.spawned"') == 3
+    # drained ones and the last one stopped at the run's end were asked to go: no warning
+    exits = [json.loads(ln) for ln in log.splitlines() if '"worker.exited"' in ln]
+    assert len(exits) == 3 and {e["level"] for e in exits} == {"info"}, exits
 
 
 @pytest.mark.slow
