@@ -147,8 +147,26 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------- ids
 
 
+# Ids are 12 random bytes in hex. os.urandom is a syscall, so it is read 64 ids at a time; the
+# pool is emptied in a forked child, which must never hand out its parent's next ids.
+_ID_BYTES: Final = 12
+_ID_BATCH: Final = 64
+_id_pool: list[str] = []
+
+
+def _forget_ids() -> None:
+    _id_pool.clear()
+
+
+os.register_at_fork(after_in_child=_forget_ids)
+
+
 def _rand_id(prefix: str) -> str:
-    return prefix + os.urandom(12).hex()
+    if not _id_pool:
+        raw = os.urandom(_ID_BYTES * _ID_BATCH).hex()
+        step = 2 * _ID_BYTES
+        _id_pool.extend(raw[i : i + step] for i in range(0, len(raw), step))
+    return prefix + _id_pool.pop()
 
 
 def new_response_id() -> str:
@@ -170,6 +188,9 @@ def new_call_id() -> str:
 # --------------------------------------------------------------------------- codecs
 
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# One Packer for every event: msgpack.packb builds a new one per call. Safe to share: pack()
+# runs in C without releasing the GIL (no `default` hook), and resets itself even on error.
+_packer = msgpack.Packer(use_bin_type=True)
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -197,7 +218,7 @@ def encode_event(event: dict[str, Any], encoding: Encoding) -> str | bytes:
     """Encode one event: JSON -> str for a text frame, msgpack -> bytes for a binary frame."""
     if encoding == JSON:
         return _json_encoder.encode(event)
-    return msgpack.packb(event, use_bin_type=True)
+    return _packer.pack(event)
 
 
 # Our extension, asked for by the client in its upgrade request: on a msgpack connection the
@@ -209,7 +230,7 @@ EVENT_BATCH_HEADER: Final = (b"X-Switchboard-Event-Batch", b"1")
 
 def encode_event_batch(events: list[dict[str, Any]]) -> bytes:
     """Several events as one binary frame (only for a client that sent EVENT_BATCH_HEADER)."""
-    return msgpack.packb(events, use_bin_type=True)
+    return _packer.pack(events)
 
 
 def decode_events(
@@ -787,104 +808,104 @@ def response_object(
     }
 
 
-def _ev(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"type": kind, **fields}
+# Events are dict literals (a **kwargs helper built a second dict per event). Key order is the
+# order on the wire.
 
 
 def ev_created(response: dict[str, Any]) -> dict[str, Any]:
-    return _ev("response.created", response=response)
+    return {"type": "response.created", "response": response}
 
 
 def ev_in_progress(response: dict[str, Any]) -> dict[str, Any]:
-    return _ev("response.in_progress", response=response)
+    return {"type": "response.in_progress", "response": response}
 
 
 def ev_output_item_added(output_index: int, item: dict[str, Any]) -> dict[str, Any]:
-    return _ev("response.output_item.added", output_index=output_index, item=item)
+    return {"type": "response.output_item.added", "output_index": output_index, "item": item}
 
 
 def ev_output_item_done(output_index: int, item: dict[str, Any]) -> dict[str, Any]:
-    return _ev("response.output_item.done", output_index=output_index, item=item)
+    return {"type": "response.output_item.done", "output_index": output_index, "item": item}
 
 
 def ev_content_part_added(item_id: str, output_index: int, content_index: int) -> dict[str, Any]:
-    return _ev(
-        "response.content_part.added",
-        item_id=item_id,
-        output_index=output_index,
-        content_index=content_index,
-        part=output_text_part(""),
-    )
+    return {
+        "type": "response.content_part.added",
+        "item_id": item_id,
+        "output_index": output_index,
+        "content_index": content_index,
+        "part": output_text_part(""),
+    }
 
 
 def ev_content_part_done(
     item_id: str, output_index: int, content_index: int, text: str
 ) -> dict[str, Any]:
-    return _ev(
-        "response.content_part.done",
-        item_id=item_id,
-        output_index=output_index,
-        content_index=content_index,
-        part=output_text_part(text),
-    )
+    return {
+        "type": "response.content_part.done",
+        "item_id": item_id,
+        "output_index": output_index,
+        "content_index": content_index,
+        "part": output_text_part(text),
+    }
 
 
 def ev_output_text_delta(
     item_id: str, output_index: int, content_index: int, delta: str
 ) -> dict[str, Any]:
-    return _ev(
-        "response.output_text.delta",
-        item_id=item_id,
-        output_index=output_index,
-        content_index=content_index,
-        delta=delta,
-        logprobs=[],
-    )
+    return {
+        "type": "response.output_text.delta",
+        "item_id": item_id,
+        "output_index": output_index,
+        "content_index": content_index,
+        "delta": delta,
+        "logprobs": [],
+    }
 
 
 def ev_output_text_done(
     item_id: str, output_index: int, content_index: int, text: str
 ) -> dict[str, Any]:
-    return _ev(
-        "response.output_text.done",
-        item_id=item_id,
-        output_index=output_index,
-        content_index=content_index,
-        text=text,
-        logprobs=[],
-    )
+    return {
+        "type": "response.output_text.done",
+        "item_id": item_id,
+        "output_index": output_index,
+        "content_index": content_index,
+        "text": text,
+        "logprobs": [],
+    }
 
 
 def ev_function_call_arguments_delta(
     item_id: str, output_index: int, delta: str
 ) -> dict[str, Any]:
-    return _ev(
-        "response.function_call_arguments.delta",
-        item_id=item_id,
-        output_index=output_index,
-        delta=delta,
-    )
+    return {
+        "type": "response.function_call_arguments.delta",
+        "item_id": item_id,
+        "output_index": output_index,
+        "delta": delta,
+    }
 
 
 def ev_function_call_arguments_done(
     item_id: str, output_index: int, name: str, arguments: str
 ) -> dict[str, Any]:
-    return _ev(
-        "response.function_call_arguments.done",
-        item_id=item_id,
-        output_index=output_index,
-        name=name,
-        arguments=arguments,
-    )
+    return {
+        "type": "response.function_call_arguments.done",
+        "item_id": item_id,
+        "output_index": output_index,
+        "name": name,
+        "arguments": arguments,
+    }
 
 
 def ev_completed(response: dict[str, Any]) -> dict[str, Any]:
-    return _ev("response.completed", response=response)
+    return {"type": "response.completed", "response": response}
 
 
 def ev_failed(response: dict[str, Any]) -> dict[str, Any]:
-    return _ev("response.failed", response=response)
+    return {"type": "response.failed", "response": response}
 
 
 def ev_incomplete(response: dict[str, Any]) -> dict[str, Any]:
-    return _ev("response.incomplete", response=response)
+    return {"type": "response.incomplete", "response": response}

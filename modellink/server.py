@@ -166,6 +166,7 @@ class _Run:
     # For a continuation of a connection-cache context: the response it continued and the
     # context's mark before this request, so a cancel can give the lane its parent back.
     parent: tuple[str, tuple[Any, ...]] | None = None
+    _base: dict[str, Any] | None = attrs.field(default=None, init=False)
 
     def usage(self) -> dict[str, Any]:
         return p.make_usage(
@@ -176,18 +177,29 @@ class _Run:
             tokens_rendered=self.rendered,
         )
 
-    def response(self, status: str, *, usage: bool = True, **kw: Any) -> dict[str, Any]:
+    def final_output(self) -> list[dict[str, Any]]:
+        """The output items of a response that has ended (a text cut off by a cancel last)."""
         output = list(self.output)
-        if status != "in_progress" and self.partial_text is not None:
+        if self.partial_text is not None:
             output.append(p.message_item(self.partial_text[0], self.partial_text[1],
                                          status="completed"))
             output[-1]["status"] = "incomplete"
-        return p.response_object(
-            response_id=self.id, model=self.request.model, status=status,
-            output=output if status != "in_progress" else [],
-            usage=self.usage() if usage else None, created_at=self.created_at,
-            request=self.request, **kw,
-        )
+        return output
+
+    def response(self, status: str, *, usage: bool = True, error: dict[str, Any] | None = None,
+                 incomplete_details: dict[str, Any] | None = None) -> dict[str, Any]:
+        base = self._base
+        if base is None:  # what every response object of this run shares, built once
+            base = self._base = p.response_object(
+                response_id=self.id, model=self.request.model, status=status,
+                created_at=self.created_at, request=self.request)
+        r = base.copy()  # assigning existing keys keeps response_object's key order
+        r["status"] = status
+        r["error"] = error
+        r["incomplete_details"] = incomplete_details
+        r["output"] = self.final_output() if status != "in_progress" else []
+        r["usage"] = self.usage() if usage else None
+        return r
 
 
 # Receives a response's events in order, a batch at a time: every event produced between two
@@ -285,8 +297,9 @@ class ModelServer:
 
     async def _stream(self, run: _Run, out: _Out) -> None:
         gen, add, pause = run.gen, out.add, out.pause
-        add(p.ev_created(run.response("in_progress", usage=False)))
-        add(p.ev_in_progress(run.response("in_progress", usage=False)))
+        started = run.response("in_progress", usage=False)  # the same in both events
+        add(p.ev_created(started))
+        add(p.ev_in_progress(started))
         await pause(gen.prefill_s)
         if gen.fail is not None:  # the script says this response fails (retry tests)
             run.status = "failed"
@@ -341,7 +354,7 @@ class ModelServer:
 
     def _finish(self, run: _Run) -> None:
         """The response's output joins its context (and the store, if asked)."""
-        output = run.response(run.status)["output"]
+        output = run.final_output()
         self.sim.finish(run.ctx, output)
         if run.request.store:
             self.store.put(run.id, run.request.previous_response_id, run.request.input, output)

@@ -21,6 +21,7 @@ context; past the end of the script the sim answers with the script's last text 
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections import OrderedDict
@@ -34,6 +35,8 @@ from modellink.tokenizer import Tokenizer, get_tokenizer
 
 DEFAULT_TEXT: Final = "I have read the context. Done."
 _SCRIPT_CACHE_MAX: Final = 256
+_PLAN_CACHE_MAX: Final = 1024
+_PREFIX_CACHE_MAX: Final = 64
 
 # Words used to pad a text step to its output_tokens; each is one token of our BPE.
 _FILLER_CANDIDATES: Final = (
@@ -129,6 +132,52 @@ def _is_model_output(item: dict[str, Any]) -> bool:
     return kind == "function_call" or (kind == "message" and item.get("role") == "assistant")
 
 
+@attrs.frozen
+class _Marks:
+    """The special tokens a rendering uses, looked up once per tokenizer."""
+
+    start: int
+    end: int
+    role: dict[str, int]
+    call: int
+    result: int
+
+
+@functools.cache
+def _marks(tk: Tokenizer) -> _Marks:
+    sp = tk.special
+    return _Marks(sp["<|im_start|>"], sp["<|im_end|>"],
+                  {r: sp[f"<|{r}|>"] for r in ("system", "developer", "user", "assistant")},
+                  sp["<|tool_call|>"], sp["<|tool_result|>"])
+
+
+class PrefixTokens:
+    """The rendered tokens of recent (instructions, tools JSON) prefixes, shared by every context
+    of one SimModel: each request names its prefix again, and most name the same few. Bounded:
+    cleared when full. The tokens are the same as rendering again, so `tokens_rendered` (what a
+    request had to render into its context) does not change; only the tokenizer's work is saved.
+    """
+
+    def __init__(self, max_entries: int = _PREFIX_CACHE_MAX) -> None:
+        self._max = max_entries
+        self._d: dict[tuple[str | None, str], tuple[int, ...]] = {}
+
+    def get(self, key: tuple[str | None, str], tk: Tokenizer) -> tuple[int, ...]:
+        toks = self._d.get(key)
+        if toks is None:
+            instructions, tools_json = key
+            m = _marks(tk)
+            out: list[int] = []
+            if instructions:
+                out += [m.start, m.role["system"], *tk.encode(instructions), m.end]
+            if tools_json:
+                out += [m.start, m.role["system"], *tk.encode(tools_json), m.end]
+            if len(self._d) >= self._max:
+                self._d.clear()
+            toks = self._d[key] = tuple(out)
+        return toks
+
+
 class RenderedContext:
     """The tokens of one conversation: a prefix (instructions, tools) then every item.
 
@@ -137,9 +186,11 @@ class RenderedContext:
     with the same items have the same tokens and hashes however they were built.
     """
 
-    def __init__(self, tokenizer: Tokenizer, block_tokens: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, block_tokens: int,
+                 prefixes: PrefixTokens | None = None) -> None:
         self._tk = tokenizer
         self._block = block_tokens
+        self._prefixes = prefixes if prefixes is not None else PrefixTokens()
         self.tokens: list[int] = []
         self.hashes: list[int] = []
         self.items: list[dict[str, Any]] = []
@@ -150,14 +201,13 @@ class RenderedContext:
         # n most recently used blocks are hashes[:n] in order (set by SimModel.finish).
         self.lru_tail: tuple[int, int] | None = None
         self.plan_version = -1  # the prefix cache version right after this context's plan
-        sp = tokenizer.special
-        self._start, self._end = sp["<|im_start|>"], sp["<|im_end|>"]
-        self._role = {r: sp[f"<|{r}|>"] for r in ("system", "developer", "user", "assistant")}
-        self._call, self._result = sp["<|tool_call|>"], sp["<|tool_result|>"]
+        m = _marks(tokenizer)
+        self._start, self._end, self._role = m.start, m.end, m.role
+        self._call, self._result = m.call, m.result
 
     def copy(self) -> RenderedContext:
         """An independent copy (a fork of a conversation); no rendering, lists copied."""
-        c = RenderedContext(self._tk, self._block)
+        c = RenderedContext(self._tk, self._block, self._prefixes)
         c.tokens, c.hashes, c.items = list(self.tokens), list(self.hashes), list(self.items)
         c.prefix_key, c.model_turns = self.prefix_key, self.model_turns
         c._in_output_run = self._in_output_run
@@ -194,11 +244,7 @@ class RenderedContext:
         self.model_turns, self._in_output_run = 0, False
         self.lru_tail = None
         self.prefix_key = key
-        toks: list[int] = []
-        if instructions:
-            toks += [self._start, self._role["system"], *self._tk.encode(instructions), self._end]
-        if tools_json:
-            toks += [self._start, self._role["system"], *self._tk.encode(tools_json), self._end]
+        toks = self._prefixes.get(key, self._tk)
         self._extend(toks)
         return len(toks) + self.append_items(items)
 
@@ -235,7 +281,7 @@ class RenderedContext:
         text = out if isinstance(out, str) else "".join(p["text"] for p in out)
         return [self._result, *enc(item["call_id"]), *enc(text), self._end]
 
-    def _extend(self, toks: list[int]) -> None:
+    def _extend(self, toks: list[int] | tuple[int, ...]) -> None:
         b = self._block
         start = len(self.hashes) * b
         self.tokens += toks
@@ -390,6 +436,10 @@ class SimModel:
         )
         # Parsed scripts by their JSON text: a session sends the same script every turn.
         self._scripts: dict[str, tuple[ScriptStep, ...]] = {}
+        self._prefixes = PrefixTokens()
+        # Output plans by (step, turn); turn is -1 for a step whose plan does not depend on it
+        # (only padding to output_tokens draws from a per-turn random stream).
+        self._plans: dict[tuple[ScriptStep, int], tuple[OutputPlan, ...]] = {}
         self._filler = tuple(w for w in _FILLER_CANDIDATES if len(self.tokenizer.encode(w)) == 1)
         if not self._filler:  # pragma: no cover - the embedded corpus guarantees some
             self._filler = (" a",)
@@ -405,7 +455,7 @@ class SimModel:
             )
 
     def new_context(self) -> RenderedContext:
-        return RenderedContext(self.tokenizer, self.config.block_tokens)
+        return RenderedContext(self.tokenizer, self.config.block_tokens, self._prefixes)
 
     def script_for(self, metadata: dict[str, str]) -> tuple[ScriptStep, ...]:
         """The script steps for a request: metadata["sim_script"] (else the default), as seen
@@ -460,7 +510,7 @@ class SimModel:
             if step.fail is not None:
                 fail = step.fail
             else:
-                outputs = self._outputs(step, ctx.model_turns)
+                outputs = self._plan_outputs(step, ctx.model_turns)
         return Generation(
             input_tokens=len(ctx.tokens),
             cached_tokens=cached,
@@ -482,6 +532,15 @@ class SimModel:
         pc.insert(ctx.hashes[n:])
         ctx.lru_tail = (pc.version, len(ctx.hashes)) \
             if untouched and len(ctx.hashes) <= pc.max_blocks else None
+
+    def _plan_outputs(self, step: ScriptStep, turn: int) -> tuple[OutputPlan, ...]:
+        key = (step, turn if step.output_tokens is not None else -1)
+        plans = self._plans.get(key)
+        if plans is None:
+            if len(self._plans) >= _PLAN_CACHE_MAX:
+                self._plans.clear()
+            plans = self._plans[key] = self._outputs(step, turn)
+        return plans
 
     def _outputs(self, step: ScriptStep, turn: int) -> tuple[OutputPlan, ...]:
         if step.calls:

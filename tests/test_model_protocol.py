@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import msgpack
@@ -280,6 +281,35 @@ def test_ids_have_openais_prefixes_and_are_unique():
     assert p.new_message_id().startswith("msg_")
     assert p.new_function_call_id().startswith("fc_")
     assert p.new_call_id().startswith("call_")
+
+
+def test_ids_stay_unique_across_many_batches_of_randomness():
+    ids = [p.new_call_id() for _ in range(5 * p._ID_BATCH + 3)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == len("call_") + 2 * p._ID_BYTES for i in ids)
+    int(ids[0][len("call_"):], 16)  # hex
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_hands_out_its_parents_next_ids():
+    p.new_response_id()  # the pool now holds ids
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(w, p.new_response_id().encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    child = os.read(r, 100).decode()
+    os.close(r)
+    assert child.startswith("resp_") and child != p.new_response_id()
+
+
+def test_msgpack_encoding_recovers_after_an_event_it_cannot_pack():
+    with pytest.raises(TypeError):
+        p.encode_event({"type": "x", "bad": object()}, p.MSGPACK)
+    ev = {"type": "response.output_text.delta", "delta": "hi", "sequence_number": 3}
+    assert p.encode_event(ev, p.MSGPACK) == msgpack.packb(ev, use_bin_type=True)
 
 
 @settings(max_examples=50)

@@ -160,6 +160,26 @@ async def test_ws_conversation_with_a_function_call_sends_only_new_items(enc: p.
             assert r2["previous_response_id"] == r1["id"]
 
 
+async def test_every_response_object_is_exactly_what_response_object_builds_in_its_key_order():
+    with trio.fail_after(10):
+        async with running() as info, ws(info) as c:
+            raw = p.response_create_event(
+                model="sim", input=[user("hi")], instructions="be brief", tools=TOOLS,
+                metadata={"sim_script": CALL_THEN_TEXT}, temperature=0.5, store=False)
+            evs = await c.create(**{k: v for k, v in raw.items() if k != "type"})
+    req = p.parse_client_event(raw)
+    assert isinstance(req, p.ResponseCreate)
+    for ev in (evs[0], evs[1], evs[-1]):
+        r = ev["response"]
+        want = p.response_object(
+            response_id=r["id"], model="sim", status=r["status"], output=r["output"],
+            usage=r["usage"], created_at=r["created_at"], request=req)
+        assert list(r.items()) == list(want.items())
+    assert [e["response"]["status"] for e in (evs[0], evs[1], evs[-1])] == \
+        ["in_progress", "in_progress", "completed"]
+    assert evs[0]["response"]["usage"] is None and evs[-1]["response"]["usage"] is not None
+
+
 async def test_http_json_and_sse_give_the_same_response_shapes():
     with trio.fail_after(10):
         async with running() as info:

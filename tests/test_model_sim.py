@@ -14,6 +14,7 @@ from modellink.protocol import ErrorCode, ProtocolError
 from modellink.sim import (
     DEFAULT_TEXT,
     PrefixCache,
+    PrefixTokens,
     ScriptStep,
     SimConfig,
     SimModel,
@@ -69,9 +70,10 @@ def test_piece_cache_is_bounded(monkeypatch: pytest.MonkeyPatch):
 # ------------------------------------------------------------------ rendering
 
 
-def _ctx(model: SimModel, items: list[dict[str, Any]], instructions: str | None = "be brief"):
+def _ctx(model: SimModel, items: list[dict[str, Any]], instructions: str | None = "be brief",
+         tools: list[dict[str, Any]] | None = None):
     ctx = model.new_context()
-    rendered = ctx.set_prefix(instructions, [{"type": "function", "name": "f"}])
+    rendered = ctx.set_prefix(instructions, tools or [{"type": "function", "name": "f"}])
     rendered += ctx.append_items(items)
     return ctx, rendered
 
@@ -87,6 +89,27 @@ def test_incremental_rendering_equals_full_rendering():
     assert inc.tokens == full.tokens and inc.hashes == full.hashes
     assert rendered == full_rendered == len(full.tokens)
     assert len(full.hashes) == len(full.tokens) // 4
+
+
+def test_a_prefix_seen_before_renders_the_same_tokens_and_counts_as_rendered():
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    warm = SimModel(SimConfig(block_tokens=4))
+    first, n_first = _ctx(warm, [user("a")], instructions="be brief", tools=tools)
+    again, n_again = _ctx(warm, [user("a")], instructions="be brief", tools=tools)
+    cold, n_cold = _ctx(SimModel(SimConfig(block_tokens=4)), [user("a")],
+                        instructions="be brief", tools=tools)
+    assert again.tokens == first.tokens == cold.tokens and again.hashes == cold.hashes
+    assert n_again == n_first == n_cold == len(cold.tokens)
+    other, _ = _ctx(warm, [user("a")], instructions="be verbose", tools=tools)
+    assert other.tokens != first.tokens
+
+
+def test_the_prefix_token_cache_is_bounded():
+    cache = PrefixTokens(max_entries=3)
+    tk = get_tokenizer()
+    firsts = [cache.get((f"rule {i}", ""), tk) for i in range(10)]
+    assert len(cache._d) <= 3
+    assert cache.get(("rule 0", ""), tk) == firsts[0]
 
 
 def test_changing_instructions_renders_everything_again():
@@ -288,6 +311,19 @@ def test_output_tokens_pads_a_text_step_exactly_and_deterministically():
     assert b.plan(_ctx(b, [user("x")])[0], meta).outputs == ga.outputs  # same seed, same output
     c = SimModel(SimConfig(chunk_tokens=8, seed=1))
     assert c.plan(_ctx(c, [user("x")])[0], meta).outputs[0].full != ga.outputs[0].full
+
+
+def test_padded_plans_still_differ_by_turn_when_plans_are_reused():
+    meta = {"sim_script": json.dumps([{"text": "start", "output_tokens": 40}])}
+    model = SimModel(SimConfig(chunk_tokens=8))
+    ctx, _ = _ctx(model, [user("x")])
+    turn0 = model.plan(ctx, meta).outputs
+    assert model.plan(ctx, meta).outputs == turn0  # the same turn again: the same plan
+    ctx.append_items([assistant(turn0[0].full), user("y")])
+    turn1 = model.plan(ctx, meta).outputs
+    fresh = SimModel(SimConfig(chunk_tokens=8))
+    assert turn1 == fresh._outputs(ScriptStep(text="start", output_tokens=40), 1)
+    assert turn1 != turn0
 
 
 @given(st.text(max_size=200), st.integers(1, 20))
