@@ -16,7 +16,9 @@ ended it. Only the live attempt of a task may report; anything else is stale and
 
 from __future__ import annotations
 
+import functools
 import heapq
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
@@ -111,6 +113,11 @@ class _Task:
     reason: str | None = None
     children: list[str] = attrs.Factory(list)  # fan-out children, in item order
     dynamic: list[str] = attrs.Factory(list)
+    # Dynamic children the live attempt asked for (spawned or adopted), in order; and those a
+    # lost attempt (dead worker, dead orchestrator) had asked for, which the next attempt takes
+    # back instead of running again when it asks for the same ones in the same order.
+    spawns: list[str] = attrs.Factory(list)
+    adopt: list[str] = attrs.Factory(list)
     view: TaskView | None = None
 
 
@@ -119,6 +126,7 @@ class Scheduler:
 
     def __init__(self, graph: GraphSpec, *, seed: int = 0) -> None:
         self.graph = graph
+        self.last_spawn_adopted = False  # spawn_child's last answer was a lost attempt's child
         self.seed = seed
         self._run = graph.run
         self._tasks: dict[str, _Task] = {}
@@ -255,7 +263,7 @@ class Scheduler:
         t = self._current(task_id, attempt)
         if t is None:
             return False
-        self._end_attempt(t)
+        self._end_attempt(t, now)
         self._succeed(t, {"text": result.get("text", ""), "outputs": result.get("outputs") or {}},
                       now)
         return True
@@ -265,18 +273,23 @@ class Scheduler:
         t = self._current(task_id, attempt)
         if t is None:
             return False
-        self._end_attempt(t)
+        self._end_attempt(t, now)
         self._drop_children(t, f"attempt {attempt} failed", now)
         self._fail_attempt(t, error, now, retryable=retryable)
         return True
 
     def on_lost(self, task_id: str, attempt: int, now: float) -> bool:
-        """The worker died or refused: run the task again at once, without spending a retry."""
+        """The worker died or refused: run the task again at once, without spending a retry.
+        Children the lost attempt spawned that finished are handed to the next attempt when it
+        spawns the same ones again (spawn_child); open ones are cancelled and run anew."""
         t = self._current(task_id, attempt)
         if t is None:
             return False
-        self._end_attempt(t)
+        # what it asked for, then what it had yet to ask for again (if it was adopting)
+        lost_spawns, t.adopt = t.spawns + t.adopt, []
+        self._end_attempt(t, now)
         self._drop_children(t, f"attempt {attempt} was lost", now)
+        t.adopt = lost_spawns
         self._set(t, "ready")
         self._enqueue(t, front=True)
         return True
@@ -295,7 +308,7 @@ class Scheduler:
                 continue
             why = f"timed out after {_fmt_s(t.timeout_s)}"
             self._out.append(CancelAttempt(task_id=tid, attempt=attempt, reason=why))
-            self._end_attempt(t)
+            self._end_attempt(t, now)
             self._drop_children(t, f"attempt {attempt} {why}", now)
             self._fail_attempt(t, why, now, retryable=True)
             hit.append(tid)
@@ -340,7 +353,29 @@ class Scheduler:
         if agent not in self.graph.agents:
             raise SchedulerError(f"spawn: no agent {agent!r} in the graph (have: "
                                  f"{', '.join(sorted(self.graph.agents))})")
-        return self._new_dynamic(p, prompt=prompt, agent=agent, now=now, task_id=task_id)
+        if p.adopt and task_id is None:
+            # a re-run of a lost attempt: its k-th spawn is the lost attempt's k-th child when
+            # it asks for the same work; that child's result (or its run in progress) stands
+            c = self._tasks[p.adopt.pop(0)]
+            if (c.agent, c.prompt) != (agent, prompt):
+                self._release_adopted(p, "asked for other work", now)
+            elif c.state not in ("failed", "cancelled", "not_run"):
+                p.spawns.append(c.id)
+                self.last_spawn_adopted = True
+                return c.id
+        self.last_spawn_adopted = False
+        cid = self._new_dynamic(p, prompt=prompt, agent=agent, now=now, task_id=task_id)
+        p.spawns.append(cid)
+        return cid
+
+    def _release_adopted(self, p: _Task, why: str, now: float) -> None:
+        """Children of a lost attempt that the attempt re-running it did not ask for again:
+        cancel the open ones (superseded), keep what finished."""
+        left, p.adopt = p.adopt, []
+        for cid in left:
+            c = self._tasks[cid]
+            if c.state not in TERMINAL:
+                self._cancel_tree(c, f"{SUPERSEDED}parent {p.id}'s new attempt {why}", now, [])
 
     def _new_dynamic(self, p: _Task, *, prompt: str, agent: str, now: float,
                      task_id: str | None) -> str:
@@ -412,6 +447,12 @@ class Scheduler:
                         s._cancel_tree(t, r.get("reason") or "cancelled", 0.0, [])
                     applied.add(tid)
                     changed = True
+        # a task in flight when the orchestrator died runs again: its next attempt takes back
+        # the children the lost one spawned (those not superseded by an earlier failure)
+        for t in s._tasks.values():
+            t.dynamic.sort(key=functools.partial(_spawn_ordinal, t.id))  # journal order
+            if t.dynamic and t.state not in TERMINAL:
+                t.adopt = [c for c in t.dynamic if not _superseded(s._tasks[c])]
         s._out = []  # nothing was live before the restore
         return s
 
@@ -452,9 +493,12 @@ class Scheduler:
             return None
         return t
 
-    def _end_attempt(self, t: _Task) -> None:
+    def _end_attempt(self, t: _Task, now: float) -> None:
         t.live = False
         t.deadline = None
+        t.spawns = []
+        if t.adopt:
+            self._release_adopted(t, "ended without asking for them", now)
         if t.kind != "dynamic":
             self._active -= 1
 
@@ -589,7 +633,7 @@ class Scheduler:
         if t.live:
             self._out.append(CancelAttempt(task_id=t.id, attempt=t.attempt,
                                            reason=reason or error or state))
-            self._end_attempt(t)
+            self._end_attempt(t, now)
         self._set(t, state)
         if error is not None:
             t.error = error
@@ -631,6 +675,12 @@ class Scheduler:
             if t.live and t.attempt == attempt and t.state == "running":
                 break
             heapq.heappop(self._deadlines)
+
+
+def _spawn_ordinal(parent: str, child: str) -> float:
+    """Where `child` came in its parent's spawns: ids are "<parent>/<n>", n counting up."""
+    n = child[len(parent) + 1:] if child.startswith(parent + "/") else ""
+    return int(n) if n.isdigit() else math.inf
 
 
 def _superseded(t: _Task) -> bool:

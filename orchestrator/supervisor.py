@@ -549,8 +549,12 @@ class Supervisor:
         except S.SchedulerError as exc:
             await self._reply_safe(msg, {"error": str(exc)})
             return
-        self.journal.event(self.run_id, child, "spawned", {"parent": parent,
-                                                           "attempt": attempt})
+        adopted = self.sched.last_spawn_adopted
+        self.journal.event(self.run_id, child, "spawned", {"parent": parent, "attempt": attempt,
+                                                           "adopted": adopted})
+        if adopted:
+            log.info("task.adopted", task_id=child, parent=parent, attempt=attempt,
+                     why="a lost attempt of the parent spawned it; its run stands")
         await self._reply_safe(msg, {"child": child})
 
     async def _on_wait(self, msg: Any, body: dict[str, Any]) -> None:

@@ -516,6 +516,46 @@ needs = ["c"]
     assert run.events("resumed")[0]["data"]["closed_attempts"] == 1
 
 
+@pytest.mark.slow
+async def test_resume_gives_a_rerun_parent_the_child_it_had_spawned_instead_of_a_new_one(run):
+    run.graph.write_text('''
+[agents.boss]
+tools = ["spawn", "wait"]
+script = [
+  {call = {name = "spawn", arguments = {prompt = "the sub job", agent = "helper"}}},
+  {call = {name = "wait", arguments = {children = ["boss/1"]}}},
+  {text = "boss done", output_tokens = 1500},
+]
+[agents.helper]
+script = [{text = "sub done", output_tokens = 10}]
+[[tasks]]
+id = "boss"
+agent = "boss"
+''')
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "1")
+        # the child finished and the parent is in its long last turn: kill the orchestrator
+        await until(lambda: any(a["task_id"] == "boss/1" and a["state"] == "succeeded"
+                                for a in run.attempts()))
+        rid = str(run.run_id())
+        assert run.proc is not None
+        run.proc.kill()
+        await run.wait()
+        await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
+        resumed = Run(run.tmp)
+        resumed.err_path = run.tmp / "resume.stderr"
+        await resumed.start("--workers", "1", cmd=("resume", rid))
+        code = await resumed.wait()
+    assert code == 0, resumed.stderr()
+    per = by_task(run.attempts())
+    assert sorted(per) == ["boss", "boss/1"]  # the re-run's spawn took boss/1 back
+    assert [a["state"] for a in per["boss/1"]] == ["succeeded"]  # and it did not run again
+    assert [a["state"] for a in sorted(per["boss"], key=lambda a: a["attempt"])] == [
+        "lost", "succeeded"]
+    spawned = run.events("spawned")
+    assert [e["data"]["adopted"] for e in spawned] == [False, True]
+
+
 # ------------------------------------------------------------------ bad and remote workers
 
 

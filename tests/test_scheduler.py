@@ -345,6 +345,94 @@ def test_a_superseded_child_stays_out_of_the_outcome_after_restore():
     assert r.done and r.outcome() == "succeeded"
 
 
+def test_a_lost_parent_attempt_takes_back_the_children_it_had_finished_when_it_asks_again():
+    s = Scheduler(graph(task("x")))
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    a = s.spawn_child("x", prompt="a", agent=None, now=0.5)
+    b = s.spawn_child("x", prompt="b", agent=None, now=0.5)
+    [ka, kb] = s.next_actions(0.5)
+    run_ok(s, ka, 1.0)
+    s.on_started(b, 1, 1.0)
+    assert s.on_lost("x", 1, 2.0)  # its worker died: x runs again; b was open, so it goes
+    acts = s.next_actions(2.0)
+    assert cancels(acts) == [(b, 1, "superseded: parent x's attempt 1 was lost")]
+    assert starts(acts) == [("x", 2)]
+    s.on_started("x", 2, 3.0)
+    # the same first spawn is the finished child: not run again, its result stands
+    assert s.spawn_child("x", prompt="a", agent=None, now=3.0) == a
+    assert s.last_spawn_adopted
+    # the second one had not finished: it runs anew, as a new child
+    b2 = s.spawn_child("x", prompt="b", agent=None, now=3.0)
+    assert b2 not in (a, b)
+    assert starts(s.next_actions(3.0)) == [(b2, 1)]
+    assert s.task_result(a)["state"] == "succeeded"
+
+
+def test_a_rerun_that_asks_for_other_work_cancels_what_it_did_not_take_back():
+    s = Scheduler(graph(task("x")))
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    a = s.spawn_child("x", prompt="a", agent=None, now=0.5)
+    b = s.spawn_child("x", prompt="b", agent=None, now=0.5)
+    for k in s.next_actions(0.5):
+        run_ok(s, k, 1.0)
+    s.on_lost("x", 1, 2.0)
+    [x2] = s.next_actions(2.0)
+    s.on_started("x", 2, 3.0)
+    other = s.spawn_child("x", prompt="something else", agent=None, now=3.0)
+    assert other not in (a, b)
+    # and later spawns are new too, even the same work as before: the order no longer lines up
+    assert s.spawn_child("x", prompt="b", agent=None, now=3.0) not in (a, b)
+
+
+def test_after_a_restore_the_rerun_parent_takes_back_finished_and_in_flight_children():
+    s = Scheduler(graph(task("x", extra="retries = 1")))
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    old = s.spawn_child("x", prompt="old", agent=None, now=0.2)
+    s.next_actions(0.2)
+    s.on_failed("x", 1, "boom", 0.3)  # attempt 1's open child is superseded, never taken back
+    assert ("x", 2) in starts(s.next_actions(s.next_wakeup()))
+    s.on_started("x", 2, 5.0)
+    a = s.spawn_child("x", prompt="a", agent=None, now=5.0)
+    b = s.spawn_child("x", prompt="b", agent=None, now=5.0)
+    [ka, kb] = s.next_actions(5.0)
+    run_ok(s, ka, 6.0)
+    s.on_started(b, 1, 6.0)
+    # the orchestrator dies here; resume rebuilds from the journal's snapshots
+    r = Scheduler.restore(s.graph, [v.to_record() for v in s.task_states().values()])
+    acts = r.next_actions(10.0)
+    assert sorted(starts(acts)) == sorted([(b, 2), ("x", 3)])  # in flight: both run again
+    r.on_started("x", 3, 10.0)
+    r.on_started(b, 2, 10.0)
+    assert r.spawn_child("x", prompt="a", agent=None, now=11.0) == a  # finished: not re-run
+    assert r.spawn_child("x", prompt="b", agent=None, now=11.0) == b  # already running again
+    assert starts(r.next_actions(11.0)) == []
+    assert r.task_result(old)["state"] == "cancelled"
+    assert r.on_succeeded(b, 2, {"text": "b"}, 12.0)
+    assert r.on_succeeded("x", 3, {"text": "x"}, 13.0)
+    assert r.done and r.outcome() == "succeeded"
+
+
+def test_children_a_rerun_never_asks_for_again_are_cancelled_when_it_ends():
+    s = Scheduler(graph(task("x")))
+    [x] = s.next_actions(0.0)
+    s.on_started("x", 1, 0.0)
+    kid = s.spawn_child("x", prompt="a", agent=None, now=0.5)
+    s.next_actions(0.5)
+    s.on_started(kid, 1, 0.5)
+    r = Scheduler.restore(s.graph, [v.to_record() for v in s.task_states().values()])
+    acts = r.next_actions(1.0)
+    assert sorted(starts(acts)) == sorted([("x", 2), (kid, 2)])
+    r.on_started("x", 2, 1.0)
+    r.on_started(kid, 2, 1.0)
+    assert r.on_succeeded("x", 2, {"text": "no children this time"}, 2.0)
+    assert cancels(r.next_actions(2.0)) == [
+        (kid, 2, "superseded: parent x's new attempt ended without asking for them")]
+    assert r.done and r.outcome() == "succeeded"
+
+
 def test_cancel_all_cancels_everything_and_the_outcome_says_so():
     s = Scheduler(graph(task("x") + task("y", "x")))
     [x] = s.next_actions(0.0)
