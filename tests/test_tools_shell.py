@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from agents.tools import ToolContext, build_registry
-from agents.tools.shell import run_shell
+from agents.tools.shell import PUMP_BURST, READ_CHUNK, _Capture, _pump, run_shell
 
 
 def alive(pid: int) -> bool:
@@ -288,3 +288,91 @@ async def test_background_leftovers_that_obey_sigterm_do_not_cost_the_whole_grac
         res = await registry.call("shell", args(cmd="sleep 60 & sleep 60 & echo hi"))
     assert res.ok and res.output.startswith("hi")
     assert time.monotonic() - t0 < 1.0
+
+
+async def test_a_cancelled_caller_starts_no_process(tmp_path):
+    with trio.fail_after(5):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await run_shell("echo ran > ran", cwd=tmp_path, env={}, timeout_s=5)
+    assert scope.cancelled_caught
+    assert not (tmp_path / "ran").exists()
+
+
+async def test_endless_output_still_times_out(tmp_path):
+    with trio.fail_after(10):
+        out = await run_shell("yes", cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, timeout_s=0.3,
+                              kill_grace_s=0.2)
+    assert out.timed_out
+    assert out.total_bytes > 0 and out.output.startswith("y\ny\n")
+
+
+async def test_the_output_pump_lets_other_tasks_run_while_data_keeps_coming(tmp_path):
+    # A regular file never says "no data yet": the pump's own schedule points are all there is.
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (4 * PUMP_BURST * READ_CHUNK))
+    fd = os.open(big, os.O_RDONLY)
+    cap, eof, turns = _Capture(1024), trio.Event(), 0
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump, fd, cap, eof)
+                while not eof.is_set():
+                    await trio.lowlevel.checkpoint()
+                    turns += 1
+    finally:
+        os.close(fd)
+    assert cap.total == 4 * PUMP_BURST * READ_CHUNK
+    assert turns >= 4  # this task ran between the pump's bursts
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs in its own process, which the test then kills with SIGKILL: two commands run, each with a
+# background sleep (pids in `pids`), and a group that was watched and then forgotten while
+# still running (its pid in `spared`).
+GUARDED_OWNER = """
+import subprocess, trio
+from agents.tools.shell import GUARDIAN, run_shell
+
+async def main():
+    await run_shell("true", cwd=".", env={}, timeout_s=10)
+    spared = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    GUARDIAN.watch(spared.pid)
+    GUARDIAN.forget(spared.pid)
+    with open("spared", "w") as f:
+        f.write(str(spared.pid))
+    cmd = "sleep 60 & echo $$ $! >> pids; wait"
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(lambda: run_shell(cmd, cwd=".", env={"PATH": "/usr/bin:/bin"},
+                                                 timeout_s=100))
+
+trio.run(main)
+"""
+
+
+async def test_guardian_ends_the_groups_of_an_owner_killed_with_sigkill_and_spares_the_rest(
+        tmp_path):
+    import subprocess
+    import sys
+
+    pids: list[int] = []
+    spared = 0
+    owner = await trio.lowlevel.open_process(
+        [sys.executable, "-c", GUARDED_OWNER], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+        stdin=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(10):
+            pids = await wait_for_pids(tmp_path / "pids", 4)
+            spared = int((tmp_path / "spared").read_text())
+            assert all(alive(p) for p in [*pids, spared])
+            owner.kill()
+            await owner.wait()
+            while any(alive(p) for p in pids):  # noqa: ASYNC110 (nothing to wait on but /proc)
+                await trio.sleep(0.01)
+        assert alive(spared)  # crossed out of the list: not the guardian's to end
+    finally:
+        if owner.returncode is None:
+            owner.kill()
+        kill_leftovers([*pids, spared] if spared else pids)
