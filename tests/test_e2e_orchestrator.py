@@ -467,6 +467,23 @@ async def test_a_signal_cancels_the_run_exit_130_and_leaves_no_process(run, sig)
     assert {a["state"] for a in run.attempts()} == {"cancelled"}
 
 
+async def kill_9_and_resume(run: Run) -> tuple[int, str]:
+    """kill -9 the orchestrator mid-run, wait until its workers (and their tools) noticed and
+    stopped, check the journal still says running, then `orchestrator resume` it with one
+    worker. Returns the resume's exit code and stderr."""
+    rid = str(run.run_id())
+    assert run.proc is not None
+    run.proc.kill()
+    await run.wait()
+    await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
+    assert run.run_row()["status"] == "running"
+    resumed = Run(run.tmp)
+    resumed.err_path = run.tmp / "resume.stderr"
+    await resumed.start("--workers", "1", cmd=("resume", rid))
+    code = await resumed.wait()
+    return code, resumed.stderr()
+
+
 @pytest.mark.slow
 async def test_kill_9_the_orchestrator_then_resume_finishes_without_repeating_tasks(run):
     run.graph.write_text('''
@@ -493,18 +510,8 @@ needs = ["c"]
         await run.start("--workers", "2")
         await until(lambda: any(a["task_id"] == "c" and a["state"] == "running"
                                 for a in run.attempts()))
-        rid = str(run.run_id())
-        assert run.proc is not None
-        run.proc.kill()
-        await run.wait()
-        # its local workers notice the orchestrator is gone and stop (tools included)
-        await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
-        assert run.run_row()["status"] == "running"
-        resumed = Run(run.tmp)
-        resumed.err_path = run.tmp / "resume.stderr"
-        await resumed.start("--workers", "1", cmd=("resume", rid))
-        code = await resumed.wait()
-    assert code == 0, resumed.stderr()
+        code, err = await kill_9_and_resume(run)
+    assert code == 0, err
     assert run.run_row()["status"] == "succeeded"
     per = by_task(run.attempts())
     assert [a["state"] for a in per["a"]] == ["succeeded"]  # finished before: not repeated
@@ -537,16 +544,8 @@ agent = "boss"
         # the child finished and the parent is in its long last turn: kill the orchestrator
         await until(lambda: any(a["task_id"] == "boss/1" and a["state"] == "succeeded"
                                 for a in run.attempts()))
-        rid = str(run.run_id())
-        assert run.proc is not None
-        run.proc.kill()
-        await run.wait()
-        await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
-        resumed = Run(run.tmp)
-        resumed.err_path = run.tmp / "resume.stderr"
-        await resumed.start("--workers", "1", cmd=("resume", rid))
-        code = await resumed.wait()
-    assert code == 0, resumed.stderr()
+        code, err = await kill_9_and_resume(run)
+    assert code == 0, err
     per = by_task(run.attempts())
     assert sorted(per) == ["boss", "boss/1"]  # the re-run's spawn took boss/1 back
     assert [a["state"] for a in per["boss/1"]] == ["succeeded"]  # and it did not run again
