@@ -8,7 +8,7 @@ import sys
 
 from orchestrator.serving import ServeArgsError, print_error, serving_token
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 2, 3
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Run a bus hub that workers and orchestrators dial with "
         "ws://HOST:PORT/bus. The token comes from SWITCHBOARD_TOKEN or --token-file, never "
         "the command line; without one the hub only listens on a loopback address. "
-        "Stops on SIGINT/SIGTERM after flushing and closing every connection (1001).",
+        "Stops on SIGINT/SIGTERM after flushing and closing every connection (1001), exit 0.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7700, help="port (default 7700; 0 picks one)")
@@ -66,6 +66,6 @@ def run(args: argparse.Namespace) -> int:
                 async for _ in sigs:
                     break
             nursery.cancel_scope.cancel()
-        return EXIT_CANCELLED
+        return EXIT_OK  # asked to stop, and stopped cleanly (as `orchestrator model-server`)
 
     return trio.run(main)

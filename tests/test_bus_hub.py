@@ -423,7 +423,7 @@ async def test_cli_serves_until_sigterm_with_the_env_token(tmp_path):
             async with open_bus_client(url, token="cli-token", endpoint_id="a") as a:
                 await a.subscribe("x")
             proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 130
+            assert await proc.wait() == 0  # a clean stop on request, as the model server
         finally:
             if proc.returncode is None:
                 proc.kill()
