@@ -15,6 +15,7 @@ class Progress:
         self.stream = stream
         self.interval = 0.2 if tty else 2.0
         self._last = ""
+        self._peak_workers = 0
 
     @classmethod
     def make(cls, mode: str, *, total: int, stream: IO[str] | None = None) -> Progress | None:
@@ -31,6 +32,7 @@ class Progress:
                 f"{s['tokens_per_s']:.0f} model tok/s | {s['elapsed']:.1f}s")
 
     def update(self, state: dict[str, Any]) -> None:
+        self._peak_workers = max(self._peak_workers, int(state["workers"]))
         line = self.render(state)
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
@@ -43,7 +45,8 @@ class Progress:
                 self._last = key
 
     def close(self, state: dict[str, Any]) -> None:
-        line = self.render(state)
+        # by now the workers were stopped: the last line says how many the run had at most
+        line = self.render({**state, "workers": max(self._peak_workers, int(state["workers"]))})
         if self.tty:
             self.stream.write("\r\x1b[2K" + line + "\n")
         else:
