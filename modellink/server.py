@@ -415,7 +415,12 @@ class _Lane:
 
 
 class _WsSession:
-    """One WebSocket connection: a reader (this task), a writer task, one task per response."""
+    """One WebSocket connection: a reader (this task), a writer task, one task per response.
+
+    Frames go out in the order they are emitted. An emitter writes them itself when nothing
+    is queued for the writer or being written (waking the writer task cost a task switch per
+    response); otherwise it queues them behind the rest.
+    """
 
     def __init__(self, server: ModelServer, ws: WsConnection, nursery: trio.Nursery,
                  *, batch: bool = False) -> None:
@@ -430,12 +435,25 @@ class _WsSession:
         # Each entry is a batch of encoded events (at most _MAX_BATCH) or a close.
         self.send, self._recv = trio.open_memory_channel[list[str | bytes] | _Close](
             server.config.send_queue_size)
+        self._unsent = 0  # entries given to the writer and not yet written (a close counts)
+        # The write an emitter is doing itself: shielded, so a response.cancel never cuts a
+        # frame in half; `_stop` cancels it.
+        self._direct: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None  # the session's nursery
+
+    def _stop(self) -> None:
+        """Stop everything of this connection: the responses, the writer, a write in progress."""
+        if self._scope is not None:
+            self._scope.cancel()
+        if self._direct is not None:
+            self._direct.cancel()
 
     async def run(self) -> None:
         cfg = self.server.config
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self._writer, nursery.cancel_scope)
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._writer)
             nursery.start_soon(self._age_limit, cfg.max_connection_age_s)
             try:
                 while True:
@@ -443,9 +461,10 @@ class _WsSession:
                     await self._on_frame(frame)
             except WsClosed:
                 pass
-            nursery.cancel_scope.cancel()  # the client is gone: stop every response at once
+            finally:  # the client is gone, or we are cancelled: stop every response at once
+                self._stop()
 
-    async def _writer(self, scope: trio.CancelScope) -> None:
+    async def _writer(self) -> None:
         # Every frame that is ready goes out in one socket write (still one event per WebSocket
         # message): a response's events are produced in bursts, and a write per event was
         # most of the server's CPU per turn.
@@ -453,12 +472,13 @@ class _WsSession:
         try:
             async for entry in recv:
                 batch: list[str | bytes] = []
+                taken = 1
                 while True:
                     if isinstance(entry, _Close):
                         if batch:
                             await send_messages(self.ws, batch)
                         await self.ws.aclose(entry.code, entry.reason)
-                        scope.cancel()
+                        self._stop()
                         return
                     batch += entry
                     if len(batch) >= _MAX_BATCH:
@@ -467,10 +487,12 @@ class _WsSession:
                         entry = recv.receive_nowait()
                     except trio.WouldBlock:
                         break
+                    taken += 1
                 await send_messages(self.ws, batch)
+                self._unsent -= taken
         except WsClosed:
             pass
-        scope.cancel()
+        self._stop()
 
     async def _age_limit(self, seconds: float) -> None:
         if not math.isfinite(seconds):
@@ -485,15 +507,34 @@ class _WsSession:
             f"Responses websocket connection limit reached ({minutes:g} minutes). "
             "Create a new websocket connection to continue.",
         ))
-        await self.send.send(_Close(p.CLOSE_GOING_AWAY, "connection age limit"))
+        await self._queue(_Close(p.CLOSE_GOING_AWAY, "connection age limit"))
 
     async def _emit(self, events: list[dict[str, Any]]) -> None:
         # Before the client's first frame (e.g. the age limit of an idle connection): JSON.
         encoding = self.encoding or p.JSON
         if self.batch and encoding == p.MSGPACK and len(events) > 1:
-            await self.send.send([p.encode_event_batch(events)])
+            frames: list[str | bytes] = [p.encode_event_batch(events)]
         else:
-            await self.send.send([p.encode_event(ev, encoding) for ev in events])
+            frames = [p.encode_event(ev, encoding) for ev in events]
+        if self._unsent or self._direct is not None:
+            await self._queue(frames)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled emitter sends nothing
+        try:
+            with trio.CancelScope(shield=True) as self._direct:
+                await send_messages(self.ws, frames)
+        except WsClosed:
+            self._stop()
+        finally:
+            self._direct = None
+
+    async def _queue(self, entry: list[str | bytes] | _Close) -> None:
+        self._unsent += 1
+        try:
+            await self.send.send(entry)
+        except BaseException:  # cancelled before it was queued: it will never be written
+            self._unsent -= 1
+            raise
 
     async def _error(self, err: ProtocolError, stream_id: str | None = None) -> None:
         self.server.stats.errors_sent += 1

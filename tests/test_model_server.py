@@ -9,11 +9,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import h11
 import pytest
 import trio
 
-from bus.ws import WsClosed, WsConnection, WsRejected, open_ws, send_messages, serve_ws
+from bus.ws import (
+    WsClosed,
+    WsConfig,
+    WsConnection,
+    WsRejected,
+    open_ws,
+    queued_messages,
+    send_messages,
+    serve_ws,
+)
 from modellink import protocol as p
 from modellink.server import ModelServerConfig, ModelServerInfo, serve_model
 from modellink.sim import SimConfig
@@ -376,6 +386,53 @@ async def test_response_cancel_stops_generation_at_once_and_the_connection_goes_
             evs = await c.create(input=[user("x")], store=False,
                                  previous_response_id=end["response"]["id"])
             assert evs[-1]["error"]["code"] == "previous_response_not_found"
+
+
+async def client_queue_full(c: Ws) -> None:
+    """Wait until the client's library stopped reading (its message queue is full)."""
+    while queued_messages(c.conn) < WsConfig().message_queue_size:  # noqa: ASYNC110 - no event to wait on
+        await trio.sleep(0.01)
+
+
+async def test_a_cancel_while_a_write_is_stuck_on_a_slow_reader_never_cuts_a_frame():
+    # Zero model time and one token per delta: the events go out 64 at a time as fast as the
+    # server can make them, until the client (not reading) pushes back and a write blocks.
+    sim = attrs.evolve(SimConfig.zero(), chunk_tokens=1)
+    with trio.fail_after(30):
+        async with running(sim) as info, ws(info) as c:
+            await c.send(p.response_create_event(model="sim", input=[user("go")], store=False,
+                                                 metadata=long_script(200_000)))
+            await client_queue_full(c)  # from here the server's writes block
+            await c.send(p.response_cancel_event())
+            evs = await c.until_terminal()  # every frame decodes, in order
+            assert evs[-1]["type"] == "response.incomplete"
+            assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+            assert len(evs) < 200_000
+            assert completed(await c.create(input=[user("again")], store=False))
+
+
+async def test_shutdown_ends_a_connection_whose_write_is_stuck_on_a_client_not_reading():
+    sim = attrs.evolve(SimConfig.zero(), chunk_tokens=1)
+    server_scope, ended = trio.CancelScope(), trio.Event()
+
+    async def serve(task_status: trio.TaskStatus[ModelServerInfo]) -> None:
+        try:
+            with server_scope:
+                await serve_model(ModelServerConfig(sim=sim), task_status=task_status)
+        finally:
+            ended.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(serve)
+            async with ws(info) as c:  # stays open, not reading, while the server stops
+                await c.send(p.response_create_event(
+                    model="sim", input=[user("go")], store=False,
+                    metadata=long_script(200_000)))
+                await client_queue_full(c)
+                server_scope.cancel()
+                with trio.fail_after(5):
+                    await ended.wait()
 
 
 async def test_cancel_with_nothing_in_flight_or_a_stale_id_is_a_no_op():
