@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from agents.tools import ToolContext, build_registry
-from agents.tools.shell import PUMP_BURST, READ_CHUNK, _Capture, _pump, run_shell
+from agents.tools.shell import PUMP_BURST, READ_CHUNK, _Output, run_shell
 
 
 def alive(pid: int) -> bool:
@@ -311,18 +311,17 @@ async def test_the_output_pump_lets_other_tasks_run_while_data_keeps_coming(tmp_
     # A regular file never says "no data yet": the pump's own schedule points are all there is.
     big = tmp_path / "big"
     big.write_bytes(b"x" * (4 * PUMP_BURST * READ_CHUNK))
-    fd = os.open(big, os.O_RDONLY)
-    cap, eof, turns = _Capture(1024), trio.Event(), 0
+    out, turns = _Output(os.open(big, os.O_RDONLY), 1024), 0
     try:
         with trio.fail_after(5):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump, fd, cap, eof)
-                while not eof.is_set():
+                nursery.start_soon(out.pump)
+                while not out.eof:
                     await trio.lowlevel.checkpoint()
                     turns += 1
     finally:
-        os.close(fd)
-    assert cap.total == 4 * PUMP_BURST * READ_CHUNK
+        out.close()
+    assert out.cap.total == 4 * PUMP_BURST * READ_CHUNK
     assert turns >= 4  # this task ran between the pump's bursts
 
 
@@ -376,3 +375,28 @@ async def test_guardian_ends_the_groups_of_an_owner_killed_with_sigkill_and_spar
         if owner.returncode is None:
             owner.kill()
         kill_leftovers([*pids, spared] if spared else pids)
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polled"])
+async def test_exit_is_seen_while_reading_with_or_without_a_pidfd(tmp_path, monkeypatch, pidfd):
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError("pidfd_open: not here")
+
+    if not pidfd:
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)  # as on an old kernel or not Linux
+    env = {"PATH": "/usr/bin:/bin"}
+    with trio.fail_after(10):
+        out = await run_shell("printf abc; exit 7", cwd=tmp_path, env=env, timeout_s=5)
+        assert (out.returncode, out.output, out.timed_out) == (7, "abc", False)
+        # the shell exits while its background sleep still holds the pipe open
+        out = await run_shell("sleep 60 & echo $! > pids; echo hi; sleep 0.1", cwd=tmp_path,
+                              env=env, timeout_s=5, kill_grace_s=0.2)
+        pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
+        try:
+            assert out.output == "hi\n" and not out.timed_out
+            assert [p for p in pids if alive(p)] == []
+        finally:
+            kill_leftovers(pids)
+        out = await run_shell("echo started; sleep 5", cwd=tmp_path, env=env, timeout_s=0.2,
+                              kill_grace_s=0.2)
+        assert out.timed_out and out.output == "started\n" and out.returncode == -signal.SIGTERM

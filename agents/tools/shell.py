@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -115,6 +116,7 @@ class _Guardian:
         self._slots: dict[int, int] = {}  # pgid -> its slot in the list
         self._free: list[int] = []  # slots below self._end that are all zeros
         self._end = 0  # slots from here on have never been written
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def _start(self) -> int | None:
         if self._owner == os.getpid():
@@ -130,10 +132,12 @@ class _Guardian:
             return None
         r, w = os.pipe()  # all non-inheritable: tool processes never hold the write end
         try:
-            subprocess.Popen([sys.executable, "-S", "-c", _GUARDIAN_CODE, str(r), str(listing),
-                              str(GUARDIAN_GRACE_S), str(_SLOT_CHECK)], pass_fds=(r, listing),
-                             start_new_session=True, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # Kept: a dropped Popen still running joins subprocess._active, polled by every Popen.
+            self._proc = subprocess.Popen(
+                [sys.executable, "-S", "-c", _GUARDIAN_CODE, str(r), str(listing),
+                 str(GUARDIAN_GRACE_S), str(_SLOT_CHECK)], pass_fds=(r, listing),
+                start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
         except OSError:
             self._failed = True  # the in-process cleanup still runs; only SIGKILL escapes
             os.close(w)
@@ -213,6 +217,20 @@ class _Leader:
                 delay = min(2 * delay, POLL_S)
         return code
 
+    def watch_with(self, fd: int) -> select.epoll | None:
+        """A new epoll set that is readable iff `fd` is readable or the shell has exited; None
+        without a pidfd or epoll. The caller closes it."""
+        if self._pidfd is None or not hasattr(select, "epoll"):
+            return None
+        ep = select.epoll(2)  # close-on-exec
+        try:
+            ep.register(fd, select.EPOLLIN)
+            ep.register(self._pidfd, select.EPOLLIN)
+        except BaseException:
+            ep.close()
+            raise
+        return ep
+
     def close(self) -> None:
         """Release the pidfd (the shell itself is not touched)."""
         if self._pidfd is not None:
@@ -242,33 +260,6 @@ def _spawn(cmd: str, cwd: str, env: dict[str, str]) -> tuple[_Leader, int]:
         os.close(w)
     os.set_blocking(r, False)
     return _Leader(popen), r
-
-
-async def _pump(fd: int, cap: _Capture, eof: trio.Event) -> None:
-    """Read `fd` into `cap` until EOF, then set `eof`. Raises trio.Cancelled.
-
-    Reads the fd directly rather than through a trio stream, whose every read is a schedule
-    point: here the only ones are waits for data, plus one per PUMP_BURST reads in a row so that
-    a writer keeping the pipe full cannot starve the other tasks.
-    """
-    burst = 0
-    while True:
-        try:
-            data = os.read(fd, READ_CHUNK)
-        except BlockingIOError:
-            burst = 0
-            await trio.lowlevel.wait_readable(fd)
-            continue
-        except OSError:  # not seen from a pipe; the output so far is kept
-            break
-        if not data:
-            break
-        cap.feed(data)
-        burst += 1
-        if burst == PUMP_BURST:
-            burst = 0
-            await trio.lowlevel.checkpoint()
-    eof.set()
 
 
 @attrs.frozen(kw_only=True)
@@ -312,6 +303,72 @@ class _Capture:
     def render(self) -> tuple[str, bool, int]:
         cut = self.total - len(self.head) - len(self.tail)
         return render_bytes(bytes(self.head), bytes(self.tail), cut)
+
+
+class _Output:
+    """The read end of the command's output pipe (non-blocking, ours alone), read into a
+    _Capture. Reads the fd directly rather than through a trio stream, whose every read is a
+    schedule point: here the only ones are waits for data, plus one per PUMP_BURST reads in a
+    row so that a writer keeping the pipe full cannot starve the other tasks."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd = fd
+        self.cap = _Capture(limit)
+        self.eof = False  # True iff the pipe reported EOF: every writer has closed it
+
+    def read_some(self) -> bool:
+        """Read what the pipe holds, up to PUMP_BURST reads. True iff the burst ran out (more
+        may be waiting)."""
+        for _ in range(PUMP_BURST):
+            try:
+                data = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                return False
+            except OSError:  # not seen from a pipe; the output so far is kept
+                data = b""
+            if not data:
+                self.eof = True
+                return False
+            self.cap.feed(data)
+        return True
+
+    async def pump(self) -> None:
+        """Read until EOF. Raises trio.Cancelled."""
+        while not self.eof:
+            if self.read_some():
+                await trio.lowlevel.checkpoint()
+            elif not self.eof:
+                await trio.lowlevel.wait_readable(self.fd)
+
+    async def read_until_exit(self, leader: _Leader) -> None:
+        """Read until the shell has exited (and is reaped). Raises trio.Cancelled.
+
+        One task waits for both events: through an epoll set of the pipe and the shell's pidfd
+        where there is one (a second task costs ~60 us of CPU per command), else by waking
+        every POLL_S to check on the shell.
+        """
+        both = leader.watch_with(self.fd)
+        try:
+            while leader.poll() is None:
+                if self.eof:
+                    await leader.wait()
+                elif self.read_some():
+                    await trio.lowlevel.checkpoint()
+                elif self.eof:
+                    pass
+                elif both is not None:
+                    await trio.lowlevel.wait_readable(both.fileno())
+                else:
+                    with trio.move_on_after(POLL_S):
+                        await trio.lowlevel.wait_readable(self.fd)
+        finally:
+            if both is not None:
+                trio.lowlevel.notify_closing(both.fileno())
+                both.close()
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.fd)
+        os.close(self.fd)
 
 
 def _read_stat(pid: int | str) -> tuple[bytes, int] | None:
@@ -480,32 +537,35 @@ async def run_shell(
     trio.Cancelled when cancelled, after ending the group (SIGTERM, `cancel_grace_s`, SIGKILL);
     raises OSError if the shell cannot be started.
     """
-    await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller starts nothing
-    proc, stdout = _spawn(cmd, os.fspath(cwd), env)
+    await trio.lowlevel.checkpoint()  # a cancelled caller starts nothing
+    proc, fd = _spawn(cmd, os.fspath(cwd), env)
     pgid = proc.pid  # start_new_session: the shell leads a new session and process group
     GUARDIAN.watch(pgid)  # ends the group if this process dies before the finally below
-    cap = _Capture(max_output_bytes)
-    eof = trio.Event()
+    out = _Output(fd, max_output_bytes)
     timed_out = False
     note: str | None = None
     finished = False
-
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump, stdout, cap, eof)
-            with trio.move_on_after(timeout_s) as scope:
+        with trio.move_on_after(timeout_s) as scope:
+            await out.read_until_exit(proc)
+        timed_out = scope.cancelled_caught
+        if _group_exists(pgid, proc):
+            # Out of time, or the shell left processes behind: end them, reading meanwhile so
+            # that one writing as it dies does not block on a full pipe.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(out.pump)
+                await terminate_group(pgid, kill_grace_s, proc)
                 await proc.wait()
-            timed_out = scope.cancelled_caught
-            # The shell is done or out of time: end it and whatever it left in the background.
-            await terminate_group(pgid, kill_grace_s, proc)
-            await proc.wait()
-            if not eof.is_set():  # usually set: the pipe closed when the group ended
-                with trio.move_on_after(DRAIN_S):
-                    await eof.wait()
-            if not eof.is_set():
-                note = ("the output pipe was still held open by a process outside the command's "
-                        "process group (it called setsid); stopped reading")
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
+        # The group is gone (or past every wait): the pipe is at EOF unless a process outside
+        # the group holds it open.
+        out.read_some()
+        if not out.eof:
+            with trio.move_on_after(DRAIN_S):
+                await out.pump()
+        if not out.eof:
+            note = ("the output pipe was still held open by a process outside the command's "
+                    "process group (it called setsid); stopped reading")
         finished = True
     finally:
         with trio.CancelScope(shield=True):
@@ -513,12 +573,11 @@ async def run_shell(
                 await terminate_group(pgid, cancel_grace_s, proc)
                 with trio.move_on_after(KILL_WAIT_S):
                     await proc.wait()
-            trio.lowlevel.notify_closing(stdout)
-            os.close(stdout)
+            out.close()
             proc.close()
             GUARDIAN.forget(pgid)
-    text, binary, cut = cap.render()
-    return ShellOutcome(returncode=proc.returncode, output=text, total_bytes=cap.total,
+    text, binary, cut = out.cap.render()
+    return ShellOutcome(returncode=proc.returncode, output=text, total_bytes=out.cap.total,
                         truncated_bytes=cut, binary=binary, timed_out=timed_out, note=note)
 
 
