@@ -335,6 +335,7 @@ import subprocess, trio
 from agents.tools.shell import GUARDIAN, run_shell
 
 async def main():
+    GUARDIAN.start()
     await run_shell("true", cwd=".", env={}, timeout_s=10)
     spared = subprocess.Popen(["sleep", "60"], start_new_session=True)
     GUARDIAN.watch(spared.pid)
