@@ -108,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
                        workspace_root=pathlib.Path(args.state_dir) / "workspaces",
                        pass_env=tuple(args.pass_env), model_token=model_token)
     worker = Worker(config=cfg, shipper=shipper)
+    # the guardian of tool process groups (a small Python process, ~15 ms of CPU to start) is
+    # started now, not inside the first attempt that runs a shell command
+    from agents.tools.shell import GUARDIAN
+    GUARDIAN.start()
 
     signalled = False
 

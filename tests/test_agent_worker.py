@@ -297,6 +297,13 @@ def _live_with(needle: bytes) -> list[int]:
     return found
 
 
+def _children_running(ppid: int, needle: bytes) -> list[int]:
+    """pids of live children of `ppid` whose command line contains `needle`."""
+    return [pid for pid in _live_with(needle)
+            if int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            == ppid]
+
+
 @pytest.mark.slow
 async def test_a_worker_killed_with_sigkill_mid_tool_leaves_no_tool_process(tmp_path):
     import os
@@ -328,6 +335,8 @@ async def test_a_worker_killed_with_sigkill_mid_tool_leaves_no_tool_process(tmp_
                         async for msg in orch:
                             if P.parse_message(msg.payload())["t"] == "hello":
                                 break
+                        # the guardian is up before the worker takes work (not in a task)
+                        assert _children_running(proc.pid, b"alive_fd")
                         h = Harness(orch=orch, worker=None, model_url=model.base_url,
                                     model=model)
                         await h.lease("t", agent, timeout_s=60.0)
