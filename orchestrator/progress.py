@@ -46,7 +46,8 @@ class Progress:
 
     def close(self, state: dict[str, Any]) -> None:
         # by now the workers were stopped: the last line says how many the run had at most
-        line = self.render({**state, "workers": max(self._peak_workers, int(state["workers"]))})
+        peak = max(self._peak_workers, int(state["workers"]), int(state.get("workers_peak", 0)))
+        line = self.render({**state, "workers": peak})
         if self.tty:
             self.stream.write("\r\x1b[2K" + line + "\n")
         else:

@@ -141,6 +141,7 @@ class Supervisor:
         self.banned: set[str] = set()  # worker ids cut off
         self.capacities: dict[str, int] = {}  # every worker that said hello, for a comeback
         self.tokens_out = 0
+        self.peak_workers = 0  # most workers connected at once (the last progress line)
         self.started_wall = time.time()
         self.clock_offset = 0.0  # wall time - trio time, set when the run starts
         self.progress: Progress | None = None
@@ -457,6 +458,7 @@ class Supervisor:
             self.capacities[wid] = int(body["capacity"])
             self.table.hello(wid, int(body["capacity"]), body.get("pid"),
                              str(body.get("host", "")), now)
+            self.peak_workers = max(self.peak_workers, self.table.active)
             log.info("worker.joined", worker_id=wid, capacity=body["capacity"],
                      host=body.get("host"), pid=body.get("pid"))
             if self.procs is not None and wid in self.procs.draining:
@@ -726,6 +728,7 @@ class Supervisor:
         return {"done": counts.get("succeeded", 0), "total": self.sched.total(),
                 "running": counts.get("running", 0) + counts.get("queued", 0),
                 "failed": counts.get("failed", 0), "workers": self.table.active,
+                "workers_peak": self.peak_workers,
                 "tokens_per_s": self.tokens_out / elapsed, "elapsed": elapsed}
 
     async def _progress_loop(self) -> None:

@@ -41,3 +41,12 @@ def test_a_terminal_gets_one_line_rewritten_in_place_and_none_gets_nothing():
         "\r\x1b[2Ktasks 1/4 done, 1 running, 0 failed | workers 1 | 0 model tok/s | 0.0s"
         "\r\x1b[2Ktasks 4/4 done, 0 running, 0 failed | workers 1 | 0 model tok/s | 0.0s\n")
     assert Progress.make("none", total=4, stream=out) is None
+
+
+def test_the_last_line_counts_workers_that_joined_between_two_plain_lines():
+    out = io.StringIO()
+    p = Progress.make("plain", total=4, stream=out)
+    assert p is not None
+    p.update(state(0, 0, 0))
+    p.close({**state(4, 0, 0), "workers_peak": 3})  # three joined and left within 2 s
+    assert out.getvalue().splitlines()[-1].split(" | ")[1] == "workers 3"
