@@ -4,22 +4,58 @@ No downloads, no data files: a regex pre-tokenizer (GPT-2 style) splits text int
 merges table learned from the embedded corpus below turns each piece's UTF-8 bytes into tokens.
 Like tiktoken, encoded pieces are cached (a bounded dict), so repeated words cost a dict lookup.
 The work is real CPU work proportional to the text, which is what the model link's connection
-cache saves; the exact vocabulary does not matter.
+cache saves; the exact vocabulary does not matter. That is also why nothing coarser than a piece
+is cached: a cache of lines would make text sent again (HTTP's full context) nearly free.
 
 Token ids: 0-255 are raw bytes, 256.. are merges, then the special tokens in SPECIAL_TOKENS.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from typing import Final
 
-# GPT-2's pre-tokenizer, with stdlib `re` classes standing in for \p{L} / \p{N}.
+# GPT-2's pre-tokenizer, with stdlib `re` classes standing in for \p{L} / \p{N}. The definition:
+# Tokenizer.split must give exactly these pieces for every text (the tests compare the two).
 _PIECE_RE: Final = re.compile(
     r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d{1,3}| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+|[\s\S]""",
     re.UNICODE,
 )
+
+
+@functools.cache
+def _fast_piece_re() -> re.Pattern[str]:
+    r"""_PIECE_RE's exact equivalent on text with no character above U+FFFF, ~40% less CPU.
+
+    Every character is in exactly one of _PIECE_RE's classes: whitespace S = \s, letter
+    L = [^\W\d_], digit D = \d, other P = [^\s\w]|_ (so its last branch is never reached).
+    Its branches compete only at a "'" (a contraction before a P run) and at a " " (before
+    L, D or P the space joins that run, else it is whitespace): this keeps those two orders,
+    puts the common branches first and starts each with a set, which re checks before trying
+    the branch. When `\s+(?!\S)` fails the run is one character long, so `\s` does; a lone
+    newline before a non-space (line-oriented tool output) is tried first of all. A run always
+    ends its branch, so it never has to give characters back: possessive `++` is exact.
+    L, D and S are spelled out as sets of code points taken from those very classes (so they
+    follow this Python's Unicode database): one table lookup instead of \w's four. Only the
+    Basic Multilingual Plane is spelled out (above it re keeps a list of ranges, scanned on
+    every miss): an astral character would land in P here, so such text takes _PIECE_RE.
+    Built on first use, in ~20 ms.
+    """
+    bmp = "".join(map(chr, range(0x10000)))
+
+    def members(cls: str) -> str:  # runs of consecutive code points in cls, as set ranges
+        return "".join(rf"\u{ord(m[0][0]):04x}-\u{ord(m[0][-1]):04x}"
+                       for m in re.finditer(f"{cls}+", bmp))
+
+    let, dig, spc = members(r"[^\W\d_]"), members(r"\d"), members(r"\s")
+    other = f"[^{spc}{let}{dig}]++"
+    return re.compile(
+        rf"\n(?!\s)| (?:[{let}]++|[{dig}]{{1,3}}+|{other})|[{let}]++|[{dig}]{{1,3}}+"
+        rf"|'(?:[sdmt]|ll|ve|re)|{other}|\s+(?!\S)|\s"
+    )
+
 
 # Training text: English prose and Python, the two things an agent's context is made of.
 _CORPUS: Final = r'''
@@ -179,6 +215,7 @@ class Tokenizer:
             self.special[name] = len(self._vocab)
             self._vocab.append(name.encode())
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._split_bmp = _fast_piece_re().findall
 
     @property
     def vocab_size(self) -> int:
@@ -200,22 +237,32 @@ class Tokenizer:
         return tuple(ids)
 
     def split(self, text: str) -> list[str]:
-        """The pre-tokenizer's pieces; tokens never cross a piece boundary."""
+        """The pre-tokenizer's pieces (_PIECE_RE's); tokens never cross a piece boundary."""
+        # True iff no character is above U+FFFF: UTF-16 spends 4 bytes on those, 2 on the rest.
+        if text.isascii() or len(text.encode("utf-16-le", "surrogatepass")) == 2 * len(text):
+            return self._split_bmp(text)
         return _PIECE_RE.findall(text)
 
     def encode(self, text: str) -> list[int]:
         """Tokenize `text` (no special tokens are recognised inside it)."""
         out: list[int] = []
-        cache = self._cache
-        for piece in _PIECE_RE.findall(text):
-            ids = cache.get(piece)
-            if ids is None:
-                ids = self._bpe(piece.encode("utf-8"))
-                if len(cache) >= _PIECE_CACHE_MAX:
-                    cache.clear()  # bounded: a cheap reset beats tracking recency per piece
-                cache[piece] = ids
-            out.extend(ids)
-        return out
+        pieces = iter(self.split(text))
+        cached = self._cache.__getitem__
+        while True:
+            try:
+                for ids in map(cached, pieces):
+                    out += ids
+                return out
+            except KeyError as exc:  # a piece not cached yet: map has taken it, the rest follow
+                piece = exc.args[0]
+            out += self._learn(piece)
+
+    def _learn(self, piece: str) -> tuple[int, ...]:
+        ids = self._bpe(piece.encode("utf-8"))
+        if len(self._cache) >= _PIECE_CACHE_MAX:
+            self._cache.clear()  # bounded: a cheap reset beats tracking recency per piece
+        self._cache[piece] = ids
+        return ids
 
     def count(self, text: str) -> int:
         return len(self.encode(text))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,6 +66,72 @@ def test_piece_cache_is_bounded(monkeypatch: pytest.MonkeyPatch):
     tk = Tokenizer(tk_mod._train(tk_mod._CORPUS, 50))
     tk.encode(" ".join(f"w{i}x" for i in range(100)))
     assert len(tk._cache) <= 10
+
+
+def _reference_encode(tk: Tokenizer, text: str) -> list[int]:
+    """What encode means: _PIECE_RE's pieces, each one's UTF-8 bytes through BPE, no caches."""
+    return [t for piece in tk_mod._PIECE_RE.findall(text) for t in tk._bpe(piece.encode())]
+
+
+# Pieces that stress where _PIECE_RE's branches meet: whitespace runs (a space joins what
+# follows it, the last character of a run before a non-space is left for the next piece),
+# contractions, letters / digits / other that re's classes see differently from str methods
+# ("²" and "Ⅻ" are \w but not \d, "٣" is \d), characters above U+FFFF, joiners and controls.
+_FRAGMENTS = (
+    " ", "  ", "\n", "\n\n", "\t", "\r\n", " \n ", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0",
+    "\u2028", "\u3000", "a", "Zy", "é", "ß", "Жж", "中文", "ǅ", "ﬁ", "x1", "0", "7", "123", "4567",
+    "٣", "१२", "²", "½", "Ⅻ", "①", "_", "__", "'", "'s", "'t", "'ll", "'ve", "'re", "'d", "'m",
+    "'S", "''", "'x", ".", ",", "(", "):", "-", "→", "—", "\"", "\\", "#", "{", "}", "\x00", "\x7f",
+    "\u200d", "\ufeff", "\U0001f600", "\U0001f44d\U0001f3fd", "\U0001d400", "\U0001d7ce", "\U00020000",
+)
+_FRAGMENT_TEXT = st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map("".join)
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.text(max_size=200), st.text(st.characters(max_codepoint=0xFFFF), max_size=200),
+                 _FRAGMENT_TEXT))
+def test_encode_gives_the_reference_tokens_for_any_text(text: str):
+    tk = get_tokenizer()
+    assert tk.split(text) == tk_mod._PIECE_RE.findall(text)
+    assert _outcome(tk.encode, text) == _outcome(lambda t: _reference_encode(tk, t), text)
+
+
+def _outcome(encode: Any, text: str) -> Any:
+    """The tokens, or the error: a lone surrogate has no UTF-8 bytes, before as now."""
+    try:
+        return encode(text)
+    except UnicodeEncodeError as exc:
+        return type(exc), exc.start
+
+
+def test_every_bmp_character_splits_as_the_reference_does_beside_each_class():
+    # Beside a letter, a digit, an underscore, a space and itself, each character joins a run
+    # (or not) exactly as its class in _PIECE_RE says; lone surrogates included (split only).
+    text = "".join(f"{c}{c}a{c}1{c}_{c} {c}'{c}s\n" for c in map(chr, range(0x10000)))
+    assert get_tokenizer().split(text) == tk_mod._PIECE_RE.findall(text)
+
+
+def test_encode_gives_the_reference_tokens_for_real_text():
+    tk = get_tokenizer()
+    root = Path(__file__).resolve().parent.parent
+    seq = "".join(f"{i}\n" for i in range(1000, 1201))
+    numbers = " ".join(f"{x!r} {-x:.3e} {x:,.2f}" for x in (0.5, 3.25, 1e-10, 12345678.9, -7.0))
+    blob = {"items": [{"id": i, "name": f"item_{i}", "value": i * 3.25, "ok": i % 3 != 0,
+                       "tags": ["alpha", "béta", "γάμμα", "数据"][: i % 5]} for i in range(30)]}
+    samples = [tk_mod._CORPUS, seq, numbers, DEFAULT_TEXT,
+               json.dumps(blob), json.dumps(blob, indent=2, ensure_ascii=False),
+               *(f.read_text() for f in sorted((root / "modellink").glob("*.py")))]
+    for text in samples:
+        assert tk.encode(text) == _reference_encode(tk, text)
+
+
+def test_encode_does_not_depend_on_what_the_piece_cache_holds(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(tk_mod, "_PIECE_CACHE_MAX", 3)  # cleared again and again mid-text
+    tk = Tokenizer(tk_mod._train(tk_mod._CORPUS, tk_mod.N_MERGES))
+    text = "def f(x):\n    return x + 1  # the agent's tool\n" * 3
+    assert tk.encode(text) == _reference_encode(tk, text) == tk.encode(text)
+    assert len(tk._cache) <= 3
+
 
 
 # ------------------------------------------------------------------ rendering
