@@ -240,24 +240,12 @@ def decode_events(
 
     Raises ProtocolError as decode_event does; an empty batch is invalid_type.
     """
-    if isinstance(frame, str) or not frame or not _is_msgpack_array(frame[0]):
-        return [decode_event(frame, max_bytes=max_bytes)]
-    if len(frame) > max_bytes:
-        raise ProtocolError(ErrorCode.MESSAGE_TOO_LARGE,
-                            f"the batch is {len(frame)} bytes, over the {max_bytes}-byte limit")
-    try:
-        batch = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises many types for hostile input
-        raise ProtocolError(ErrorCode.INVALID_MSGPACK,
-                            f"the batch is not valid msgpack ({type(exc).__name__}: {exc})"
-                            ) from None
-    if not batch:
-        raise ProtocolError(ErrorCode.INVALID_TYPE, "an event batch must not be empty")
-    return [_check_event_object(ev) for ev in batch]
-
-
-def _is_msgpack_array(first_byte: int) -> bool:
-    return 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD)
+    obj = _decode_frame(frame, max_bytes)
+    if isinstance(obj, list) and not isinstance(frame, str):  # batches are msgpack only
+        if not obj:
+            raise ProtocolError(ErrorCode.INVALID_TYPE, "an event batch must not be empty")
+        return [_check_event_object(ev) for ev in obj]
+    return [_check_event_object(obj)]
 
 
 def decode_event(
@@ -268,6 +256,11 @@ def decode_event(
     Raises ProtocolError: message_too_large, invalid_json, invalid_msgpack, or invalid_type /
     missing_required_parameter when the message is not an object with a string "type".
     """
+    return _check_event_object(_decode_frame(frame, max_bytes))
+
+
+def _decode_frame(frame: str | bytes | bytearray | memoryview, max_bytes: int) -> Any:
+    """The frame's JSON (text) or msgpack (binary) value, within `max_bytes`."""
     size = len(frame.encode("utf-8")) if isinstance(frame, str) and len(frame) * 4 > max_bytes \
         else len(frame)
     if size > max_bytes:
@@ -287,7 +280,7 @@ def decode_event(
                 f"the message is not valid msgpack ({type(exc).__name__}: {exc}); "
                 "send one msgpack map per binary frame",
             ) from None
-    return _check_event_object(obj)
+    return obj
 
 
 def _check_event_object(obj: Any) -> dict[str, Any]:
