@@ -37,6 +37,7 @@ from bus.errors import (
 )
 from bus.local import LocalHub, LocalWs
 from bus.logs import get_logger
+from bus.writer import WriterWake, write_frames
 from bus.ws import WsClosed, WsConnection, WsHandshakeError, open_ws
 
 _Ws = WsConnection | LocalWs
@@ -143,8 +144,7 @@ class BusClient:
         self._inbox_lot = trio.lowlevel.ParkingLot()  # receivers waiting for a message
         self._reader_lot = trio.lowlevel.ParkingLot()  # the reader waiting for inbox room
         self._space_lot = trio.lowlevel.ParkingLot()  # senders waiting for outbound room
-        self._writer_lot = trio.lowlevel.ParkingLot()
-        self._writer_parked = False
+        self._writer_wake = WriterWake()
         self._waiters: dict[int, _Waiter] = {}
         self._next_corr = 1
         self._last_rx = 0.0
@@ -351,9 +351,8 @@ class BusClient:
         return msg
 
     def _wake_writer(self) -> None:
-        if self._writer_parked:
-            self._writer_parked = False
-            self._writer_lot.unpark_all()
+        if self._writer_wake.parked:  # checked here: this runs once per message sent
+            self._writer_wake.wake()
 
     def _fail(self, exc: BusError) -> None:
         """Make every current and later call raise `exc` (the first failure wins)."""
@@ -571,22 +570,11 @@ class BusClient:
                 self._wake_writer()
 
     async def _writer(self, ws: _Ws, conn: BusConn) -> None:
-        delay = self.config.ack_delay
-        while True:
-            if delay > 0 and conn.ack_can_wait():
-                # a lone ACK waits (bounded) for data to the hub to carry it
-                with trio.move_on_after(delay):
-                    while conn.ack_can_wait():
-                        self._writer_parked = True
-                        await self._writer_lot.park()
-                self._writer_parked = False
-            data = conn.data_to_send()
-            if data is None:
-                self._writer_parked = True
-                await self._writer_lot.park()
-                continue
-            await ws.send_message(data)
-            self._frames_out += 1
+        await write_frames(ws, conn, self._writer_wake, ack_delay=self.config.ack_delay,
+                           on_frame=self._count_frame_out)
+
+    def _count_frame_out(self) -> None:
+        self._frames_out += 1
 
     async def _keepalive(self, ws: _Ws, conn: BusConn) -> None:
         cfg = self.config

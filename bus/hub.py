@@ -36,6 +36,7 @@ from bus.errors import (
 )
 from bus.local import LocalWs, local_ws_pair
 from bus.logs import get_logger
+from bus.writer import WriterWake, write_frames
 from bus.ws import WsClosed, WsConnection, WsRequest, serve_ws
 
 _NIL = b"\xc0"  # msgpack nil: the body of a hub acknowledgement
@@ -94,8 +95,7 @@ class _Link:
     peer: str
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     session: _Session | None = None
-    lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
-    parked: bool = False  # True iff the writer is parked on `lot` waiting for work
+    writer_wake: WriterWake = attrs.field(factory=WriterWake)
     monitor_lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     last_rx: float = 0.0
     retired: bool = False  # True once replaced/ended: its tasks must not touch the session
@@ -103,9 +103,7 @@ class _Link:
     end: tuple[int | None, str, str] | None = None
 
     def wake(self) -> None:
-        if self.parked:
-            self.parked = False
-            self.lot.unpark_all()
+        self.writer_wake.wake()
 
     def finish(self, code: int | None, reason: str, event: str) -> None:
         if self.end is None:
@@ -388,23 +386,11 @@ class Hub:
             link.wake()  # we owe an ACK for this frame
 
     async def _writer(self, link: _Link) -> None:
-        ws, conn = link.ws, link.conn
-        delay = self.config.ack_delay
-        while not link.retired:
-            if delay > 0 and conn.ack_can_wait():
-                # a lone ACK waits (bounded) for data to the same peer to carry it
-                with trio.move_on_after(delay):
-                    while conn.ack_can_wait():
-                        link.parked = True
-                        await link.lot.park()
-                link.parked = False
-            data = conn.data_to_send()
-            if data is None:
-                link.parked = True
-                await link.lot.park()
-                continue
-            await ws.send_message(data)
-            self.frames_out += 1
+        await write_frames(link.ws, link.conn, link.writer_wake, ack_delay=self.config.ack_delay,
+                           on_frame=self._count_frame_out, stop=lambda: link.retired)
+
+    def _count_frame_out(self) -> None:
+        self.frames_out += 1
 
     async def _monitor(self, link: _Link) -> None:
         """Keepalive and the slow-consumer timer for one link."""
@@ -449,7 +435,7 @@ class Hub:
         seq.queue(kind, source, dest, corr, body)
         self.routed += 1
         link = s.link
-        if link is not None and link.parked:
+        if link is not None and link.writer_wake.parked:  # once per routed message: no call
             link.wake()
         cfg = self.config
         held = len(seq.pending) + len(seq.inflight)
