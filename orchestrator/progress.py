@@ -15,7 +15,6 @@ class Progress:
         self.stream = stream
         self.interval = 0.2 if tty else 2.0
         self._last = ""
-        self._peak_workers = 0
 
     @classmethod
     def make(cls, mode: str, *, total: int, stream: IO[str] | None = None) -> Progress | None:
@@ -32,7 +31,6 @@ class Progress:
                 f"{s['tokens_per_s']:.0f} model tok/s | {s['elapsed']:.1f}s")
 
     def update(self, state: dict[str, Any]) -> None:
-        self._peak_workers = max(self._peak_workers, int(state["workers"]))
         line = self.render(state)
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
@@ -46,7 +44,8 @@ class Progress:
 
     def close(self, state: dict[str, Any]) -> None:
         # by now the workers were stopped: the last line says how many the run had at most
-        peak = max(self._peak_workers, int(state["workers"]), int(state.get("workers_peak", 0)))
+        # (`workers_peak`, the supervisor's count of them connected at once)
+        peak = max(int(state["workers"]), int(state.get("workers_peak", 0)))
         line = self.render({**state, "workers": peak})
         if self.tty:
             self.stream.write("\r\x1b[2K" + line + "\n")

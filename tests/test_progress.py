@@ -22,7 +22,8 @@ def test_plain_lines_only_when_tasks_or_workers_change_and_the_last_says_how_man
     p.update(state(0, 2, 2, tok=50.0, t=0.5))
     p.update(state(0, 2, 2, tok=80.0, t=1.0))  # only the rate moved: no new line
     p.update(state(3, 1, 2, tok=90.0, t=1.5))
-    p.close(state(4, 0, 0, tok=95.0, t=2.0))  # the workers were stopped before the last line
+    # the workers were stopped before the last line; the supervisor counted 2 at most
+    p.close({**state(4, 0, 0, tok=95.0, t=2.0), "workers_peak": 2})
     assert out.getvalue().splitlines() == [
         "tasks 0/4 done, 0 running, 0 failed | workers 0 | 0 model tok/s | 0.0s",
         "tasks 0/4 done, 2 running, 0 failed | workers 2 | 50 model tok/s | 0.5s",
@@ -36,7 +37,7 @@ def test_a_terminal_gets_one_line_rewritten_in_place_and_none_gets_nothing():
     p = Progress.make("tty", total=4, stream=out)
     assert p is not None and p.tty
     p.update(state(1, 1, 1))
-    p.close(state(4, 0, 0))
+    p.close({**state(4, 0, 0), "workers_peak": 1})
     assert out.getvalue() == (
         "\r\x1b[2Ktasks 1/4 done, 1 running, 0 failed | workers 1 | 0 model tok/s | 0.0s"
         "\r\x1b[2Ktasks 4/4 done, 0 running, 0 failed | workers 1 | 0 model tok/s | 0.0s\n")
