@@ -648,7 +648,9 @@ async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idl
             info = await _serve(nursery)
             ep = ModelEndpoint(base_url=info.base_url)
             n = client_mod.POOL_MAX_IDLE + 3
-            async with trio.open_nursery() as sessions:
+
+            async def wave() -> None:
+                """n sessions open at once, each after one turn; all end together."""
                 release = trio.Event()
 
                 async def one() -> None:
@@ -656,20 +658,18 @@ async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idl
                         await s.turn([_user("hi")])
                         await release.wait()
 
-                for _ in range(n):
-                    sessions.start_soon(one)
-                await trio.sleep(1)
-                assert info.server.statistics()["ws_connections_open"] == n
-                release.set()
+                async with trio.open_nursery() as sessions:
+                    for _ in range(n):
+                        sessions.start_soon(one)
+                    await trio.sleep(1)
+                    assert info.server.statistics()["ws_connections_open"] == n
+                    release.set()
+
+            await wave()
             await trio.sleep(1)
             # more than the POOL_MAX_IDLE floor: the next wave of n sessions connects nothing
             assert info.server.statistics()["ws_connections_open"] == n
-            async with trio.open_nursery() as sessions:
-                release = trio.Event()
-                for _ in range(n):
-                    sessions.start_soon(one)
-                await trio.sleep(1)
-                release.set()
+            await wave()
             assert info.server.statistics()["ws_connections_open"] == n
             assert info.server.statistics()["ws_connections_total"] == n
             await trio.sleep(client_mod.POOL_IDLE_TIMEOUT_S + 1)
@@ -677,7 +677,7 @@ async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idl
             nursery.cancel_scope.cancel()
 
 
-async def test_pooled_websockets_are_counted_back_when_sessions_end_or_lose_them(
+async def test_pooled_websockets_are_counted_back_when_sessions_end(
         autojump_clock: Any):
     from modellink import client as client_mod
 
