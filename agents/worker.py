@@ -23,7 +23,7 @@ import trio
 from agents import protocol as P
 from agents.bustools import BUS_TOOL_NAMES, BusTools, Inbox, register_bus_tools
 from agents.loop import LoopState, run_agent_loop, turn_cost
-from agents.tools import ToolContext, build_registry
+from agents.tools import ToolContext, ToolRegistry, build_registry
 from bus.client import open_bus_client
 from bus.codec import pattern_matches
 from bus.errors import BusError
@@ -340,6 +340,7 @@ class Worker:
         deadline = (trio.current_time() + lease.timeout_s) if lease.timeout_s else None
         claimed = False
         subscribed: list[str] = []
+        registry: ToolRegistry | None = None
         with r.scope:
             try:
                 workspace = workspace_dir(cfg.workspace_root, lease.run_id, lease.task_id)
@@ -385,6 +386,8 @@ class Worker:
                 log.warning("task.error", error=error)
             finally:
                 r.side = None
+                if registry is not None:
+                    registry.close()  # the shell's spare process exits
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
                     await self._unhold(lease.task_id if claimed else None, subscribed)
         if r.scope.cancelled_caught:

@@ -109,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
                        pass_env=tuple(args.pass_env), model_token=model_token)
     worker = Worker(config=cfg, shipper=shipper)
     # the guardian of tool process groups (a small Python process, ~15 ms of CPU to start) is
-    # started now, not inside the first attempt that runs a shell command
+    # started now, and the built-in tools loaded (~8 ms), not inside the first attempt
+    from agents.tools.registry import builtin_tools
     from agents.tools.shell import GUARDIAN
     GUARDIAN.start()
+    builtin_tools()
 
     signalled = False
 

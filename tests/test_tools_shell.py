@@ -3,13 +3,21 @@
 import json
 import os
 import signal
+import sys
 import time
 
 import pytest
 import trio
 
 from agents.tools import ToolContext, build_registry
-from agents.tools.shell import PUMP_BURST, READ_CHUNK, _Output, run_shell
+from agents.tools.shell import (
+    PUMP_BURST,
+    READ_CHUNK,
+    SPARE_MAX_COMMAND_BYTES,
+    SpareShells,
+    _Output,
+    run_shell,
+)
 
 
 def alive(pid: int) -> bool:
@@ -56,9 +64,17 @@ STUBBORN = (
 )
 
 
-async def test_cancel_kills_grandchildren_that_ignore_sigterm_within_a_second(tmp_path):
+async def warmed(registry, warm: bool):
+    """The registry, its shell's spare started (warm: the next command runs in it)."""
+    if warm:
+        assert (await registry.call("shell", args(cmd="true"))).ok
+    return registry
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["own-shell", "spare-shell"])
+async def test_cancel_kills_grandchildren_that_ignore_sigterm_within_a_second(tmp_path, warm):
     ctx = make_ctx(tmp_path, cancel_grace_s=0.3)
-    registry = build_registry(["shell"], ctx)
+    registry = await warmed(build_registry(["shell"], ctx), warm)
     pidfile = ctx.workspace / "pids"
     with trio.fail_after(10):
         with trio.CancelScope() as scope:
@@ -86,9 +102,10 @@ async def test_cancelled_propagates_out_of_the_tool(tmp_path):
     assert scope.cancelled_caught
 
 
-async def test_timeout_terms_then_kills_the_group_and_reports_an_error(tmp_path):
+@pytest.mark.parametrize("warm", [False, True], ids=["own-shell", "spare-shell"])
+async def test_timeout_terms_then_kills_the_group_and_reports_an_error(tmp_path, warm):
     ctx = make_ctx(tmp_path, shell_timeout_s=0.3, kill_grace_s=0.2)
-    registry = build_registry(["shell"], ctx)
+    registry = await warmed(build_registry(["shell"], ctx), warm)
     pidfile = ctx.workspace / "pids"
     cmd = "echo started; sh -c 'trap \"\" TERM; echo $$ >> pids; sleep 60' & echo $$ >> pids; wait"
     t0 = time.monotonic()
@@ -184,9 +201,10 @@ async def test_runs_in_the_workspace_with_only_the_explicit_environment(tmp_path
     assert lines[2] == "/bin/sh"  # PATH defaults to the standard dirs when the env names none
 
 
-async def test_background_processes_are_ended_when_the_command_exits(tmp_path):
+@pytest.mark.parametrize("warm", [False, True], ids=["own-shell", "spare-shell"])
+async def test_background_processes_are_ended_when_the_command_exits(tmp_path, warm):
     ctx = make_ctx(tmp_path, kill_grace_s=0.2)
-    registry = build_registry(["shell"], ctx)
+    registry = await warmed(build_registry(["shell"], ctx), warm)
     cmd = "sh -c 'trap \"\" TERM; echo $$ > pids; exec sleep 60' & sleep 0.1; echo done"
     t0 = time.monotonic()
     with trio.fail_after(5):
@@ -332,10 +350,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # still running (its pid in `spared`).
 GUARDED_OWNER = """
 import subprocess, trio
-from agents.tools.shell import GUARDIAN, run_shell
+from agents.tools.shell import GUARDIAN, SpareShells, run_shell
 
 async def main():
     GUARDIAN.start()
+    spares = SpareShells(".", {"PATH": "/usr/bin:/bin"})  # the first command runs in a spare
+    spares.refill()
     await run_shell("true", cwd=".", env={}, timeout_s=10)
     spared = subprocess.Popen(["sleep", "60"], start_new_session=True)
     GUARDIAN.watch(spared.pid)
@@ -344,9 +364,9 @@ async def main():
         f.write(str(spared.pid))
     cmd = "sleep 60 & echo $$ $! >> pids; wait"
     async with trio.open_nursery() as nursery:
-        for _ in range(2):
-            nursery.start_soon(lambda: run_shell(cmd, cwd=".", env={"PATH": "/usr/bin:/bin"},
-                                                 timeout_s=100))
+        for s in (spares, None):
+            nursery.start_soon(lambda s=s: run_shell(cmd, cwd=".", env={"PATH": "/usr/bin:/bin"},
+                                                     timeout_s=100, spares=s))
 
 trio.run(main)
 """
@@ -401,3 +421,155 @@ async def test_exit_is_seen_while_reading_with_or_without_a_pidfd(tmp_path, monk
         out = await run_shell("echo started; sleep 5", cwd=tmp_path, env=env, timeout_s=0.2,
                               kill_grace_s=0.2)
         assert out.timed_out and out.output == "started\n" and out.returncode == -signal.SIGTERM
+
+
+# ---------------------------------------------------------------- spare shells
+
+SAME_AS_SH_C = [
+    "echo hi", "echo hi\n", "  echo '  spaced  '\necho b", "printf '%s\\n' 'a\\b' \"c\\\\d\"",
+    'echo $0 $# "$@"', "cat; echo read-nothing", "x=1\necho $x\\\ncontinued",
+    "cat <<EOF\nline1\n  line2\nEOF\necho done", "echo trailing\\", "echo 'ünïcode'",
+    "trap 'echo bye' EXIT; echo in", "set -e; false; echo not-reached", "exit 5",
+    "\n\necho blank-lines-first", "f() { return 3; }; f; echo $?", "echo a; exit",
+]
+
+
+def _spare_pid(spares: SpareShells) -> int:
+    assert spares._spare is not None, "a spare is waiting"
+    return spares._spare.popen.pid
+
+
+@pytest.mark.parametrize("cmd", SAME_AS_SH_C)
+async def test_a_spare_shell_runs_a_command_exactly_as_sh_c_does(tmp_path, cmd):
+    env = {"PATH": "/usr/bin:/bin"}
+    plain = await run_shell(cmd, cwd=tmp_path, env=env, timeout_s=5)
+    spares = SpareShells(str(tmp_path), env)
+    spares.refill()
+    spare = _spare_pid(spares)
+    try:
+        warm = await run_shell(cmd, cwd=tmp_path, env=env, timeout_s=5, spares=spares)
+        assert _spare_pid(spares) != spare, "the spare took the command; a new one waits"
+    finally:
+        spares.close()
+    assert (warm.returncode, warm.output) == (plain.returncode, plain.output)
+
+
+async def test_the_command_runs_in_the_spare_and_the_next_spare_starts_meanwhile(tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    spares = SpareShells(str(tmp_path), env)
+    try:
+        first = await run_shell("echo $$", cwd=tmp_path, env=env, timeout_s=5, spares=spares)
+        waiting = _spare_pid(spares)  # started while the first command ran
+        assert int(first.output) != waiting
+        second = await run_shell("echo $$; pwd", cwd=tmp_path, env=env, timeout_s=5,
+                                 spares=spares)
+        assert second.output.split() == [str(waiting), str(tmp_path)]
+        assert not alive(waiting), "the spare ran the command and was reaped"
+    finally:
+        spares.close()
+
+
+async def test_shell_errors_from_a_spare_name_eval_but_keep_the_exit_code(tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    spares = SpareShells(str(tmp_path), env)
+    spares.refill()
+    try:
+        out = await run_shell("no-such-command", cwd=tmp_path, env=env, timeout_s=5,
+                              spares=spares)
+    finally:
+        spares.close()
+    assert out.returncode == 127
+    assert out.output == "/bin/sh: 1: eval: no-such-command: not found\n"
+
+
+def test_a_spare_runs_nothing_without_its_end_line(tmp_path):
+    """An owner that dies (or gives up) mid-write leaves a cut command: it never runs."""
+    from agents.tools.shell import _Spare
+
+    for cut in (b"touch ran\n", b"touch ran", b""):
+        spare = _Spare(str(tmp_path), {"PATH": "/usr/bin:/bin"})
+        assert spare.cmd is not None
+        os.write(spare.cmd, cut)
+        popen = spare.popen
+        spare.close()
+        assert popen.wait(timeout=5) == 0
+        assert not (tmp_path / "ran").exists()
+
+
+async def test_a_spare_exits_when_its_owner_is_killed(tmp_path):
+    code = ("import os, signal, sys\n"
+            "from agents.tools.shell import SpareShells\n"
+            "s = SpareShells(sys.argv[1], {'PATH': '/usr/bin:/bin'})\n"
+            "s.refill()\n"
+            "print(s._spare.popen.pid, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = await trio.run_process([sys.executable, "-c", code, str(tmp_path)],
+                                  capture_stdout=True, check=False,
+                                  env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == -signal.SIGKILL
+    spare = int(proc.stdout)
+    with trio.fail_after(5):
+        while alive(spare):  # noqa: ASYNC110 - another process's exit
+            await trio.sleep(0.01)
+
+
+async def test_a_spare_in_a_directory_made_again_is_not_used(tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    spares = SpareShells(str(ws), env)
+    spares.refill()
+    stale = _spare_pid(spares)
+    ws.rmdir()
+    ws.mkdir()
+    try:
+        out = await run_shell("echo $$; ls -di .", cwd=ws, env=env, timeout_s=5, spares=spares)
+    finally:
+        spares.close()
+    pid, inode, _ = out.output.split()
+    assert int(pid) != stale and int(inode) == ws.stat().st_ino
+    with trio.fail_after(5):
+        while alive(stale):  # noqa: ASYNC110 - let go of: it exits at EOF
+            await trio.sleep(0.01)
+
+
+async def test_a_long_command_gets_its_own_shell_and_the_spare_keeps_waiting(tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    spares = SpareShells(str(tmp_path), env)
+    spares.refill()
+    spare = _spare_pid(spares)
+    cmd = ": " + "x" * SPARE_MAX_COMMAND_BYTES + "; echo $$"
+    try:
+        out = await run_shell(cmd, cwd=tmp_path, env=env, timeout_s=5, spares=spares)
+        assert int(out.output) != spare and _spare_pid(spares) == spare
+    finally:
+        spares.close()
+
+
+async def test_closing_the_registry_ends_the_shells_spare(tmp_path):
+    ctx = make_ctx(tmp_path)
+    registry = build_registry(["shell"], ctx)
+    assert (await registry.call("shell", args(cmd="true"))).ok
+    spare = int((await registry.call("shell", args(cmd="echo $$"))).output.split()[0])
+    assert alive(spare) is False  # that one ran the command; the next is waiting
+    tool = registry._tools["shell"]
+    assert tool.close is not None
+    waiting = [p for p in (int(x) for x in os.listdir("/proc") if x.isdigit())
+               if p != os.getpid() and _is_spare_of(p, os.getpid())]
+    assert len(waiting) == 1
+    registry.close()
+    with trio.fail_after(5):
+        while alive(waiting[0]):  # noqa: ASYNC110 - let go of: it exits at EOF
+            await trio.sleep(0.01)
+
+
+def _is_spare_of(pid: int, parent: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+    return ppid == parent and len(argv) > 2 and argv[2].startswith(b"_sb_c=")

@@ -7,6 +7,7 @@ binary output). Only trio.Cancelled and KeyboardInterrupt (BaseExceptions) propa
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -65,6 +66,9 @@ class Tool:
     parameters: dict[str, Any]
     fn: Callable[..., Any]
     timeout_s: float | None = None  # None: the tool enforces its own limits (shell, bus tools)
+    # Releases what the tool holds between calls (the shell's spare process); called once by
+    # ToolRegistry.close when the session ends. Must not raise or block.
+    close: Callable[[], None] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -168,7 +172,8 @@ class ToolRegistry:
 
     def register(self, name: str, description: str, schema: dict[str, Any],
                  fn: Callable[..., Awaitable[Any]] | Callable[..., Any], *,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, close: Callable[[], None] | None = None
+                 ) -> None:
         """Add a tool. `fn(**arguments)` may be async (awaited) or sync (run in a thread).
 
         Raises ToolSpecError for a bad name, a schema that is not an object schema, or a
@@ -182,11 +187,17 @@ class ToolRegistry:
             raise ToolSpecError(f"tool {name!r}: parameters schema must be a JSON object schema "
                                 '({"type": "object", ...})')
         self._tools[name] = Tool(name=name, description=description, parameters=schema, fn=fn,
-                                 timeout_s=timeout_s)
+                                 timeout_s=timeout_s, close=close)
 
     def add(self, tool: Tool) -> None:
         self.register(tool.name, tool.description, tool.parameters, tool.fn,
-                      timeout_s=tool.timeout_s)
+                      timeout_s=tool.timeout_s, close=tool.close)
+
+    def close(self) -> None:
+        """Release what the tools hold between calls (the session is over). Idempotent."""
+        for tool in self._tools.values():
+            if tool.close is not None:
+                tool.close()
 
     def names(self) -> list[str]:
         return list(self._tools)
@@ -315,6 +326,32 @@ def _spec_name(spec: object) -> str | _SpecProblem:
     return spec.strip()
 
 
+@functools.cache
+def builtin_tools() -> dict[str, Callable[[ToolContext], Tool]]:
+    """The built-in tools' factories by name.
+
+    Their modules (and the function-tool loader's) import this one, so they are loaded here,
+    on first use: ~8 ms, which `orchestrator worker` pays at start-up by calling this, rather
+    than inside the first attempt it runs.
+    """
+    import agents.tools.pyfunc  # noqa: F401 - loaded with the rest, used by build_registry
+    from agents.tools.files import (
+        apply_patch_tool,
+        list_files_tool,
+        read_file_tool,
+        write_file_tool,
+    )
+    from agents.tools.shell import shell_tool
+
+    return {
+        "shell": shell_tool,
+        "read_file": read_file_tool,
+        "write_file": write_file_tool,
+        "list_files": list_files_tool,
+        "apply_patch": apply_patch_tool,
+    }
+
+
 def build_registry(tool_specs: list[str | dict[str, Any]] | tuple[str, ...],
                    ctx: ToolContext) -> ToolRegistry:
     """Build the registry for one agent session from the graph file's tool specs.
@@ -323,22 +360,9 @@ def build_registry(tool_specs: list[str | dict[str, Any]] | tuple[str, ...],
     Raises ToolSpecError naming the spec for an unknown name, a module that cannot be imported,
     a missing function, or a signature that cannot be described as a JSON schema.
     """
-    from agents.tools.files import (
-        apply_patch_tool,
-        list_files_tool,
-        read_file_tool,
-        write_file_tool,
-    )
     from agents.tools.pyfunc import load_function_tool, make_caller, tool_name
-    from agents.tools.shell import shell_tool
 
-    builtins: dict[str, Callable[[ToolContext], Tool]] = {
-        "shell": shell_tool,
-        "read_file": read_file_tool,
-        "write_file": write_file_tool,
-        "list_files": list_files_tool,
-        "apply_patch": apply_patch_tool,
-    }
+    builtins = builtin_tools()
     registry = ToolRegistry(ctx)
     for spec in tool_specs:
         name = _spec_name(spec)

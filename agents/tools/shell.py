@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from typing import Any
 
 import attrs
@@ -265,6 +266,143 @@ def _spawn(cmd: str, cwd: str, env: dict[str, str]) -> tuple[_Leader, int]:
         os.close(w)
     os.set_blocking(r, False)
     return _Leader(popen), r
+
+
+# A spare shell: /bin/sh started ahead of its command, which it reads from its stdin (a pipe of
+# ours) line by line with the `read` builtin, up to an end line ($1, a random token the command
+# cannot know); then stdin becomes /dev/null, the token is dropped, and the command runs with
+# `eval`: as `sh -c` would run it (tests compare the two), except that the shell's own error
+# messages say `eval:` (`/bin/sh: 1: eval: nosuch: not found`). Without the end line (its owner
+# died or gave up mid-write, or closed the pipe) it runs nothing and exits 0: a spare never
+# outlives its owner, and a cut command never runs.
+_SPARE_SCRIPT = (
+    "_sb_c= _sb_s=\n"
+    "while IFS= read -r _sb_l; do\n"
+    "  if [ \"$_sb_l\" = \"$1\" ]; then\n"
+    "    exec </dev/null; set --; unset _sb_l _sb_s; eval \"$_sb_c\"; exit\n"
+    "  fi\n"
+    "  _sb_c=\"$_sb_c$_sb_s$_sb_l\" _sb_s='\n'\n"
+    "done\n"
+    "exit 0\n")
+# `read` takes a byte per system call, so a long command is quicker through `sh -c`; longer
+# than this, a command starts a shell of its own and the spare waits for the next one.
+SPARE_MAX_COMMAND_BYTES = 2048
+
+
+class _Spare:
+    """One spare shell: our child, leader of its own session and process group, in `cwd`."""
+
+    def __init__(self, cwd: str, env: dict[str, str]) -> None:
+        st = os.stat(cwd)
+        self.cwd_id = (st.st_dev, st.st_ino)  # a workspace made again is another directory
+        self.token = os.urandom(16).hex()
+        out_r, out_w = os.pipe()  # all four non-inheritable: no later child holds one
+        cmd_r, cmd_w = os.pipe()
+        try:
+            self.popen = subprocess.Popen(
+                ["/bin/sh", "-c", _SPARE_SCRIPT, "/bin/sh", self.token], cwd=cwd, env=env,
+                stdin=cmd_r, stdout=out_w, stderr=out_w, start_new_session=True)
+        except BaseException:
+            os.close(out_r)
+            os.close(cmd_w)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(cmd_r)
+        self.out: int | None = out_r
+        self.cmd: int | None = cmd_w
+        # Let go of with its owner if nobody hands it a command or closes it.
+        self._finalizer = weakref.finalize(self, _let_go, out_r, cmd_w, self.popen)
+
+    def hand(self, data: bytes, cwd: str) -> tuple[_Leader, int] | None:
+        """Give the spare its command (bytes, without the end line); returns the shell and its
+        output's read end, as _spawn does, or None if this spare cannot take it (it is gone,
+        or `cwd` is no longer the directory it started in). Either way the spare is used up."""
+        out, cmd = self.out, self.cmd
+        assert out is not None and cmd is not None, "a spare is handed one command"
+        self.out = self.cmd = None
+        self._finalizer.detach()
+        handed = False
+        try:
+            st = os.stat(cwd)
+            if (st.st_dev, st.st_ino) == self.cwd_id and self.popen.poll() is None:
+                # Fits the empty pipe's buffer (64 KiB on Linux, never below 4 KiB): written
+                # whole at once, never blocking.
+                os.write(cmd, data + b"\n" + self.token.encode() + b"\n")
+                handed = True
+        except OSError:  # the workspace is gone, or so is the spare (EPIPE)
+            pass
+        finally:
+            os.close(cmd)
+            if not handed:
+                os.close(out)
+                _retire(self.popen)
+        if not handed:
+            return None
+        os.set_blocking(out, False)
+        return _Leader(self.popen), out
+
+    def close(self) -> None:
+        """Let the spare go unused: at EOF on its stdin it exits 0 having run nothing."""
+        self.out = self.cmd = None
+        self._finalizer()  # once only
+
+
+def _let_go(out: int, cmd: int, popen: subprocess.Popen[bytes]) -> None:
+    os.close(out)
+    os.close(cmd)
+    _retire(popen)
+
+
+# Spare shells let go of: our children until reaped. Each has been told to exit (EOF on its
+# stdin), so each is reaped within moments: here, when another is let go of or started.
+_retired: list[subprocess.Popen[bytes]] = []
+
+
+def _retire(popen: subprocess.Popen[bytes] | None = None) -> None:
+    if popen is not None:
+        _retired.append(popen)
+    _retired[:] = [p for p in _retired if p.poll() is None]
+
+
+class SpareShells:
+    """At most one spare shell for commands in `cwd` with `env` (one tool of one session).
+
+    Starting /bin/sh costs ~1 ms of wall time (fork, exec, dynamic loading); a spare started
+    while the previous command runs takes that off the next command's path. A spare is idle in
+    `read`, holds nothing, and exits when let go of or when its owner dies (its stdin closes).
+    """
+
+    def __init__(self, cwd: str, env: dict[str, str]) -> None:
+        self.cwd, self.env = cwd, env
+        self._spare: _Spare | None = None
+
+    def take(self, cmd: str) -> tuple[_Leader, int] | None:
+        """The spare started on `cmd` (see _Spare.hand), or None to start a shell for it."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        data = os.fsencode(cmd)
+        if len(data) > SPARE_MAX_COMMAND_BYTES or b"\0" in data:
+            self._spare = spare  # `sh -c` runs it, or refuses it as before; keep the spare
+            return None
+        return spare.hand(data, self.cwd)
+
+    def refill(self) -> None:
+        """Start a spare unless one is waiting. Never raises: without one (out of processes
+        or descriptors) the next command starts its own shell, and reports the error."""
+        if self._spare is None:
+            if _retired:
+                _retire()
+            try:
+                self._spare = _Spare(self.cwd, self.env)
+            except (OSError, subprocess.SubprocessError):
+                pass
+
+    def close(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
 
 
 @attrs.frozen(kw_only=True)
@@ -534,8 +672,12 @@ async def run_shell(
     max_output_bytes: int = 16 * 1024,
     kill_grace_s: float = 2.0,
     cancel_grace_s: float = 0.5,
+    spares: SpareShells | None = None,
 ) -> ShellOutcome:
     """Run `/bin/sh -c cmd` in `cwd` with exactly `env`, stdout and stderr captured together.
+
+    With `spares` (made for this `cwd` and `env`), the command goes to its waiting spare shell
+    if there is one, and the next spare starts while the command runs.
 
     On timeout the process group gets SIGTERM, then SIGKILL after `kill_grace_s`. When the
     command's shell exits, processes it left in the background are ended the same way. Raises
@@ -543,9 +685,12 @@ async def run_shell(
     raises OSError if the shell cannot be started.
     """
     await trio.lowlevel.checkpoint()  # a cancelled caller starts nothing
-    proc, fd = _spawn(cmd, os.fspath(cwd), env)
+    started = spares.take(cmd) if spares is not None else None
+    proc, fd = started if started is not None else _spawn(cmd, os.fspath(cwd), env)
     pgid = proc.pid  # start_new_session: the shell leads a new session and process group
     GUARDIAN.watch(pgid)  # ends the group if this process dies before the finally below
+    if spares is not None:
+        spares.refill()  # the next command's shell starts while this one runs
     out = _Output(fd, max_output_bytes)
     timed_out = False
     note: str | None = None
@@ -602,6 +747,7 @@ def shell_tool(ctx: ToolContext) -> Tool:
     """The `shell` tool bound to one task's workspace and environment."""
     env = dict(ctx.env)
     env.setdefault("PATH", DEFAULT_PATH)  # not a secret, and sh cannot find `ls` without it
+    spares = SpareShells(os.fspath(ctx.workspace), env)
 
     async def shell(cmd: str, timeout_s: float | None = None) -> ToolResult:
         limit = ctx.shell_timeout_s
@@ -615,7 +761,8 @@ def shell_tool(ctx: ToolContext) -> Tool:
                               error=f"the workspace {ctx.workspace} does not exist")
         out = await run_shell(cmd, cwd=ctx.workspace, env=env, timeout_s=limit,
                               max_output_bytes=ctx.max_output_bytes,
-                              kill_grace_s=ctx.kill_grace_s, cancel_grace_s=ctx.cancel_grace_s)
+                              kill_grace_s=ctx.kill_grace_s, cancel_grace_s=ctx.cancel_grace_s,
+                              spares=spares)
         status = _describe_exit(out.returncode)
         footer = f"[{status}"
         if out.truncated_bytes:
@@ -647,4 +794,5 @@ def shell_tool(ctx: ToolContext) -> Tool:
                      "from the middle. Background processes are ended when the command exits."),
         parameters=object_schema(params, ["cmd"]),
         fn=shell,
+        close=spares.close,
     )
