@@ -371,6 +371,7 @@ class Worker:
                         async with open_model_session(
                             self._endpoint(lease), instructions=agent.instructions,
                             tools=registry.schemas(), metadata=metadata,
+                            metadata_once=agent.model.base_url is None,  # the sim: see there
                         ) as session:
                             out = await run_agent_loop(agent=agent, prompt=lease.prompt,
                                                        session=session, registry=registry,

@@ -345,13 +345,14 @@ class ModelSession:
 
     def __init__(self, endpoint: ModelEndpoint, nursery: trio.Nursery, *,
                  instructions: str | None, tools: list[dict[str, Any]] | None,
-                 metadata: dict[str, str] | None) -> None:
+                 metadata: dict[str, str] | None, metadata_once: bool = False) -> None:
         self.endpoint = endpoint
         self._origin = endpoint.origin
         self._nursery = nursery
         self._instructions = instructions
         self._tools = list(tools) if tools else None
         self._metadata = dict(metadata) if metadata else None
+        self._metadata_once = metadata_once
         self._encoding: P.Encoding = P.JSON if endpoint.encoding == "json" else P.MSGPACK
         self._book = ContextBook()
         self._link: _WsLink | None = None
@@ -452,7 +453,7 @@ class ModelSession:
         ev = P.response_create_event(
             model=self.endpoint.model, input=items, previous_response_id=previous,
             instructions=self._instructions, tools=self._tools, store=False,
-            metadata=self._metadata)
+            metadata=None if previous is not None and self._metadata_once else self._metadata)
         if http:
             del ev["type"]
             if self.endpoint.stream:
@@ -748,9 +749,15 @@ def _close_reason(exc: BaseException) -> str:
 @asynccontextmanager
 async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | None = None,
                              tools: list[dict[str, Any]] | None = None,
-                             metadata: dict[str, str] | None = None
+                             metadata: dict[str, str] | None = None,
+                             metadata_once: bool = False,
                              ) -> AsyncIterator[ModelSession]:
     """Open a session; over "ws" its WebSocket is connected before this yields.
+
+    `metadata` goes with every request (OpenAI attaches it to that one response), or with
+    `metadata_once` only with the first request of each chain (the first turn, and a full
+    resend after a lost connection cache): for the sim, which carries its script and attempt
+    along a chain, so a long script is not resent and echoed back every turn.
 
     Raises ModelAuthError / ModelConnectionError when the WebSocket cannot be opened, ValueError
     for a malformed base_url.
@@ -758,7 +765,7 @@ async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | Non
     try:
         async with trio.open_nursery() as nursery:
             session = ModelSession(endpoint, nursery, instructions=instructions, tools=tools,
-                                   metadata=metadata)
+                                   metadata=metadata, metadata_once=metadata_once)
             try:
                 if endpoint.transport == "ws":
                     await session._ensure_ws()

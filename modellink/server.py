@@ -100,6 +100,7 @@ class _Stored:
     previous_id: str | None
     input: tuple[dict[str, Any], ...]
     output: tuple[dict[str, Any], ...]
+    sim_metadata: dict[str, str] | None = None  # what a continuation without its own carries on
 
 
 class ResponseStore:
@@ -113,10 +114,15 @@ class ResponseStore:
         return rid in self._d
 
     def put(self, rid: str, previous_id: str | None, input: list[dict[str, Any]],
-            output: list[dict[str, Any]]) -> None:
-        self._d[rid] = _Stored(previous_id=previous_id, input=tuple(input), output=tuple(output))
+            output: list[dict[str, Any]], sim_metadata: dict[str, str] | None = None) -> None:
+        self._d[rid] = _Stored(previous_id=previous_id, input=tuple(input), output=tuple(output),
+                               sim_metadata=sim_metadata)
         while len(self._d) > self._max:
             self._d.popitem(last=False)
+
+    def sim_metadata_of(self, rid: str) -> dict[str, str] | None:
+        s = self._d.get(rid)
+        return None if s is None else s.sim_metadata
 
     def items_of(self, rid: str) -> list[dict[str, Any]] | None:
         """Every item of the conversation ending in `rid`, or None if any link is gone."""
@@ -248,6 +254,7 @@ class ModelServer:
                     raise _not_found(req.previous_response_id)
                 ctx.items = prior  # rendered below by set_prefix, which re-renders every item
                 ctx.prefix_key = None
+                ctx.sim_metadata = self.store.sim_metadata_of(req.previous_response_id)
                 source = "store"
         rendered = ctx.set_prefix(req.instructions, req.tools)
         rendered += ctx.append_items(req.input)
@@ -357,7 +364,8 @@ class ModelServer:
         output = run.final_output()
         self.sim.finish(run.ctx, output)
         if run.request.store:
-            self.store.put(run.id, run.request.previous_response_id, run.request.input, output)
+            self.store.put(run.id, run.request.previous_response_id, run.request.input, output,
+                           run.ctx.sim_metadata)
 
 
 class _Out:

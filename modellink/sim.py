@@ -13,7 +13,8 @@ would spend on a GPU is simulated time at stated rates (SimConfig), which the se
   block's. The same context gets the same cached_tokens and the same simulated time whether it
   came as a full HTTP request or as a WebSocket delta.
 
-Scripts (metadata["sim_script"], a JSON string): a list of steps, one per model turn,
+Scripts (metadata["sim_script"], a JSON string; a continuation without it keeps the script of
+the response it continues): a list of steps, one per model turn,
 `{"text": str, "output_tokens"?: int}`, `{"call": {"name": str, "arguments": obj}}` or
 `{"calls": [call, ...]}`. The turn index is the number of model responses already in the
 context; past the end of the script the sim answers with the script's last text step.
@@ -34,6 +35,7 @@ from modellink.protocol import ErrorCode, ProtocolError
 from modellink.tokenizer import Tokenizer, get_tokenizer
 
 DEFAULT_TEXT: Final = "I have read the context. Done."
+SIM_METADATA_KEYS: Final = ("sim_script", "sim_attempt")  # read by the sim, carried along chains
 _SCRIPT_CACHE_MAX: Final = 256
 _PLAN_CACHE_MAX: Final = 1024
 _PREFIX_CACHE_MAX: Final = 64
@@ -201,6 +203,9 @@ class RenderedContext:
         # n most recently used blocks are hashes[:n] in order (set by SimModel.finish).
         self.lru_tail: tuple[int, int] | None = None
         self.plan_version = -1  # the prefix cache version right after this context's plan
+        # The sim keys of the metadata this conversation's last response was planned with: a
+        # continuation that sends none of its own carries these on (SimModel.plan).
+        self.sim_metadata: dict[str, str] | None = None
         m = _marks(tokenizer)
         self._start, self._end, self._role = m.start, m.end, m.role
         self._call, self._result = m.call, m.result
@@ -212,6 +217,7 @@ class RenderedContext:
         c.prefix_key, c.model_turns = self.prefix_key, self.model_turns
         c._in_output_run = self._in_output_run
         c.lru_tail = self.lru_tail  # same blocks; whichever plans first changes the version
+        c.sim_metadata = self.sim_metadata
         return c
 
     def mark(self) -> tuple[Any, ...]:
@@ -485,8 +491,17 @@ class SimModel:
     def plan(self, ctx: RenderedContext, metadata: dict[str, str], *, generate: bool = True
              ) -> Generation:
         """Decide the output for `ctx` and price it. Registers the prompt's blocks as cached
-        (prefill fills the cache). Raises ProtocolError for a bad script."""
-        steps = self.script_for(metadata)
+        (prefill fills the cache). Raises ProtocolError for a bad script.
+
+        The script and attempt are the request's metadata["sim_script"] / ["sim_attempt"]; a
+        request with neither key takes both from the conversation it continues (ctx), so a
+        client need send a long script once per conversation, not with every turn."""
+        own: dict[str, str] = {k: metadata[k] for k in SIM_METADATA_KEYS if k in metadata}
+        if own or ctx.sim_metadata is None:
+            ctx.sim_metadata = own
+        else:
+            own = ctx.sim_metadata
+        steps = self.script_for(own)
         cfg = self.config
         pc = self.prefix_cache
         # A continuation whose previous response was the last thing to touch the cache: its

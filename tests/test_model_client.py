@@ -225,6 +225,37 @@ async def test_function_call_conversation_over_each_transport(opts: dict[str, An
         assert r.usage.cached_tokens >= prev.usage.input_tokens - 32
 
 
+@pytest.mark.parametrize("opts", TRANSPORTS[:3])
+async def test_metadata_once_sends_the_sim_script_with_a_chains_first_request_only(
+        opts: dict[str, Any]):
+    """With metadata_once the WebSocket sends the script on the first turn and after a resend
+    only; the server carries it along the chain. HTTP (no chain) sends it every time."""
+    script = _script(*_reads(3), {"text": "done"})
+    script["sim_script"] += " " * 4000  # big enough to see in the byte counts
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url, **opts)
+            async with open_model_session(ep, tools=TOOLS, metadata=script,
+                                          metadata_once=True) as s:
+                r1 = await s.turn([_user("go")])
+                r2 = await s.turn(_outputs(r1, "x"))
+                s._book.last_response_id = "resp_the_server_never_saw"  # force a full resend
+                r3 = await s.turn(_outputs(r2, "x"))
+                r4 = await s.turn(_outputs(r3, "x"))
+            nursery.cancel_scope.cancel()
+    assert [json.loads(r.function_calls[0].arguments)["path"] for r in (r1, r2, r3)] == [
+        "f0.py", "f1.py", "f2.py"]
+    assert r4.text == "done"
+    sent = [r.bytes_sent for r in (r1, r2, r3, r4)]
+    if opts["transport"] == "ws":
+        assert r3.resent_full_context
+        assert sent[0] > 4000 and sent[1] < 2000 and sent[2] > 4000 and sent[3] < 2000, sent
+        assert r2.bytes_received < 4000 < r1.bytes_received  # nor is it echoed back
+    else:
+        assert min(sent) > 4000, sent
+
+
 async def test_connection_age_limit_resends_the_full_context_once(autojump_clock: Any):
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:

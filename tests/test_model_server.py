@@ -208,6 +208,22 @@ async def test_http_json_and_sse_give_the_same_response_shapes():
             assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
 
 
+async def test_a_stored_continuation_without_a_script_keeps_the_conversations():
+    with trio.fail_after(10):
+        async with running() as info:
+            script = json.dumps([{"text": "first"}, {"text": "second"}])
+            _, _, raw = await http(info, "POST", "/v1/responses", {
+                "model": "sim", "input": "a", "metadata": {"sim_script": script}})
+            r1 = json.loads(raw)
+            _, _, raw = await http(info, "POST", "/v1/responses", {
+                "model": "sim", "input": "b", "previous_response_id": r1["id"]})
+            r2 = json.loads(raw)
+    assert r2["usage"]["x_switchboard"]["context_source"] == "store"
+    texts = [r["output"][0]["content"][0]["text"] for r in (r1, r2)]
+    assert texts == ["first", "second"]
+    assert r2["metadata"] in ({}, None)  # the response echoes what its request sent
+
+
 async def test_http_continuation_uses_the_store_and_store_false_is_not_kept():
     with trio.fail_after(10):
         async with running() as info:

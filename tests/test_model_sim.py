@@ -339,6 +339,24 @@ def test_script_turns_follow_the_model_responses_in_the_context():
     assert model.plan(ctx, meta).outputs[0].full == "all done"
 
 
+def test_a_continuation_without_sim_metadata_keeps_its_conversations_script_and_attempt():
+    model = SimModel(SimConfig.zero())
+    fails_first = json.dumps([{"fail": "flaky", "attempts": [1]},
+                              {"call": {"name": "read", "arguments": {}}}, {"text": "done"}])
+    ctx, _ = _ctx(model, [user("go")])
+    first = model.plan(ctx, {"sim_script": fails_first, "sim_attempt": "2", "other": "x"})
+    assert [o.name for o in first.outputs] == ["read"]  # attempt 2: the fail step is skipped
+    ctx.append_items([call("c1", "read"), result("c1", "x")])
+    assert model.plan(ctx, {}).outputs[0].full == "done"  # same script, same attempt
+    assert model.plan(ctx, {"other": "y"}).outputs[0].full == "done"  # other keys: still kept
+    # Its own sim keys replace the conversation's, and are carried on from then.
+    assert model.plan(ctx, {"sim_script": SCRIPT}).outputs[0].name == "a"
+    assert model.plan(ctx, {}).outputs[0].name == "a"
+    assert ctx.copy().sim_metadata == {"sim_script": SCRIPT}
+    fresh, _ = _ctx(model, [user("go")])
+    assert model.plan(fresh, {}).outputs[0].full == DEFAULT_TEXT  # a new conversation: none
+
+
 def test_a_script_is_parsed_once_per_text(monkeypatch: pytest.MonkeyPatch):
     import modellink.sim as sim_mod
 
