@@ -496,12 +496,11 @@ class SimModel:
         The script and attempt are the request's metadata["sim_script"] / ["sim_attempt"]; a
         request with neither key takes both from the conversation it continues (ctx), so a
         client need send a long script once per conversation, not with every turn."""
-        own: dict[str, str] = {k: metadata[k] for k in SIM_METADATA_KEYS if k in metadata}
-        if own or ctx.sim_metadata is None:
-            ctx.sim_metadata = own
-        else:
-            own = ctx.sim_metadata
-        steps = self.script_for(own)
+        sim: dict[str, str] = {k: metadata[k] for k in SIM_METADATA_KEYS if k in metadata}
+        if not sim and ctx.sim_metadata is not None:
+            sim = ctx.sim_metadata  # a continuation that sends none: its conversation's
+        ctx.sim_metadata = sim
+        steps = self.script_for(sim)
         cfg = self.config
         pc = self.prefix_cache
         # A continuation whose previous response was the last thing to touch the cache: its

@@ -320,25 +320,21 @@ class _Spare:
         or `cwd` is no longer the directory it started in). Either way the spare is used up."""
         out, cmd = self.out, self.cmd
         assert out is not None and cmd is not None, "a spare is handed one command"
-        self.out = self.cmd = None
-        self._finalizer.detach()
-        handed = False
         try:
             st = os.stat(cwd)
-            if (st.st_dev, st.st_ino) == self.cwd_id and self.popen.poll() is None:
+            usable = (st.st_dev, st.st_ino) == self.cwd_id and self.popen.poll() is None
+            if usable:
                 # Fits the empty pipe's buffer (64 KiB on Linux, never below 4 KiB): written
                 # whole at once, never blocking.
                 os.write(cmd, data + b"\n" + self.token.encode() + b"\n")
-                handed = True
         except OSError:  # the workspace is gone, or so is the spare (EPIPE)
-            pass
-        finally:
-            os.close(cmd)
-            if not handed:
-                os.close(out)
-                _retire(self.popen)
-        if not handed:
+            usable = False
+        if not usable:
+            self.close()
             return None
+        self.out = self.cmd = None
+        self._finalizer.detach()
+        os.close(cmd)
         os.set_blocking(out, False)
         return _Leader(self.popen), out
 
