@@ -106,6 +106,7 @@ class Worker:
     # while the count is above zero
     subs: collections.Counter[str] = attrs.field(factory=collections.Counter)
     stop_reason: str | None = None  # set by stop(); the bye says it
+    served: bool = False  # True once joined: a bus error after that is not "cannot reach"
     _env: dict[str, str] | None = None  # see _tool_env
 
     def stop(self, reason: str = "stopped") -> bool:
@@ -130,6 +131,7 @@ class Worker:
             await bus.send(P.ORCHESTRATOR_ID, P.hello(cfg.worker_id, cfg.capacity, os.getpid(),
                                                       socket.gethostname()))
             log.info("worker.ready", capacity=cfg.capacity, url=cfg.url)
+            self.served = True
             task_status.started()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

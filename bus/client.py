@@ -38,7 +38,7 @@ from bus.errors import (
 from bus.local import LocalHub, LocalWs
 from bus.logs import get_logger
 from bus.writer import WriterWake, write_frames
-from bus.ws import WsClosed, WsConnection, WsHandshakeError, open_ws
+from bus.ws import WsClosed, WsConnection, WsHandshakeError, connect_failure, open_ws
 
 _Ws = WsConnection | LocalWs
 
@@ -432,7 +432,7 @@ class BusClient:
             except _LinkEnd as exc:
                 end = exc
             except (WsHandshakeError, OSError, trio.BrokenResourceError) as exc:
-                end = _LinkEnd(f"cannot connect to {self.url}: {exc!r}")
+                end = _LinkEnd(f"cannot connect to {self.url}: {connect_failure(exc)}")
             except WsClosed as exc:
                 end = self._classify_close(exc, during_handshake=True)
         if end is None:  # pragma: no cover - the scope is only cancelled after end is set

@@ -5,6 +5,7 @@ Everything else in Switchboard imports WebSocket names from here, never from tri
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,6 +23,31 @@ WsClosed = _tw.ConnectionClosed  # .reason.code / .reason.reason
 WsHandshakeError = _tw.HandshakeError
 WsRejected = _tw.ConnectionRejected  # .status_code, .headers, .body
 WsConnectTimeout = _tw.ConnectionTimeout
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Why opening a client WebSocket failed, in words. trio-websocket wraps the network error in
+    a bare HandshakeError (its repr says nothing); this names the cause: a refused connection,
+    an unknown host, a timeout, or the error's own text."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:  # the exception, its causes and contexts, and the members of any group
+        e = todo.pop()
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
+    if any(isinstance(e, ConnectionRefusedError) for e in seen):
+        return "connection refused: nothing is listening at that address and port"
+    gai = next((e for e in seen if isinstance(e, socket.gaierror)), None)
+    if gai is not None:
+        return f"cannot resolve the host name ({gai.strerror})"
+    if any(isinstance(e, (WsConnectTimeout, TimeoutError)) for e in seen):
+        return "timed out connecting (a firewall, or a host that is down?)"
+    told = next((e for e in seen if not isinstance(e, WsHandshakeError) and str(e)), None)
+    return str(told) if told is not None else repr(exc)
 
 
 @attrs.frozen(kw_only=True)

@@ -34,6 +34,7 @@ from bus.ws import (
     WsConnectTimeout,
     WsHandshakeError,
     WsRejected,
+    connect_failure,
     open_ws,
     queued_messages,
 )
@@ -544,8 +545,8 @@ class ModelSession:
                 f"the model endpoint {url} refused the WebSocket upgrade with HTTP {status}; "
                 "if it has no WebSocket mode use transport \"http\"") from None
         except (WsHandshakeError, WsConnectTimeout, OSError, trio.BrokenResourceError) as exc:
-            cause = exc.__cause__ or exc.__context__ or exc
-            raise ModelConnectionError(f"cannot open the model WebSocket {url}: {cause!r}") from None
+            raise ModelConnectionError(
+                f"cannot open the model WebSocket {url}: {connect_failure(exc)}") from None
         return link
 
     def _drop_link(self) -> None:

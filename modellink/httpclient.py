@@ -14,6 +14,8 @@ import attrs
 import h11
 import trio
 
+from bus.ws import connect_failure
+
 # One read asks the kernel for up to this much; a 200 KB response body is a few reads.
 READ_SIZE = 256 * 1024
 
@@ -131,8 +133,9 @@ class HttpConnection:
             raise HttpError(f"connecting to {origin.host}:{origin.port} timed out after "
                             f"{timeout_s}s") from None
         except (OSError, trio.BrokenResourceError) as exc:
-            cause = exc.__cause__ or exc  # trio wraps a TLS failure (certificate ...) in Broken
-            raise HttpError(f"cannot connect to {origin.host}:{origin.port}: {cause}") from None
+            # trio wraps a TLS failure (certificate ...) in Broken: connect_failure names it
+            raise HttpError(f"cannot connect to {origin.host}:{origin.port}: "
+                            f"{connect_failure(exc)}") from None
         return cls(origin, stream)
 
     @property

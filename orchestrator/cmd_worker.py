@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import trio  # imported here so `orchestrator --help` stays fast
 
     from agents.worker import LogShipper, Worker, WorkerConfig
-    from bus.errors import BusAuthError, BusError
+    from bus.errors import CLOSE_GOING_AWAY, BusAuthError, BusError
     from bus.logs import configure_logging
     from orchestrator.cli import leaves
 
@@ -158,7 +158,17 @@ def run(args: argparse.Namespace) -> int:
                   "or --token-file to the orchestrator's token", file=sys.stderr)
             return EXIT_BAD_INPUT
         net = next((e for e in found if isinstance(e, (BusError, OSError))), None)
+        if net is not None and worker.served:
+            if getattr(net, "close_code", None) == CLOSE_GOING_AWAY:
+                # `orchestrator run` ended (its embedded hub stops with it), or the hub stopped
+                print(f"the bus at {args.connect} shut down (its run ended, or its hub "
+                      "stopped); this worker exits", file=sys.stderr)
+                return EXIT_OK
+            print(f"error: lost the bus at {args.connect}: {net}", file=sys.stderr)
+            return EXIT_INTERNAL
         if net is not None:
-            print(f"error: cannot reach the bus at {args.connect}: {net}", file=sys.stderr)
+            print(f"error: cannot reach the bus at {args.connect}: {net}\n"
+                  "hint: start the orchestrator (`orchestrator run FILE`, or `orchestrator bus`) "
+                  "first, and pass --connect the bus URL it prints", file=sys.stderr)
             return EXIT_INTERNAL
         raise

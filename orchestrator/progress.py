@@ -26,9 +26,16 @@ class Progress:
 
     @staticmethod
     def render(s: dict[str, Any]) -> str:
-        return (f"tasks {s['done']}/{s['total']} done, {s['running']} running, "
+        # Tasks ready to run but not leased yet show apart: with no free worker, they wait.
+        waiting = f", {s['waiting']} waiting for a worker" if s.get("waiting") else ""
+        return (f"tasks {s['done']}/{s['total']} done, {s['running']} running{waiting}, "
                 f"{s['failed']} failed | workers {s['workers']} | "
                 f"{s['tokens_per_s']:.0f} model tok/s | {s['elapsed']:.1f}s")
+
+    def note(self, text: str) -> None:
+        """A line of its own, before the live progress line starts."""
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
     def update(self, state: dict[str, Any]) -> None:
         line = self.render(state)

@@ -171,6 +171,8 @@ class Supervisor:
                                             capacity=opts.worker_capacity,
                                             extra_args=opts.worker_args)
                 self.progress = Progress.make(opts.progress, total=self.sched.total())
+                if self.progress is not None and opts.workers == 0:
+                    self.progress.note(self._no_workers_hint())
                 try:
                     async with trio.open_nursery() as inner:
                         self._inner = inner
@@ -243,6 +245,17 @@ class Supervisor:
         log.info("run.start", bus=self.advertised_bus_url, model=self.model_base_url,
                  workers=opts.workers, tasks=len(self.graph.tasks),
                  remote_workers=f"orchestrator worker --connect {self.advertised_bus_url}")
+
+    def _no_workers_hint(self) -> str:
+        """What `orchestrator run --workers 0` tells its user: how workers join this run."""
+        scale = f"`orchestrator scale N --run {self.run_id}` starts N here"
+        if self.opts.token is None:  # a random token: nobody outside this process knows it
+            return (f"no workers yet (--workers 0): {scale}; workers started by hand need "
+                    "the run's token, so rerun with SWITCHBOARD_TOKEN (or --token-file) set for "
+                    "it and for them")
+        return (f"no workers yet (--workers 0): {scale}, or start them by hand: "
+                f"orchestrator worker --connect {self.advertised_bus_url} with the run's token "
+                "in SWITCHBOARD_TOKEN or --token-file")
 
     def _needs_embedded_model(self) -> bool:
         return any(a.model.base_url is None for a in self.graph.agent_specs().values())
@@ -726,7 +739,7 @@ class Supervisor:
         counts = self.sched.counts()
         elapsed = max(time.time() - self.started_wall, 1e-9)
         return {"done": counts.get("succeeded", 0), "total": self.sched.total(),
-                "running": counts.get("running", 0) + counts.get("queued", 0),
+                "running": counts.get("running", 0), "waiting": counts.get("queued", 0),
                 "failed": counts.get("failed", 0), "workers": self.table.active,
                 "workers_peak": self.peak_workers,
                 "tokens_per_s": self.tokens_out / elapsed, "elapsed": elapsed}

@@ -3,6 +3,8 @@ keepalive against a dead hub, statistics."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 from bus_helpers import TOKEN, Proxy, start_hub
@@ -18,7 +20,7 @@ from bus.errors import (
     BusNoRouteError,
     ProtocolError,
 )
-from bus.ws import WsRequest, serve_ws
+from bus.ws import WsConnectTimeout, WsHandshakeError, WsRequest, connect_failure, serve_ws
 
 
 async def wait_for(predicate, step: float = 0.001) -> None:
@@ -96,10 +98,32 @@ async def test_unreachable_hub_raises_bus_broken_error():
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
         await listeners[0].aclose()  # nothing listens there now
-        with pytest.raises(BusBrokenError, match="cannot connect"):
+        with pytest.raises(BusBrokenError, match="cannot connect.*connection refused"):
             async with open_bus_client(f"ws://127.0.0.1:{port}/bus", token=TOKEN,
                                        endpoint_id="a"):
                 pass
+
+
+def test_connect_failure_names_the_cause_the_websocket_library_wraps():
+    def wrapped(cause: BaseException) -> WsHandshakeError:
+        try:
+            try:
+                raise cause
+            except BaseException as exc:
+                raise WsHandshakeError() from exc
+        except WsHandshakeError as outer:
+            return outer
+
+    refused = OSError("all attempts to connect to 127.0.0.1:1 failed")
+    refused.__cause__ = ExceptionGroup("all attempts", [ConnectionRefusedError(111, "refused")])
+    assert connect_failure(wrapped(refused)).startswith("connection refused")
+    unknown = socket.gaierror(-2, "Name or service not known")
+    assert connect_failure(wrapped(unknown)) == (
+        "cannot resolve the host name (Name or service not known)")
+    assert connect_failure(WsConnectTimeout()).startswith("timed out")
+    assert connect_failure(wrapped(OSError("network is unreachable"))) == (
+        "network is unreachable")
+    assert connect_failure(WsHandshakeError()) == "HandshakeError()"  # nothing more known
 
 
 async def test_bad_endpoint_id_or_topic_is_the_callers_value_error():

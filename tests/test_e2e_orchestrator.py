@@ -614,11 +614,14 @@ async def test_remote_workers_need_the_token_and_a_killed_one_loses_its_leases(r
             return _orch("worker", "--connect", url, "--worker-id", wid, "--capacity", "4",
                          "--state-dir", str(run.state))
 
+        # the run says how workers join it (the token is the run's, set in _env)
+        assert f"orchestrator worker --connect {url}" in run.stderr()
         bad = await trio.run_process(remote("intruder"), env=_env("wrong-token"),
                                      capture_stderr=True, check=False)
         assert bad.returncode == 2
         assert b"refused this worker's token" in bad.stderr
         started: list[trio.Process] = []
+        r2_err = open(run.tmp / "r2.stderr", "wb")  # noqa: SIM115, ASYNC230 - closed below
         try:
             r1 = await trio.lowlevel.open_process(remote("r1"), env=_env(),
                                                   stderr=subprocess.DEVNULL)
@@ -626,15 +629,20 @@ async def test_remote_workers_need_the_token_and_a_killed_one_loses_its_leases(r
             await until(lambda: len(run.running_on().get("r1", [])) == 4)
             r1.kill()  # no bye, no process exit the orchestrator could see: leases expire
             await r1.wait()
-            started.append(await trio.lowlevel.open_process(remote("r2"), env=_env(),
-                                                            stderr=subprocess.DEVNULL))
+            r2 = await trio.lowlevel.open_process(remote("r2"), env=_env(), stderr=r2_err)
+            started.append(r2)
             code = await run.wait()
+            # the run's embedded hub stopped with it: its remote worker exits, and says why
+            assert await r2.wait() == 0
         finally:
-            for p in started:  # remote workers outlive runs (they serve the next one)
+            r2_err.close()
+            for p in started:
                 if p.returncode is None:
                     p.kill()
                     await p.wait()
     assert code == 0, run.stderr()
+    assert "shut down (its run ended, or its hub stopped)" in (
+        run.tmp / "r2.stderr").read_text()
     per = by_task(run.attempts())
     for tid, atts in per.items():
         atts.sort(key=lambda a: a["attempt"])

@@ -51,3 +51,18 @@ def test_the_last_line_counts_workers_that_joined_between_two_plain_lines():
     p.update(state(0, 0, 0))
     p.close({**state(4, 0, 0), "workers_peak": 3})  # three joined and left within 2 s
     assert out.getvalue().splitlines()[-1].split(" | ")[1] == "workers 3"
+
+
+def test_tasks_waiting_for_a_worker_are_not_counted_as_running():
+    out = io.StringIO()
+    p = Progress.make("plain", total=4, stream=out)
+    assert p is not None
+    p.note("no workers yet (--workers 0): ...")
+    p.update({**state(0, 0, 0), "waiting": 1})
+    p.update({**state(0, 1, 1), "waiting": 0})  # a worker joined and took it
+    assert out.getvalue().splitlines() == [
+        "no workers yet (--workers 0): ...",
+        "tasks 0/4 done, 0 running, 1 waiting for a worker, 0 failed | workers 0 | "
+        "0 model tok/s | 0.0s",
+        "tasks 0/4 done, 1 running, 0 failed | workers 1 | 0 model tok/s | 0.0s",
+    ]
