@@ -15,6 +15,8 @@ import traceback
 from typing import Any
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 1, 2, 3, 130
+SUMMARY_FAILED_MAX = 5  # failed tasks the end-of-run summary names, with why
+SUMMARY_ERROR_WIDTH = 160
 
 
 def _err(msg: str) -> None:
@@ -152,8 +154,18 @@ def print_summary(summary: dict[str, Any], status: str, *, graph: Any) -> None:
 def summary_lines(summary: dict[str, Any], status: str) -> list[str]:
     usage = summary.get("usage") or {}
     total = usage.get("total") or {}
-    lines = [f"run {summary.get('run_id')} {status} in {summary.get('seconds')}s: "
+    rid = summary.get("run_id")
+    lines = [f"run {rid} {status} in {summary.get('seconds')}s: "
              f"{json.dumps(summary.get('counts'))}"]
+    failed = summary.get("failed") or []
+    for task_id, error in failed[:SUMMARY_FAILED_MAX]:
+        lines.append(f"  failed {task_id}: {_one_line(error, SUMMARY_ERROR_WIDTH)}")
+    if len(failed) > SUMMARY_FAILED_MAX:
+        lines.append(f"  ... and {len(failed) - SUMMARY_FAILED_MAX} more failed tasks: "
+                     f"orchestrator status {rid}")
+    elif failed:
+        lines.append(f"  (details: orchestrator status {rid}, orchestrator logs {rid} "
+                     "--level warning)")
     if not total:
         return lines
     lines.append(f"tokens: {_usage_text(total)}")
@@ -170,6 +182,11 @@ def summary_lines(summary: dict[str, Any], status: str) -> list[str]:
             lines.append(f"  {'':<{width + 6}}  of which spawned sub-agents ({m} task"
                          f"{'s' if m != 1 else ''}): {_usage_text(subs)}")
     return lines
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(str(text).split()) or "no error recorded"
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _usage_text(u: dict[str, Any]) -> str:

@@ -753,7 +753,10 @@ class Supervisor:
     def summary(self) -> dict[str, Any]:
         usage = self.journal.usage_summary(self.run_id)
         counts = self.sched.counts()
-        return {"run_id": self.run_id, "counts": counts, "usage": usage,
+        # why tasks failed, so the end of `orchestrator run` says it without a second command
+        failed = [(v.task_id, v.error or v.reason or "") for v in
+                  self.sched.task_states().values() if v.state == "failed"]
+        return {"run_id": self.run_id, "counts": counts, "usage": usage, "failed": failed,
                 "seconds": round(time.time() - self.started_wall, 3)}
 
 

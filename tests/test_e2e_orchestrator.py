@@ -429,6 +429,7 @@ timeout = "2s"
     assert code == 1, run.stderr()  # boss failed; its child was cancelled, not left running
     tasks = run.tasks()
     assert (tasks["boss"]["state"], tasks["boss"]["error"]) == ("failed", "timed out after 2s")
+    assert "  failed boss: timed out after 2s" in run.stderr().splitlines()  # says why at once
     assert tasks["boss/1"]["state"] == "cancelled"
     assert tasks["boss/1"]["reason"] == (
         "superseded: parent boss's attempt 1 timed out after 2s")

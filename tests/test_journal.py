@@ -286,3 +286,22 @@ def test_usage_by_agent_counts_spawned_sub_agents_in_their_parents_agent_and_sep
                                 "input", "1100", "(cached", "110),", "output", "110;", "cost",
                                 "$1.5000"]
     j.close()
+
+
+def test_the_end_of_run_summary_names_failed_tasks_and_why_up_to_a_limit():
+    from orchestrator.runner import SUMMARY_FAILED_MAX, summary_lines
+
+    def lines(n: int) -> list[str]:
+        failed = [(f"t{i}", f"boom {i}\n  traceback line") for i in range(n)]
+        return summary_lines({"run_id": "r", "seconds": 1.0, "counts": {"failed": n},
+                              "failed": failed}, "failed")
+
+    one = lines(1)
+    assert one[1] == "  failed t0: boom 0 traceback line"  # one line each
+    assert one[2] == "  (details: orchestrator status r, orchestrator logs r --level warning)"
+    many = lines(SUMMARY_FAILED_MAX + 3)
+    assert [ln.split(":")[0] for ln in many[1:-1]] == [
+        f"  failed t{i}" for i in range(SUMMARY_FAILED_MAX)]
+    assert many[-1] == "  ... and 3 more failed tasks: orchestrator status r"
+    assert summary_lines({"run_id": "r", "seconds": 1.0, "counts": {"succeeded": 1}},
+                         "succeeded") == ['run r succeeded in 1.0s: {"succeeded": 1}']
