@@ -12,6 +12,7 @@ from orchestrator.logview import LogFilter, LogFilterError, parse_line, render
 from orchestrator.runs import RunNotFound, resolve_run_dir
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
+FOLLOW_CHECK_S = 1.0  # --follow: how often the journal is asked whether the run ended
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--agent", help="only lines of this agent")
     p.add_argument("--level", help="minimum level: debug, info, warning, error")
     p.add_argument("--since", help="only lines newer than this: 90s, 5m, 2h or an ISO time")
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until "
+                   "the run ends")
     p.add_argument("--json", action="store_true", help="print the JSON lines as they are")
     p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"),
                    help="where the runs are (default $SWITCHBOARD_HOME or ./.switchboard)")
@@ -52,6 +54,24 @@ def _journal_run_id(state: pathlib.Path, ref: str) -> str:
         journal.close()
 
 
+def _run_ended(state: pathlib.Path, run_id: str) -> bool:
+    """True iff the journal says the run is over (so `--follow` has nothing more to wait for).
+    A run whose orchestrator was killed stays "running" until resumed: followed until Ctrl-C."""
+    from orchestrator.journal import Journal, JournalError
+    from orchestrator.runs import journal_path
+
+    try:
+        journal = Journal.open_readonly(journal_path(state))
+    except JournalError:
+        return False
+    try:
+        return str(journal.find_run(run_id)["status"]) != "running"
+    except JournalError:
+        return False
+    finally:
+        journal.close()
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         flt = LogFilter.build(task=args.task, agent=args.agent, level=args.level,
@@ -66,14 +86,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: run {run_dir.name} has no log file at {path}", file=sys.stderr)
         return EXIT_BAD_INPUT
     out = sys.stdout
+    state = pathlib.Path(args.state_dir)
+    last_check = 0.0
+    ended = False  # the run was over when last checked: one more read to the end, then stop
     try:
         with open(path, "rb") as f:
             while True:
                 line = f.readline()
                 if not line:
-                    if not args.follow:
+                    if not args.follow or ended:
                         return EXIT_OK
                     out.flush()
+                    if time.monotonic() - last_check >= FOLLOW_CHECK_S:
+                        last_check = time.monotonic()
+                        ended = _run_ended(state, run_dir.name)
+                        if ended:
+                            continue  # lines written before the run ended: read them first
                     time.sleep(0.2)
                     continue
                 if not line.endswith(b"\n"):  # a line still being written: read it whole later

@@ -64,3 +64,36 @@ def test_logs_command_reads_a_run_directory(tmp_path):
     assert [json.loads(x)["event"] for x in out.splitlines()] == ["task.start"]
     bad = subprocess.run(base + ["nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no run 'nope'" in bad.stderr
+
+
+def test_logs_follow_prints_lines_as_they_come_and_stops_when_the_run_ends(tmp_path):
+    from orchestrator.journal import Journal
+    from orchestrator.runs import journal_path, run_dir
+
+    rid = "20261124-205000-abc123"
+    j = Journal.open(journal_path(tmp_path))
+    j.create_run(rid, graph_path="g.toml", graph_text="")
+    d = run_dir(tmp_path, rid)
+    d.mkdir(parents=True)
+    log = d / "log.jsonl"
+    log.write_bytes(json.dumps(LINES[0]).encode() + b"\n")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "logs", rid, "--follow",
+                             "--json", "--state-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == LINES[0]["event"]
+        with log.open("ab") as f:  # written while it follows: printed too
+            f.write(json.dumps(LINES[1]).encode() + b"\n")
+        assert json.loads(proc.stdout.readline())["event"] == LINES[1]["event"]
+        with log.open("ab") as f:  # the run's last line, then the run ends
+            f.write(json.dumps(LINES[2]).encode() + b"\n")
+        j.finish_run(rid, "succeeded", summary={})
+        assert proc.wait(timeout=30) == 0  # it stopped by itself ...
+        rest = proc.stdout.read()
+        assert [json.loads(x)["event"] for x in rest.splitlines()] == [LINES[2]["event"]]
+    finally:  # ... having printed every line the run wrote
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        j.close()
