@@ -39,7 +39,10 @@ def connect_failure(exc: BaseException) -> str:
         if isinstance(e, BaseExceptionGroup):
             todo.extend(e.exceptions)
         todo.extend(c for c in (e.__cause__, e.__context__) if c is not None)
-    if any(isinstance(e, ConnectionRefusedError) for e in seen):
+    refused = next((e for e in seen if isinstance(e, ConnectionRefusedError)), None)
+    if refused is not None:
+        if refused.errno is None and str(refused):  # ours (e.g. an in-process hub), not the OS's
+            return str(refused)
         return "connection refused: nothing is listening at that address and port"
     gai = next((e for e in seen if isinstance(e, socket.gaierror)), None)
     if gai is not None:
