@@ -255,16 +255,19 @@ class _WsPool:
                     self._wake = trio.Event()
                 continue
             for hkey, conns in list(self._http.items()):
-                fresh = [(c, t) for c, t in conns if t + POOL_IDLE_TIMEOUT_S > now]
+                fresh = []
                 for c, t in conns:
-                    if t + POOL_IDLE_TIMEOUT_S <= now:
+                    if t + POOL_IDLE_TIMEOUT_S > now:
+                        fresh.append((c, t))
+                    else:
                         c.close_nowait()
                 self._http[hkey] = fresh
             for key, links in list(self._idle.items()):
-                keep = [ln for ln in links
-                        if ln.idle_since + POOL_IDLE_TIMEOUT_S > now and ln.alive]
+                keep = []
                 for ln in links:
-                    if ln not in keep:
+                    if ln.idle_since + POOL_IDLE_TIMEOUT_S > now and ln.alive:
+                        keep.append(ln)
+                    else:
                         ln.close()
                 self._count -= len(links) - len(keep)
                 if keep:

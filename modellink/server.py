@@ -214,7 +214,6 @@ Emit = Callable[[list[dict[str, Any]]], Awaitable[None]]
 _MAX_BATCH = 64
 
 
-
 @attrs.define(eq=False)
 class ModelServer:
     """Runtime state shared by every connection: the sim model, the store, the counters."""
