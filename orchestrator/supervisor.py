@@ -145,6 +145,7 @@ class Supervisor:
         self.started_wall = time.time()
         self.clock_offset = 0.0  # wall time - trio time, set when the run starts
         self.progress: Progress | None = None
+        self._progress_scope = trio.CancelScope()
         self._lease_agents: dict[str, Any] = {}
         # True iff some agent can address another task (ask, send_message): only then do
         # workers claim `task.<id>` for each attempt on the bus
@@ -182,6 +183,9 @@ class Supervisor:
                         for _ in range(opts.workers):
                             await self.procs.spawn(inner, self._on_process_exit)
                         await self._dispatch_loop()
+                        # the graph is settled: the last progress line is close()'s, not one
+                        # drawn while the workers stop (it said "workers 0", then the peak)
+                        self._progress_scope.cancel()
                         self._sync_journal()
                         await self._finish_workers()
                         # stop workers while still receiving: their last log lines and byes
@@ -746,9 +750,10 @@ class Supervisor:
 
     async def _progress_loop(self) -> None:
         assert self.progress is not None
-        while True:
-            self.progress.update(self._progress_state())
-            await trio.sleep(self.progress.interval)
+        with self._progress_scope:
+            while True:
+                self.progress.update(self._progress_state())
+                await trio.sleep(self.progress.interval)
 
     def summary(self) -> dict[str, Any]:
         usage = self.journal.usage_summary(self.run_id)

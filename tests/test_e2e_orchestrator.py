@@ -681,3 +681,36 @@ async def test_workers_that_keep_crashing_stop_being_respawned_and_the_run_fails
     row = j.get_run("r1")
     assert row is not None and row["status"] == "failed" and "no workers left" in row["reason"]
     assert {t["state"] for t in j.task_rows("r1")} == {"cancelled"}
+
+
+@pytest.mark.slow
+async def test_no_progress_line_is_drawn_while_the_workers_stop(tmp_path, monkeypatch):
+    """Once the graph is settled the workers stop; a progress line drawn then said "workers 0"
+    right before the last line's count of them (seen at the end of the quickstart)."""
+    import io
+
+    from orchestrator import scheduler as S
+    from orchestrator import supervisor as SV
+    from orchestrator.graph import GraphSpec
+    from orchestrator.progress import Progress
+
+    out = io.StringIO()
+
+    def make(mode: str, *, total: int, stream: Any = None) -> Progress:
+        p = Progress(tty=False, total=total, stream=out)
+        p.interval = 0.001  # a line whenever anything changes, shutdown included
+        return p
+
+    monkeypatch.setattr(SV.Progress, "make", make)
+    g = GraphSpec.from_text(graph(2, tokens=1), "g.toml")
+    j = Journal.open(tmp_path / "journal.sqlite")
+    j.create_run("r1", graph_path="g.toml", graph_text=g.source_text)
+    opts = SV.RunOptions(state_dir=tmp_path, workers=1, progress="plain", token=TOKEN)
+    sup = SV.Supervisor(graph=g, journal=j, run_id="r1", opts=opts, scheduler=S.Scheduler(g))
+    with trio.fail_after(GUARD_S):
+        outcome = await sup.run()
+    assert outcome.status == "succeeded"
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("tasks 2/2 done, 0 running, 0 failed | workers 1 |"), lines
+    assert not [ln for ln in lines if ln.startswith("tasks 2/2 done") and "workers 0" in ln], \
+        lines
