@@ -44,6 +44,9 @@ class ModelRef:
     encoding: str = "msgpack"  # "msgpack" for our servers, "json" for OpenAI and the like
     api_key_env: str | None = None  # read by the worker from ITS environment; never shipped
     store: bool = False
+    # True iff the endpoint is a sim model (embedded, or `orchestrator model-server`): only a
+    # sim is sent the agent's script (a real provider would refuse or bill the metadata)
+    sim: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -215,6 +218,7 @@ def _agent_from_wire(d: Any) -> AgentSpec:
         encoding=_opt(m, "encoding", str, "agent.model", "msgpack"),
         api_key_env=_opt(m, "api_key_env", str, "agent.model", None),
         store=bool(m.get("store", False)),
+        sim=bool(m.get("sim", m.get("base_url") is None)),
     )
     script = d.get("script")
     answers = d.get("answers")

@@ -45,6 +45,18 @@ def workspace_dir(root: pathlib.Path, run_id: str, task_id: str) -> pathlib.Path
     return root / run_id / urllib.parse.quote(task_id, safe="[]-_.")
 
 
+def _sim_metadata(agent: P.AgentSpec, attempt: int, script: tuple[Any, ...] | None
+                  ) -> dict[str, str] | None:
+    """The request metadata a sim model follows (its script, the attempt number); None for a
+    real model, which would refuse it (OpenAI caps a value at 512 characters) or keep it."""
+    if not agent.model.sim:
+        return None
+    metadata = {"sim_attempt": str(attempt)}
+    if script:
+        metadata["sim_script"] = json.dumps(list(script))
+    return metadata
+
+
 def model_token(cfg_token: str | None, env: Any = os.environ) -> str | None:
     """The token for a model server when the agent names no api_key_env: the worker's
     configured one, else $SWITCHBOARD_MODEL_TOKEN."""
@@ -248,9 +260,7 @@ class Worker:
         turns (numbered with the turn it is on, tool_calls ("answer:ASKER",))."""
         lease = run.lease
         agent = lease.agent
-        metadata = {"sim_attempt": str(lease.attempt)}
-        if agent.answers:
-            metadata["sim_script"] = json.dumps(list(agent.answers))
+        metadata = _sim_metadata(agent, lease.attempt, agent.answers)
         endpoint = self._endpoint(lease)
         prompt = (f"You are working on this task:\n{lease.prompt}\n\n"
                   f"Task {asker} asks you: {question}\nAnswer briefly.")
@@ -356,9 +366,7 @@ class Worker:
                 bus_tools = BusTools(bus=self.bus, run_id=lease.run_id, task_id=lease.task_id,
                                      attempt=lease.attempt, inbox=r.inbox, deadline=deadline)
                 register_bus_tools(registry, bus_tools, list(agent.tools))
-                metadata = {"sim_attempt": str(lease.attempt)}
-                if agent.script:
-                    metadata["sim_script"] = json.dumps(list(agent.script))
+                metadata = _sim_metadata(agent, lease.attempt, agent.script)
                 with trio.move_on_at(deadline if deadline is not None else float("inf")) as dl:
                     if lease.reachable:  # another task may ask or message this one
                         await self.bus.claim(P.task_endpoint(lease.task_id))
@@ -373,7 +381,7 @@ class Worker:
                         async with open_model_session(
                             self._endpoint(lease), instructions=agent.instructions,
                             tools=registry.schemas(), metadata=metadata,
-                            metadata_once=agent.model.base_url is None,  # the sim: see there
+                            metadata_once=True,  # a sim keeps it per conversation
                         ) as session:
                             out = await run_agent_loop(agent=agent, prompt=lease.prompt,
                                                        session=session, registry=registry,

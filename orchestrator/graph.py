@@ -11,6 +11,7 @@ import json
 import pathlib
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -67,13 +68,13 @@ BUILTIN_TOOLS = ("shell", "read_file", "write_file", "list_files", "apply_patch"
 # provider presets: one setting (`provider = "openai"`) switches a graph to a real model
 PROVIDERS: dict[str, dict[str, Any]] = {
     "sim": {"url": None, "model": "sim", "transport": "ws", "encoding": "msgpack",
-            "api_key_env": None},
+            "api_key_env": None, "sim": True},
     "openai": {"url": "https://api.openai.com/v1", "model": "gpt-4.1-mini", "transport": "ws",
-               "encoding": "json", "api_key_env": "OPENAI_API_KEY"},
+               "encoding": "json", "api_key_env": "OPENAI_API_KEY", "sim": False},
     "ollama": {"url": "http://localhost:11434/v1", "model": "llama3.2", "transport": "http",
-               "encoding": "json", "api_key_env": None},
+               "encoding": "json", "api_key_env": None, "sim": False},
     "openai-compatible": {"url": None, "model": "default", "transport": "http",
-                          "encoding": "json", "api_key_env": None},
+                          "encoding": "json", "api_key_env": None, "sim": False},
 }
 
 
@@ -242,6 +243,35 @@ class _Lines:
 RUN_KEYS = {"name", "max_concurrent", "failure_policy", "retries", "timeout", "backoff",
             "backoff_max", "jitter"}
 MODEL_KEYS = {"provider", "url", "model", "transport", "encoding", "api_key_env"}
+# Unknown keys whose usual "did you mean" would mislead: (a key that must be allowed where the
+# hint applies, the hint).
+_KEY_HINTS = {
+    "api_key": ("api_key_env", "never write a key in the graph (it is kept in the journal): "
+                'set api_key_env = "NAME" to the environment variable that holds it'),
+}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Servers people name as a provider; they are reached through their OpenAI-compatible URL.
+_COMPATIBLE_SERVERS = {"vllm", "llamacpp", "llamacppserver", "lmstudio", "sglang", "tgi",
+                       "localai", "textgenerationinference"}
+_SERVER_HINT = ('for vLLM, llama.cpp server and other OpenAI-compatible servers write '
+                'url = "http://HOST:PORT/v1" and model = "the name it serves" (no provider), '
+                'adding transport = "chat" for a server without the Responses API')
+
+
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be a model endpoint's base URL, or None."""
+    if not re.match(r"^https?://", url):
+        return "is not an http(s) URL"
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return "contains spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if not parts.hostname:
+        return "has no host name"
+    return None
 AGENT_KEYS = {"instructions", "model", "tools", "max_turns", "script", "answers", "subscribe",
               "shell_timeout"}
 TASK_KEYS = {"id", "agent", "prompt", "needs", "retries", "timeout", "fan_out"}
@@ -275,7 +305,8 @@ class _Parser:
                    where: str) -> None:
         for key in table:
             if key not in allowed:
-                dym = _did_you_mean(key, allowed)
+                hint = _KEY_HINTS.get(key)
+                dym = hint[1] if hint and hint[0] in allowed else _did_you_mean(key, allowed)
                 self.problem(self.lines.of(section, key), f"unknown key {key!r} in {where}",
                              dym or f"allowed keys: {', '.join(sorted(allowed))}")
 
@@ -389,10 +420,12 @@ class _Parser:
         if "provider" in t:
             prov = t["provider"]
             if prov not in PROVIDERS:
+                plain = str(prov).lower().replace("_", "").replace("-", "").replace(".", "")
+                hint = (_SERVER_HINT if plain in _COMPATIBLE_SERVERS
+                        else (_did_you_mean(str(prov), PROVIDERS) + " ").lstrip()
+                        + f"known providers: {', '.join(PROVIDERS)}")
                 self.problem(self.lines.of(sec, "provider"),
-                             f"{where}: unknown provider {prov!r}",
-                             (_did_you_mean(str(prov), PROVIDERS) + " ").lstrip()
-                             + f"known providers: {', '.join(PROVIDERS)}")
+                             f"{where}: unknown provider {prov!r}", hint)
             else:
                 vals = dict(PROVIDERS[prov])
         for key in ("url", "model", "api_key_env"):
@@ -407,19 +440,41 @@ class _Parser:
                 else:
                     vals[key] = v
         url = vals["url"]
-        if url is not None and not re.match(r"^https?://", url):
-            self.problem(self.lines.of(sec, "url"), f"{where}: url {url!r} is not an http(s) URL",
-                         'write for example url = "http://localhost:11434/v1"')
+        if url is not None:
+            bad = _url_problem(url)
+            if bad:
+                self.problem(self.lines.of(sec, "url"), f"{where}: url {url!r} {bad}",
+                             'write for example url = "http://localhost:8000/v1" (the '
+                             "server's base URL, up to and including /v1)")
+        elif t.get("provider") == "openai-compatible":
+            self.problem(self.lines.of(sec, "provider"),
+                         f'{where}: provider = "openai-compatible" needs a url (without one '
+                         "the run would use the embedded sim model)",
+                         'add url = "http://HOST:PORT/v1" (the server\'s base URL) and '
+                         'model = "the name it serves"')
+        key_env = vals["api_key_env"]
+        if "api_key_env" in t and isinstance(key_env, str) and not _ENV_NAME.match(key_env):
+            # not echoed: what is there may be the key itself
+            self.problem(self.lines.of(sec, "api_key_env"),
+                         f"{where}: api_key_env is not an environment variable name",
+                         "api_key_env names the variable that holds the key, e.g. "
+                         'api_key_env = "OPENAI_API_KEY"; never write the key itself in a '
+                         "graph (it is kept in the journal)")
         if "url" in t and "provider" not in t:
             # a bare url is a foreign OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp):
             # HTTP Responses with JSON and its own model name, unless the table says otherwise
             # (the sim preset's "sim" over ws/msgpack would be refused there)
             compat = PROVIDERS["openai-compatible"]
+            vals["sim"] = False
             for key in ("model", "transport", "encoding"):
                 if key not in t:
                     vals[key] = compat[key]
+            # and the key of the endpoint it overrides is not sent to another server
+            if "api_key_env" not in t and vals["url"] != base["url"]:
+                vals["api_key_env"] = None
         return ModelRef(base_url=vals["url"], model=vals["model"], transport=vals["transport"],
-                        encoding=vals["encoding"], api_key_env=vals["api_key_env"])
+                        encoding=vals["encoding"], api_key_env=vals["api_key_env"],
+                        sim=vals["sim"])
 
     def parse_agents(self, t: Any, model: ModelRef) -> dict[str, AgentSpec]:
         out: dict[str, AgentSpec] = {}
@@ -446,7 +501,7 @@ class _Parser:
                 else:
                     base = {"url": model.base_url, "model": model.model,
                             "transport": model.transport, "encoding": model.encoding,
-                            "api_key_env": model.api_key_env}
+                            "api_key_env": model.api_key_env, "sim": model.sim}
                     m = self.parse_model(mv, sec + ("model",), f"{where} model", base=base)
             tools = self.get(a, "tools", list, sec, where, [], what="a list of tool names")
             for tool in tools:

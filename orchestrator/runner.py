@@ -16,7 +16,7 @@ from typing import Any
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 1, 2, 3, 130
 SUMMARY_FAILED_MAX = 5  # failed tasks the end-of-run summary names, with why
-SUMMARY_ERROR_WIDTH = 160
+SUMMARY_ERROR_WIDTH = 400  # room for the advice at the end of an error (its last clause)
 
 
 def _err(msg: str) -> None:

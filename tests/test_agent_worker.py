@@ -200,6 +200,24 @@ async def test_workers_send_a_model_token_to_a_protected_model_server(tmp_path, 
     assert from_env.status == "succeeded"
 
 
+async def test_only_a_sim_endpoint_is_sent_the_agents_script(tmp_path):
+    """A real provider is not sent the sim script (OpenAI caps a metadata value at 512
+    characters): the same server, reached as a foreign OpenAI-compatible url, then answers
+    with its default instead of the script."""
+    script = [{"text": "SCRIPTED"}]
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path) as h:
+            foreign = P.ModelRef(base_url=h.model_url, model="sim", transport="http",
+                                 encoding="json", sim=False)
+            await h.lease("real", _agent("a", script, [], model=foreign))
+            real = await h.result()
+            await h.lease("sim", _agent("a", script, [],
+                                        model=attrs.evolve(foreign, sim=True)))
+            sim = await h.result()
+    assert sim.status == "succeeded" and sim.text == "SCRIPTED"
+    assert real.status == "succeeded" and real.text and "SCRIPTED" not in real.text
+
+
 async def test_a_scripted_failure_fails_only_the_attempts_it_names(tmp_path):
     agent = _agent("a", [{"fail": "upstream 503", "attempts": [1, 2]}, {"text": "third time"}],
                    [])

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents import protocol as P
 from orchestrator import cmd_validate
 from orchestrator.durations import DurationError, parse_duration
 from orchestrator.graph import GraphError, GraphSpec, Problem, RenderError, render_prompt
@@ -339,3 +340,69 @@ def test_zero_timeout_is_refused():
     text = AGENTS + '[[tasks]]\nid = "a"\nagent = "coder"\ntimeout = "0s"\n'
     p = only(text)
     assert "must be longer than zero" in p.message and p.line == line_of(text, "timeout")
+
+
+TASK_A = '[[tasks]]\nid = "t"\nagent = "a"\n'
+
+
+def test_an_agent_on_another_server_is_not_sent_the_default_endpoints_key():
+    g = GraphSpec.from_text('[model]\nprovider = "openai"\n[agents.a]\n'
+                            'model = {url = "http://127.0.0.1:8000/v1", model = "local"}\n'
+                            '[agents.b]\nmodel = {url = "http://127.0.0.1:8000/v1", '
+                            'api_key_env = "VLLM_KEY"}\n[agents.c]\n'
+                            'model = {url = "https://api.openai.com/v1", model = "gpt-5-mini"}\n'
+                            + TASK_A, "g.toml")
+    assert g.agents["a"].model.api_key_env is None  # another server: no key unless named
+    assert g.agents["b"].model.api_key_env == "VLLM_KEY"
+    assert g.agents["c"].model.api_key_env == "OPENAI_API_KEY"  # the same server keeps it
+
+
+def test_openai_compatible_without_a_url_is_refused_not_run_on_the_sim():
+    for table in ('[model]\nprovider = "openai-compatible"\nmodel = "Qwen/Qwen2.5-7B"\n',
+                  '[agents.x]\nmodel = {provider = "openai-compatible", model = "q"}\n'):
+        p = only(table + "[agents.a]\n" + TASK_A)
+        assert 'provider = "openai-compatible" needs a url' in p.message
+        assert p.line == 2 and 'url = "http://HOST:PORT/v1"' in p.hint
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://127.0.0.1:18431:v1", "is not a valid URL"),
+    ("http://127.0.0.1:184310/v1", "is not a valid URL"),
+    ("http://", "has no host name"),
+    ("http://localhost:8000/v1 ", "contains spaces"),
+    ("localhost:8000/v1", "is not an http(s) URL"),
+])
+def test_a_url_that_cannot_be_dialled_is_refused_before_the_run(url, why):
+    p = only(f'[model]\nurl = "{url}"\n[agents.a]\n' + TASK_A)
+    assert p.message.startswith(f"[model]: url {url!r} {why}"), p.message
+    assert p.line == 2 and "base URL" in p.hint
+
+
+def test_a_key_written_as_api_key_env_is_refused_without_being_repeated():
+    secret = "sk-proj-SECRETVALUE123"
+    p = only(f'[model]\nprovider = "openai"\napi_key_env = "{secret}"\n[agents.a]\n' + TASK_A)
+    assert p.message == "[model]: api_key_env is not an environment variable name"
+    assert secret not in p.message + p.hint and 'api_key_env = "OPENAI_API_KEY"' in p.hint
+
+
+def test_api_key_and_server_names_as_providers_get_hints_that_lead_somewhere():
+    p = only('[model]\nprovider = "openai"\napi_key = "sk-x"\n[agents.a]\n' + TASK_A)
+    assert p.message == "unknown key 'api_key' in [model]"
+    assert "never write a key in the graph" in p.hint and "api_key_env" in p.hint
+    for name in ("vllm", "llama.cpp", "LM-Studio"):
+        p = only(f'[model]\nprovider = "{name}"\n[agents.a]\n' + TASK_A)
+        assert 'url = "http://HOST:PORT/v1"' in p.hint and "ollama" not in p.hint, name
+
+
+def test_only_sim_endpoints_are_marked_sim():
+    g = GraphSpec.from_text(
+        '[model]\nprovider = "sim"\n[agents.a]\nmodel = "gpt-4.1"\n'
+        '[agents.b]\nmodel = {url = "http://127.0.0.1:8000/v1"}\n'
+        '[agents.c]\nmodel = {provider = "sim", url = "http://127.0.0.1:8123/v1"}\n'
+        '[agents.d]\nmodel = {provider = "openai"}\n[agents.e]\nmodel = {provider = "ollama"}\n'
+        + TASK_A, "g.toml")
+    assert {n: a.model.sim for n, a in g.agents.items()} == {
+        "a": True, "b": False, "c": True, "d": False, "e": False}
+    lease = P.Lease(run_id="r", task_id="t", attempt=1, agent=g.agents["b"], prompt="p",
+                    timeout_s=None, model_base_url=None)
+    assert P.parse_message(P.to_wire(lease)).agent.model.sim is False
