@@ -109,6 +109,9 @@ class Result:
     turns: tuple[TurnRecord, ...] = ()
     stopped_at: str | None = None  # where a cancelled/failed attempt stopped ("turn 3: tools")
     cost_usd: float = 0.0
+    # False iff another attempt would fail the same way (refused credentials or request, no
+    # key on the worker): the task then fails without spending its retries
+    retryable: bool = True
 
 
 # ---------------------------------------------------------------- encoding to plain maps
@@ -271,6 +274,7 @@ def parse_message(body: Any) -> Any:
             turns=tuple(turns),
             stopped_at=_opt(body, "stopped_at", str, "result", None),
             cost_usd=float(_opt(body, "cost_usd", (int, float), "result", 0.0)),
+            retryable=_opt(body, "retryable", bool, "result", True),
         )
     if t == "hello":
         _req(body, "worker_id", str, "hello")

@@ -29,6 +29,7 @@ from bus.codec import pattern_matches
 from bus.errors import BusError
 from bus.logs import get_logger
 from modellink.client import ModelEndpoint, open_model_session
+from modellink.turns import ModelAuthError, ModelRequestError, ModelServerError
 
 log = get_logger("agents.worker")
 
@@ -43,6 +44,26 @@ def workspace_dir(root: pathlib.Path, run_id: str, task_id: str) -> pathlib.Path
     """The task's directory: one path segment per task, so a spawned child `plan/1` is a
     sibling of `plan`, not inside its workspace (`/` and `%` are %-escaped)."""
     return root / run_id / urllib.parse.quote(task_id, safe="[]-_.")
+
+
+class MissingModelKeyError(ValueError):
+    """The agent's model needs a key that this worker's environment does not hold."""
+
+
+# 4xx statuses that say "later", not "never": timeout, conflict, too early, rate limited.
+_RETRY_LATER = frozenset({408, 409, 425, 429})
+
+
+def retryable(exc: BaseException) -> bool:
+    """False iff an attempt that failed with `exc` would fail the same way again: the endpoint
+    refused the credentials or the request itself (a 4xx that is not "later"), or the worker
+    has no key. Network breaks, server errors and everything else may pass next time."""
+    if isinstance(exc, ModelAuthError | MissingModelKeyError):
+        return False
+    if isinstance(exc, ModelRequestError) and not isinstance(exc, ModelServerError) \
+            and exc.status is not None:
+        return not 400 <= exc.status < 500 or exc.status in _RETRY_LATER
+    return True
 
 
 def _sim_metadata(agent: P.AgentSpec, attempt: int, script: tuple[Any, ...] | None
@@ -295,8 +316,9 @@ class Worker:
         if m.api_key_env:
             api_key = os.environ.get(m.api_key_env)
             if not api_key:
-                raise ValueError(f"the agent's model needs a key in ${m.api_key_env}, which is "
-                                 f"not set on worker {self.config.worker_id}")
+                raise MissingModelKeyError(
+                    f"the agent's model needs a key in ${m.api_key_env}, which is not set on "
+                    f"worker {self.config.worker_id}; export it where the workers start")
         else:
             api_key = model_token(self.config.model_token)
         base = lease.model_base_url or m.base_url
@@ -334,14 +356,15 @@ class Worker:
                 self._nursery.cancel_scope.cancel()  # drained: finish what we held, then exit
 
     def _result(self, r: _Running, status: str, *, text: str = "",
-                outputs: dict[str, Any] | None = None, error: str | None = None) -> P.Result:
+                outputs: dict[str, Any] | None = None, error: str | None = None,
+                again: bool = True) -> P.Result:
         lease = r.lease
         turns = tuple(r.state.turns)
         return P.Result(run_id=lease.run_id, task_id=lease.task_id, attempt=lease.attempt,
                         worker_id=self.config.worker_id, status=status, text=text,
                         outputs=outputs or {}, error=error, turns=turns,
                         stopped_at=None if status == "succeeded" else r.state.where(),
-                        cost_usd=sum(t.cost_usd for t in turns))
+                        cost_usd=sum(t.cost_usd for t in turns), retryable=again)
 
     async def _execute(self, r: _Running) -> P.Result:
         """Run one attempt in its cancel scope. Returns how it ended; raises trio.Cancelled
@@ -349,6 +372,7 @@ class Worker:
         lease, cfg = r.lease, self.config
         agent = lease.agent
         status, text, outputs, error = "failed", "", {}, None
+        again = True
         deadline = (trio.current_time() + lease.timeout_s) if lease.timeout_s else None
         claimed = False
         subscribed: list[str] = []
@@ -394,7 +418,8 @@ class Worker:
             except Exception as exc:  # the attempt fails; the worker and other attempts go on
                 leaf = _leaf(exc)
                 error = f"{type(leaf).__name__}: {leaf}"
-                log.warning("task.error", error=error)
+                again = retryable(leaf)
+                log.warning("task.error", error=error, retryable=again)
             finally:
                 r.side = None
                 if registry is not None:
@@ -403,7 +428,7 @@ class Worker:
                     await self._unhold(lease.task_id if claimed else None, subscribed)
         if r.scope.cancelled_caught:
             status, error = "cancelled", r.cancel_reason or "cancelled"
-        return self._result(r, status, text=text, outputs=outputs, error=error)
+        return self._result(r, status, text=text, outputs=outputs, error=error, again=again)
 
     def _tool_env(self) -> dict[str, str]:
         """The environment tools see (an allow-list of this process's), read once: a copy per

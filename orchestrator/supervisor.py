@@ -547,7 +547,10 @@ class Supervisor:
         elif res.status == "cancelled":
             self.sched.on_cancelled(res.task_id, res.attempt, res.error or "cancelled", now)
         else:
-            self.sched.on_failed(res.task_id, res.attempt, res.error or "failed", now)
+            error = res.error or "failed"
+            if not res.retryable:
+                error += " (not retried: another attempt would fail the same way)"
+            self.sched.on_failed(res.task_id, res.attempt, error, now, retryable=res.retryable)
         log.info("task.result", task_id=res.task_id, attempt=res.attempt, status=res.status,
                  worker_id=wid, error=res.error, output_tokens=usage["output_tokens"])
         return None

@@ -218,6 +218,46 @@ async def test_only_a_sim_endpoint_is_sent_the_agents_script(tmp_path):
     assert real.status == "succeeded" and real.text and "SCRIPTED" not in real.text
 
 
+def test_failures_a_retry_cannot_mend_are_told_apart():
+    from agents.worker import MissingModelKeyError, retryable
+    from modellink.turns import (
+        ModelAuthError,
+        ModelConnectionError,
+        ModelRequestError,
+        ModelServerError,
+    )
+
+    never = [ModelAuthError("401"), MissingModelKeyError("no $KEY"),
+             ModelRequestError("no such model", status=400, code="model_not_found"),
+             ModelRequestError("too long", status=413)]
+    later = [ModelRequestError("slow down", status=429, code="rate_limit_exceeded"),
+             ModelRequestError("timeout", status=408), ModelRequestError("?", status=None),
+             ModelServerError("boom", status=500), ModelConnectionError("reset"),
+             OSError("disk"), ValueError("bad output")]
+    assert [retryable(e) for e in never] == [False] * len(never)
+    assert [retryable(e) for e in later] == [True] * len(later)
+
+
+async def test_a_missing_key_or_an_unknown_model_is_reported_as_not_worth_retrying(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("SB_TEST_NO_SUCH_KEY", raising=False)
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path) as h:
+            keyed = P.ModelRef(base_url=h.model_url, api_key_env="SB_TEST_NO_SUCH_KEY")
+            await h.lease("nokey", _agent("a", [{"text": "x"}], [], model=keyed))
+            nokey = await h.result()
+            other = P.ModelRef(base_url=h.model_url, model="no-such-model")
+            await h.lease("nomodel", _agent("a", [{"text": "x"}], [], model=other))
+            nomodel = await h.result()
+            await h.lease("flaky", _agent("a", [{"fail": "upstream 503"}], []))
+            flaky = await h.result()
+    assert nokey.status == "failed" and not nokey.retryable
+    assert "$SB_TEST_NO_SUCH_KEY, which is not set on worker w1" in (nokey.error or "")
+    assert nomodel.status == "failed" and not nomodel.retryable
+    assert "model_not_found" in (nomodel.error or "")
+    assert flaky.status == "failed" and flaky.retryable  # a failed response may pass next time
+
+
 async def test_a_scripted_failure_fails_only_the_attempts_it_names(tmp_path):
     agent = _agent("a", [{"fail": "upstream 503", "attempts": [1, 2]}, {"text": "third time"}],
                    [])

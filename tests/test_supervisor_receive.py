@@ -45,16 +45,16 @@ def msg(source: str, body: Any) -> Message:
                    body=C.pack_body(body))
 
 
-def result(task_id: str, worker: str, status: str = "succeeded") -> Message:
+def result(task_id: str, worker: str, status: str = "succeeded", **kw: Any) -> Message:
     return msg(f"worker.{worker}", P.to_wire(P.Result(
         run_id="r1", task_id=task_id, attempt=1, worker_id=worker, status=status,
-        text=f"{task_id} done")))
+        text=f"{task_id} done", **kw)))
 
 
-def started(tmp_path) -> SV.Supervisor:
-    g = GraphSpec.from_text(GRAPH, "g.toml")
+def started(tmp_path, text: str = GRAPH) -> SV.Supervisor:
+    g = GraphSpec.from_text(text, "g.toml")
     j = Journal.open(tmp_path / "journal.sqlite")
-    j.create_run("r1", graph_path="g.toml", graph_text=GRAPH)
+    j.create_run("r1", graph_path="g.toml", graph_text=text)
     sup = SV.Supervisor(graph=g, journal=j, run_id="r1", scheduler=S.Scheduler(g),
                         opts=SV.RunOptions(state_dir=tmp_path, progress="none"))
     now = trio.current_time()
@@ -98,3 +98,17 @@ async def test_a_result_for_an_attempt_it_does_not_hold_cuts_the_worker_off_at_o
     assert "w2" in sup.banned and "w2" not in sup.table.workers
     assert states["z"] == "ready"  # w2's attempt was lost with it: it runs again
     assert (P.worker_endpoint("w2"), P.drain()) in sup.bus.sent
+
+
+async def test_a_failure_another_attempt_would_repeat_does_not_spend_the_retries(tmp_path):
+    sup = started(tmp_path, GRAPH.replace("[run]\n", "[run]\nretries = 3\n"))
+    sup.bus = ScriptedBus([
+        result("x", "w1", "failed", error="ModelAuthError: refused the credentials",
+               retryable=False),
+        result("y", "w1", "failed", error="ModelConnectionError: reset")])
+    with trio.fail_after(5):
+        await sup._receive_loop()
+    views = sup.sched.task_states()
+    assert views["x"].state == "failed" and views["x"].attempt == 1
+    assert "not retried: another attempt would fail the same way" in (views["x"].error or "")
+    assert views["y"].state == "backoff"  # a network break may pass next time
