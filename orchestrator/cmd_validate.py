@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -38,4 +39,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: graph file {args.file!r} is not UTF-8 text: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"OK: {len(graph.tasks)} tasks, {len(graph.agents)} agents")
+    for line in graph.unset_keys(os.environ):  # not a problem: remote workers may have it
+        print(f"note: {line}", file=sys.stderr)
     return EXIT_OK

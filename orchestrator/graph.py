@@ -135,6 +135,19 @@ class GraphSpec:
     def agent_specs(self) -> dict[str, AgentSpec]:
         return dict(self.agents)
 
+    def unset_keys(self, env: Any) -> list[str]:
+        """One line per api_key_env variable the agents need that `env` does not set (workers
+        read keys from their own environment; local workers inherit the orchestrator's)."""
+        need: dict[str, list[str]] = {}
+        for name, a in self.agents.items():
+            var = a.model.api_key_env
+            if var and not env.get(var):
+                need.setdefault(var, []).append(name)
+        return [f"${var} is not set here, and agent{'s' if len(names) > 1 else ''} "
+                f"{', '.join(names)} read{'' if len(names) > 1 else 's'} the model's key "
+                "from it: export it where the workers start (local workers inherit this "
+                "environment)" for var, names in need.items()]
+
     def task(self, task_id: str) -> TaskSpec:
         for t in self.tasks:
             if t.id == task_id:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import traceback
@@ -115,6 +116,9 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     verb = "resuming" if resume_run is not None else "run"
     print(f"{verb} {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
           file=sys.stderr)
+    if args.workers > 0:
+        for line in graph.unset_keys(os.environ):
+            print(f"warning: {line}", file=sys.stderr)
     try:
         outcome = trio.run(sup.run)
     except BaseException as exc:  # noqa: BLE001 - every way out must end the run row

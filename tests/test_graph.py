@@ -238,6 +238,23 @@ def test_validate_command_ok_and_bad(capsys):
     assert cmd_validate.run(argparse.Namespace(file=str(DATA / "nope.toml"))) == 2
 
 
+def test_validate_notes_a_key_the_agents_need_that_is_not_set(tmp_path, capsys,
+                                                             monkeypatch):
+    g = tmp_path / "g.toml"
+    g.write_text('[model]\nprovider = "openai"\n[agents.a]\n[agents.b]\n'
+                 '[agents.c]\nmodel = {url = "http://127.0.0.1:8000/v1"}\n' + TASK_A)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert cmd_validate.run(argparse.Namespace(file=str(g))) == 0  # remote workers may hold it
+    out = capsys.readouterr()
+    assert out.out == "OK: 1 tasks, 3 agents\n"
+    assert out.err == ("note: $OPENAI_API_KEY is not set here, and agents a, b read the model's "
+                       "key from it: export it where the workers start (local workers inherit "
+                       "this environment)\n")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    assert cmd_validate.run(argparse.Namespace(file=str(g))) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_validate_is_registered_as_a_subcommand():
     p = argparse.ArgumentParser()
     cmd_validate.add_parser(p.add_subparsers())
