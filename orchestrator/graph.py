@@ -261,6 +261,8 @@ MODEL_KEYS = {"provider", "url", "model", "transport", "encoding", "api_key_env"
 _KEY_HINTS = {
     "api_key": ("api_key_env", "never write a key in the graph (it is kept in the journal): "
                 'set api_key_env = "NAME" to the environment variable that holds it'),
+    **{k: ("model", f'an agent\'s endpoint goes in its model table: model = {{ {k} = "..." }}')
+       for k in ("provider", "url", "transport", "encoding", "api_key_env")},
 }
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Servers people name as a provider; they are reached through their OpenAI-compatible URL.

@@ -423,3 +423,9 @@ def test_only_sim_endpoints_are_marked_sim():
     lease = P.Lease(run_id="r", task_id="t", attempt=1, agent=g.agents["b"], prompt="p",
                     timeout_s=None, model_base_url=None)
     assert P.parse_message(P.to_wire(lease)).agent.model.sim is False
+
+
+def test_endpoint_keys_written_in_an_agent_table_point_to_its_model_table():
+    p = only('[agents.a]\nprovider = "openai"\n' + TASK_A)
+    assert p.message == "unknown key 'provider' in [agents.a]" and p.line == 2
+    assert p.hint == 'an agent\'s endpoint goes in its model table: model = { provider = "..." }'
