@@ -5,6 +5,7 @@ Everything else in Switchboard imports WebSocket names from here, never from tri
 
 from __future__ import annotations
 
+import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -47,7 +48,10 @@ def connect_failure(exc: BaseException) -> str:
     gai = next((e for e in seen if isinstance(e, socket.gaierror)), None)
     if gai is not None:
         return f"cannot resolve the host name ({gai.strerror})"
-    if any(isinstance(e, (WsConnectTimeout, TimeoutError)) for e in seen):
+    timeout = next((e for e in seen if isinstance(e, (WsConnectTimeout, TimeoutError))), None)
+    if timeout is not None:
+        if isinstance(timeout, WsConnectTimeout) and str(timeout):  # open_ws's, with the phase
+            return str(timeout)
         return "timed out connecting (a firewall, or a host that is down?)"
     told = next((e for e in seen if not isinstance(e, WsHandshakeError) and str(e)), None)
     return str(told) if told is not None else repr(exc)
@@ -140,6 +144,13 @@ def queued_messages(conn: WsConnection) -> int:
     return conn._recv_channel.statistics().current_buffer_used
 
 
+def _dial_timeout_message(timeout: float) -> str:
+    # The two phases cannot be told apart from outside trio-websocket's dial: name both.
+    return (f"timed out connecting after {timeout:g}s: no TCP connection (a firewall, or a host "
+            "that is down?), or the server accepted the connection but did not answer the "
+            "WebSocket upgrade (not a WebSocket endpoint?)")
+
+
 @asynccontextmanager
 async def open_ws(
     url: str,
@@ -147,15 +158,38 @@ async def open_ws(
     headers: list[tuple[bytes, bytes]] | None = None,
     config: WsConfig = WsConfig(),
 ) -> AsyncIterator[WsConnection]:
-    """Open a client WebSocket. Raises WsHandshakeError / WsRejected / OSError on failure."""
-    async with _tw.open_websocket_url(
-        url,
-        extra_headers=headers,
-        connect_timeout=config.connect_timeout,
-        disconnect_timeout=config.disconnect_timeout,
-        **_kw(config),
-    ) as conn:
-        yield conn
+    """Open a client WebSocket; the whole dial (TCP connect, TLS, the HTTP upgrade) is bounded
+    by `config.connect_timeout`.
+
+    Raises WsConnectTimeout past that bound (its text names the bound),
+    WsRejected when the server refuses the upgrade, WsHandshakeError / OSError otherwise.
+    trio.Cancelled from an enclosing scope propagates as it is.
+    """
+    opened = False
+    # trio-websocket 0.12.2 bounds its dial with fail_after, but when the TCP connection is up
+    # and the upgrade goes unanswered it catches its own timeout and then waits for its reader
+    # task, which reads the silent socket until the peer closes it: possibly never. This scope
+    # cuts that wait at the same deadline; both paths end in the one WsConnectTimeout below.
+    with trio.move_on_after(config.connect_timeout) as dial:
+        try:
+            async with _tw.open_websocket_url(
+                url,
+                extra_headers=headers,
+                connect_timeout=config.connect_timeout,
+                disconnect_timeout=config.disconnect_timeout,
+                **_kw(config),
+            ) as conn:
+                opened = True
+                dial.deadline = math.inf  # the bound is the dial's, never the user's body's
+                yield conn
+        except WsConnectTimeout:
+            if opened:
+                raise
+    # Not opened: the library timed out, or this scope cut its wait on a silent socket.
+    # Caught after opening: the deadline passed as the upgrade finished, before it was lifted,
+    # so the body was cancelled at its first checkpoint; that is a dial that ran out of time.
+    if not opened or dial.cancelled_caught:
+        raise WsConnectTimeout(_dial_timeout_message(config.connect_timeout))
 
 
 class PrefixedStream(trio.abc.Stream):

@@ -51,8 +51,10 @@ from modellink.turns import (
     ModelServerError,
     TurnResult,
     Usage,
+    body_excerpt,
     context_item,
     error_from_event,
+    error_from_http,
     read_response,
 )
 
@@ -712,15 +714,19 @@ class ModelSession:
                              headers: list[tuple[str, str]]
                              ) -> tuple[Any, list[dict[str, Any]]]:
         head = await conn.send_request("POST", path, headers=headers, body=body)
+        request = f"POST {self._origin.url(path)}"
         ctype = head.header(b"content-type") or b""
         if head.status != 200 or not ctype.startswith(b"text/event-stream"):
             data = await conn.read_body()
+            if head.status != 200:
+                chat_url = self._origin.url("/chat/completions") if path == "/responses" \
+                    else None
+                raise error_from_http(request, head.status, data, chat_url=chat_url)
             try:
                 obj = P.loads_json(data) if data else {}
             except P.ProtocolError:
-                obj = {"error": {"message": data[:300].decode("utf-8", "replace")}}
-            if head.status != 200:
-                raise error_from_event(obj if isinstance(obj, dict) else {}, http_status=head.status)
+                raise ModelConnectionError(f"{request} answered HTTP 200 with a body that is "
+                                           f"not JSON: {body_excerpt(data)}") from None
             return obj, []
         decoder = P.SseDecoder()
         seen: list[dict[str, Any]] = []
@@ -735,7 +741,7 @@ class ModelSession:
                 if kind == "response.output_item.done":
                     seen.append(event.get("item") or {})
                 elif kind == "error":
-                    raise error_from_event(event)
+                    raise error_from_event(event, request=request)
                 elif kind in P.TERMINAL_TYPES:
                     terminal = event
         if terminal is None:

@@ -67,6 +67,10 @@ class Origin:
         """The request target for `path` under the base path ("/responses" -> "/v1/responses")."""
         return self.base_path + path
 
+    def url(self, path: str) -> str:
+        """The http(s):// URL for `path` under the base path (for messages)."""
+        return f"{self.scheme}://{self.host_header}{self.target(path)}"
+
     def ws_url(self, path: str) -> str:
         """The ws(s):// URL for `path` under the base path."""
         scheme = "wss" if self.tls else "ws"

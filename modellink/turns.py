@@ -10,6 +10,9 @@ cache holds exactly `items[:server_upto]` under `last_response_id` (when that is
 
 from __future__ import annotations
 
+import html
+import json
+import re
 from typing import Any
 
 import attrs
@@ -27,19 +30,23 @@ class ModelRequestError(ModelError):
     """The endpoint refused this request (an error event or 4xx with a code): the request's fault.
 
     `status`, `code`, `message`, `param` are the server's; `param` names the offending field.
+    `request` is the HTTP request that failed ("POST http://host/v1/responses"), None for an
+    error event on a WebSocket.
     """
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 param: str | None = None) -> None:
+                 param: str | None = None, request: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
+        self.request = request
 
     def __str__(self) -> str:
         where = f" (param {self.param})" if self.param else ""
-        return f"{self.code or 'error'} [{self.status}]: {self.message}{where}"
+        said = f"{self.code or 'error'} [{self.status}]: {self.message}{where}"
+        return f"{self.request}: {said}" if self.request else said
 
 
 class ModelServerError(ModelRequestError):
@@ -204,11 +211,12 @@ def read_response(response: Any, fallback_output: list[dict[str, Any]] | None = 
                         error=error if isinstance(error, dict) else None)
 
 
-def error_from_event(event: dict[str, Any], *, http_status: int | None = None) -> ModelError:
+def error_from_event(event: dict[str, Any], *, http_status: int | None = None,
+                     request: str | None = None) -> ModelError:
     """The error to raise for an `error` event or an HTTP error body, saying whose fault it is.
 
     Accepts our shape {"type": "error", "status", "error": {...}} and OpenAI's HTTP body
-    {"error": {...}}.
+    {"error": {...}}. `request` names the HTTP request that failed ("POST <url>"), if any.
     """
     err = event.get("error")
     if not isinstance(err, dict):
@@ -218,9 +226,57 @@ def error_from_event(event: dict[str, Any], *, http_status: int | None = None) -
     message = str(err.get("message") or "no message")
     param = err.get("param") if isinstance(err.get("param"), str) else None
     if status in (401, 403) or err.get("type") == "authentication_error":
-        return ModelAuthError(f"the model endpoint refused the credentials ({status}): {message}; "
+        endpoint = f"the model endpoint ({request})" if request else "the model endpoint"
+        return ModelAuthError(f"{endpoint} refused the credentials ({status}): {message}; "
                               "check the API key (ModelEndpoint.api_key or the agent's "
                               "api_key_env)")
     if (status is not None and status >= 500) or code == "server_error":
-        return ModelServerError(message, status=status, code=code, param=param)
-    return ModelRequestError(message, status=status, code=code, param=param)
+        return ModelServerError(message, status=status, code=code, param=param, request=request)
+    return ModelRequestError(message, status=status, code=code, param=param, request=request)
+
+
+EXCERPT_CHARS = 120
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title\s*>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def body_excerpt(body: bytes, limit: int = EXCERPT_CHARS) -> str:
+    """A short, one-line view of a body that is not a JSON error object: an HTML page's <title>
+    (else its text without tags), or the text, whitespace collapsed, at most `limit` chars."""
+    title = _TITLE.search(body[:64 * 1024])
+    text = (title.group(1) if title else body[:16 * 1024]).decode("utf-8", "replace")
+    if title is None and text.lstrip()[:1] == "<":
+        text = _TAG.sub(" ", text)
+    text = " ".join(html.unescape(text).split())
+    if not text:
+        return "(empty body)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def error_from_http(request: str, status: int, body: bytes, *,
+                    chat_url: str | None = None) -> ModelError:
+    """The error for an HTTP response with a status other than 200, naming `request`
+    ("POST <url>") and the status.
+
+    A JSON error object (OpenAI's {"error": {"message", "code", ...}}, or our error event) is
+    read as `error_from_event` reads it; any other body (an HTML error page, plain text, a
+    framework's {"detail": ...}) is shown as a short excerpt. `chat_url` is given for a request
+    to the Responses API: a 404 or 405 without an error object then says the server may not
+    implement it and where the Chat Completions transport would go instead.
+    """
+    try:
+        obj = json.loads(body) if body else None
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return error_from_event(obj, http_status=status, request=request)
+    said = next((obj[k] for k in ("detail", "message", "error") if isinstance(obj, dict)
+                 and isinstance(obj.get(k), str) and obj[k].strip()), None)
+    message = body_excerpt(said.encode() if said is not None else body)
+    if chat_url is not None and status in (404, 405):
+        # A server that implements Responses refuses with its error object (e.g. an unknown
+        # model), so only a bare 404/405 says the path itself is missing.
+        message += ("; the server may not implement the Responses API: transport = \"chat\" "
+                    f"(in the graph's [model] table) uses {chat_url}")
+    return error_from_event({"error": {"message": message}}, http_status=status,
+                            request=request)

@@ -4,6 +4,7 @@ keepalive against a dead hub, statistics."""
 from __future__ import annotations
 
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -20,7 +21,15 @@ from bus.errors import (
     BusNoRouteError,
     ProtocolError,
 )
-from bus.ws import WsConnectTimeout, WsHandshakeError, WsRequest, connect_failure, serve_ws
+from bus.ws import (
+    WsConfig,
+    WsConnectTimeout,
+    WsHandshakeError,
+    WsRequest,
+    connect_failure,
+    open_ws,
+    serve_ws,
+)
 
 
 async def wait_for(predicate, step: float = 0.001) -> None:
@@ -380,3 +389,61 @@ async def test_a_lone_ack_waits_ack_delay_and_data_carries_it_at_once(autojump_c
                 assert trio.current_time() - t1 < delay / 4  # the reply carried the ACK
                 assert b.statistics().frames_out == frames + 1  # one frame: ACK + data
             nursery.cancel_scope.cancel()
+
+
+async def _serve_silent(nursery: trio.Nursery) -> tuple[int, list[bytes]]:
+    """A TCP port that accepts and reads, but never answers: the port and what each connection
+    sent first (for a WebSocket client, its upgrade request)."""
+    heard: list[bytes] = []
+
+    async def accept_and_say_nothing(stream: trio.SocketStream) -> None:
+        heard.append(await stream.receive_some())
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, accept_and_say_nothing, 0,
+                                            host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1], heard
+
+
+async def test_open_ws_gives_up_at_connect_timeout_when_the_upgrade_is_never_answered(
+        autojump_clock):
+    with trio.fail_after(60):  # trio-websocket alone waited for the peer to hang up
+        async with trio.open_nursery() as nursery:
+            port, heard = await _serve_silent(nursery)
+            t0 = trio.current_time()
+            with pytest.raises(WsConnectTimeout) as caught:
+                async with open_ws(f"ws://127.0.0.1:{port}/x", config=WsConfig(connect_timeout=3)):
+                    pytest.fail("must not get here")
+            assert trio.current_time() - t0 == pytest.approx(3.0)
+            nursery.cancel_scope.cancel()
+    assert b"upgrade: websocket" in heard[0].lower()  # the TCP connection was up
+    assert connect_failure(caught.value) == str(caught.value)
+    assert "timed out connecting after 3s" in str(caught.value)
+    assert "accepted the connection but did not answer the WebSocket upgrade" in str(caught.value)
+
+
+async def test_open_ws_lets_a_cancel_from_outside_through_while_dialling(autojump_clock):
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port, _ = await _serve_silent(nursery)
+            with trio.move_on_after(1) as outer:
+                async with open_ws(f"ws://127.0.0.1:{port}/x", config=WsConfig(connect_timeout=3)):
+                    pytest.fail("must not get here")
+            assert outer.cancelled_caught and trio.current_time() == pytest.approx(1.0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_bus_client_dial_to_a_silent_port_fails_at_connect_timeout(autojump_clock):
+    cfg = ClientConfig(ws=WsConfig(connect_timeout=3))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port, heard = await _serve_silent(nursery)
+            t0 = trio.current_time()
+            with pytest.raises(BusBrokenError, match=rf"cannot connect to ws://127.0.0.1:{port}/bus"
+                               r": timed out connecting after 3s"):
+                async with open_bus_client(f"ws://127.0.0.1:{port}/bus", token=TOKEN,
+                                           endpoint_id="a", config=cfg):
+                    pytest.fail("must not get here")
+            assert trio.current_time() - t0 == pytest.approx(3.0)
+            nursery.cancel_scope.cancel()
+    assert len(heard) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import http.server
 import json
 import shutil
 import ssl
@@ -31,7 +33,15 @@ from modellink.client import (
 from modellink.httpclient import HttpConnection, HttpError, Origin
 from modellink.server import ModelServerConfig, ModelServerInfo, serve_model
 from modellink.sim import SimConfig
-from modellink.turns import ContextBook, context_item, error_from_event, read_response
+from modellink.turns import (
+    EXCERPT_CHARS,
+    ContextBook,
+    body_excerpt,
+    context_item,
+    error_from_event,
+    error_from_http,
+    read_response,
+)
 
 # ------------------------------------------------------------------ no I/O
 
@@ -743,3 +753,132 @@ async def test_kept_alive_http_connections_are_pooled_like_websockets(keepalive:
         assert [(st.connects, st.reused) for st in stats] == [(1, 0), (0, 1)]
     else:
         assert [(st.connects, st.reused) for st in stats] == [(1, 0), (1, 0)]
+
+
+# ------------------------------------------------------------------ slow or foreign servers
+
+
+async def test_a_ws_session_to_a_port_that_never_answers_the_upgrade_fails_at_connect_timeout(
+        autojump_clock: Any):
+    heard: list[bytes] = []
+
+    async def accept_and_say_nothing(stream: trio.SocketStream) -> None:
+        heard.append(await stream.receive_some())
+        await trio.sleep_forever()
+
+    with trio.fail_after(600):  # the task timeout the session used to run into
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, accept_and_say_nothing, 0,
+                                                    host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            ep = ModelEndpoint(base_url=f"http://127.0.0.1:{port}/v1", transport="ws",
+                               connect_timeout_s=3)
+            t0 = trio.current_time()
+            with pytest.raises(ModelConnectionError) as caught:
+                async with open_model_session(ep) as s:
+                    await s.turn([_user("hi")])
+            assert trio.current_time() - t0 == pytest.approx(3.0)
+            nursery.cancel_scope.cancel()
+    assert b"upgrade: websocket" in heard[0].lower()
+    assert str(caught.value).startswith(
+        f"cannot open the model WebSocket ws://127.0.0.1:{port}/v1/responses: "
+        "timed out connecting after 3s")
+    assert "did not answer the WebSocket upgrade" in str(caught.value)
+
+
+async def _serve_answer(nursery: trio.Nursery, status: int, ctype: str, body: bytes,
+                        targets: list[bytes]) -> str:
+    """An HTTP server over real sockets that answers every request with one fixed response
+    (an HTML error page, a framework's JSON 404 ...); `targets` records the paths asked for."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(ev, h11.Request):
+                targets.append(ev.target)
+            elif isinstance(ev, h11.EndOfMessage):
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
+                    ("Content-Type", ctype), ("Content-Length", str(len(body))),
+                    ("Connection", "close")])) + conn.send(h11.Data(data=body))
+                    + conn.send(h11.EndOfMessage()))
+                return
+            elif isinstance(ev, h11.ConnectionClosed):
+                return
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/v1"
+
+
+async def _http_turn_error(status: int, ctype: str, body: bytes, *, transport: str = "http"
+                           ) -> tuple[str, Exception]:
+    targets: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            base = await _serve_answer(nursery, status, ctype, body, targets)
+            async with open_model_session(ModelEndpoint(base_url=base, transport=transport,
+                                                        encoding="json")) as s:
+                with pytest.raises(ModelRequestError) as caught:
+                    await s.turn([_user("hi")])
+            nursery.cancel_scope.cancel()
+    assert len(targets) == 1
+    return base, caught.value
+
+
+# What `python -m http.server` answers to a POST.
+HTML_501 = (http.server.DEFAULT_ERROR_MESSAGE % {
+    "code": 501, "message": html.escape("Unsupported method ('POST')"),
+    "explain": "Server does not support this operation."}).encode()
+
+
+async def test_an_html_error_page_is_named_by_request_and_status_not_printed_whole():
+    base, err = await _http_turn_error(501, "text/html;charset=utf-8", HTML_501)
+    assert type(err) is ModelServerError and err.status == 501
+    assert str(err) == f"POST {base}/responses: error [501]: Error response"
+
+
+async def test_a_bare_404_on_the_responses_path_says_to_try_the_chat_transport():
+    base, err = await _http_turn_error(404, "application/json", b'{"detail":"Not Found"}')
+    assert type(err) is ModelRequestError and err.status == 404
+    assert str(err) == (
+        f"POST {base}/responses: error [404]: Not Found; the server may not implement the "
+        f"Responses API: transport = \"chat\" (in the graph's [model] table) uses "
+        f"{base}/chat/completions")
+
+
+async def test_a_404_on_the_chat_path_names_it_without_the_responses_hint():
+    base, err = await _http_turn_error(404, "text/plain", b"  no such\n\n   route  ",
+                                       transport="chat")
+    assert str(err) == f"POST {base}/chat/completions: error [404]: no such route"
+
+
+async def test_a_providers_json_error_keeps_its_code_message_and_param():
+    body = json.dumps({"error": {"message": "The model `x` does not exist", "type":
+                                 "invalid_request_error", "param": "model",
+                                 "code": "model_not_found"}}).encode()
+    base, err = await _http_turn_error(404, "application/json", body)
+    assert (err.code, err.param, err.message) == (
+        "model_not_found", "model", "The model `x` does not exist")
+    # As before, after the request that failed; a Responses server's own 404: no hint.
+    assert str(err) == (f"POST {base}/responses: model_not_found [404]: "
+                        "The model `x` does not exist (param model)")
+
+
+def test_body_excerpt_is_one_short_line():
+    assert body_excerpt(b"<html><head><title>\n  502 Bad\n Gateway</title></head></html>") \
+        == "502 Bad Gateway"
+    assert body_excerpt(b"<html><body><h1>Oops</h1>\n<p>it &amp; broke</p></body></html>") \
+        == "Oops it & broke"
+    long = body_excerpt(b"word " * 100)
+    assert len(long) == EXCERPT_CHARS and long.endswith("...") and "\n" not in long
+    assert body_excerpt(b"") == "(empty body)"
+
+
+def test_http_errors_classify_by_status_and_name_the_request():
+    auth = error_from_http("POST http://h/v1/responses", 401, b"<title>401</title>")
+    assert isinstance(auth, ModelAuthError) and "POST http://h/v1/responses" in str(auth)
+    assert type(error_from_http("POST u", 405, b"", chat_url="c")) is ModelRequestError
+    assert "transport = \"chat\"" in str(error_from_http("POST u", 405, b"", chat_url="c"))
+    assert "transport" not in str(error_from_http("POST u", 400, b"bad", chat_url="c"))
