@@ -11,9 +11,10 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from orchestrator import runlock
 from orchestrator.cli import EXIT_BAD_INPUT, EXIT_OK
 from orchestrator.journal import Journal, JournalError
-from orchestrator.runs import journal_path
+from orchestrator.runs import journal_path, run_dir
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_run"})
 
@@ -154,4 +155,13 @@ def run(args: argparse.Namespace) -> int:
     what = f"task {args.task} (and its children) in run {rid}" if args.task else f"run {rid}"
     print(f"cancel requested for {what} (request {req}); the running orchestrator picks it "
           f"up within a second. Follow with `orchestrator status {rid}`.")
+    note_if_gone(args.state_dir, rid)
     return EXIT_OK
+
+
+def note_if_gone(state_dir: str, run_id: str) -> None:
+    """After a request: say so on stderr when the run's orchestrator is not there to take it."""
+    note = runlock.gone_note(run_dir(pathlib.Path(state_dir), run_id), run_id,
+                             "the request waits for")
+    if note:
+        print(note, file=sys.stderr)

@@ -8,6 +8,7 @@ import pathlib
 import sys
 import time
 
+from orchestrator import runlock
 from orchestrator.logview import LogFilter, LogFilterError, parse_line, render
 from orchestrator.runs import RunNotFound, resolve_run_dir
 
@@ -56,7 +57,7 @@ def _journal_run_id(state: pathlib.Path, ref: str) -> str:
 
 def _run_ended(state: pathlib.Path, run_id: str) -> bool:
     """True iff the journal says the run is over (so `--follow` has nothing more to wait for).
-    A run whose orchestrator was killed stays "running" until resumed: followed until Ctrl-C."""
+    A run whose orchestrator was killed stays "running" until resumed (see runlock)."""
     from orchestrator.journal import Journal, JournalError
     from orchestrator.runs import journal_path
 
@@ -89,17 +90,24 @@ def run(args: argparse.Namespace) -> int:
     state = pathlib.Path(args.state_dir)
     last_check = 0.0
     ended = False  # the run was over when last checked: one more read to the end, then stop
+    gone = ""  # why following stopped though the run has not ended
     try:
         with open(path, "rb") as f:
             while True:
                 line = f.readline()
                 if not line:
                     if not args.follow or ended:
+                        if gone:
+                            print(gone, file=sys.stderr)
                         return EXIT_OK
                     out.flush()
                     if time.monotonic() - last_check >= FOLLOW_CHECK_S:
                         last_check = time.monotonic()
                         ended = _run_ended(state, run_dir.name)
+                        if not ended:  # nobody will write more: the orchestrator is gone
+                            gone = runlock.gone_note(run_dir, run_dir.name,
+                                                     "nothing more is written until") or ""
+                            ended = bool(gone)
                         if ended:
                             continue  # lines written before the run ended: read them first
                     time.sleep(0.2)

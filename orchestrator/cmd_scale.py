@@ -6,7 +6,13 @@ import argparse
 import sys
 
 from orchestrator.cli import EXIT_BAD_INPUT, EXIT_OK
-from orchestrator.cmd_cancel import ControlError, add_state_dir, wrap, write_request
+from orchestrator.cmd_cancel import (
+    ControlError,
+    add_state_dir,
+    note_if_gone,
+    wrap,
+    write_request,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     print(f"scale to {args.n} worker{'s' if args.n != 1 else ''} requested for run {rid} "
           f"(request {req}); the running orchestrator picks it up within a second.")
+    note_if_gone(args.state_dir, rid)
     if args.n == 0:
         print("note: with 0 workers the run makes no progress until workers join again "
               "(remote workers, or another `orchestrator scale`)", file=sys.stderr)

@@ -52,11 +52,14 @@ def _err(msg: str) -> int:
 
 
 def load_status(journal: Journal, ref: str | None, *, now: float) -> Any:
-    """The RunStatus of run `ref` (id, prefix, 'latest'), read in one snapshot of the journal.
+    """The RunStatus of run `ref` (id, prefix, 'latest'), read in one snapshot of the journal,
+    with the pid of its live orchestrator (from the run's lock next to the journal).
 
     Raises JournalError when there is no such run.
     """
+    from orchestrator import runlock
     from orchestrator.graph import GraphError, GraphSpec
+    from orchestrator.runs import run_dir
     from orchestrator.status import build_status
 
     conn = journal.conn
@@ -76,7 +79,10 @@ def load_status(journal: Journal, ref: str | None, *, now: float) -> Any:
         graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
     except GraphError:
         graph = None  # the journaled rows still say everything that ran
-    return build_status(row, rows, attempts, graph=graph, requests=requests, now=now)
+    pid = runlock.holder(run_dir(journal.path.parent, rid)) if row["status"] == "running" \
+        else None
+    return build_status(row, rows, attempts, graph=graph, requests=requests, now=now,
+                        orchestrator_pid=pid)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
 
     from bus.logs import configure_logging, get_logger, level_number
     from bus.tokens import TokenError, load_token
+    from orchestrator import runlock
     from orchestrator import scheduler as S
     from orchestrator.cli import leaves
     from orchestrator.cmd_run import _check_args, _options
@@ -79,6 +80,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         run_id = new_run_id()
         journal.create_run(run_id, graph_path=str(args.file), graph_text=graph.source_text)
         sched = S.Scheduler(graph)
+        closed = 0
     else:
         try:
             row = journal.find_run(resume_run)
@@ -94,31 +96,53 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         except GraphError as exc:
             print(exc.render(), file=sys.stderr)
             return EXIT_BAD_INPUT
-        # whatever was in flight when the orchestrator died will never report
-        closed = journal.close_open_attempts(
-            run_id, "lost", "the orchestrator stopped while this attempt was in flight")
-        sched = S.Scheduler.restore(graph, journal.task_records(run_id))
-        journal.event(run_id, None, "resumed", {"closed_attempts": closed})
 
-    rdir = run_dir(state, run_id)
-    rdir.mkdir(parents=True, exist_ok=True)
-    log_f = open(rdir / "log.jsonl", "ab", buffering=0)  # noqa: SIM115 - lives for the run
+    lock: Any = None
+    try:  # from here a Ctrl-C ends the run row too (a run left "running" was never resumable)
+        rdir = run_dir(state, run_id)
+        rdir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = runlock.hold(rdir)  # ours until this process ends, however it ends
+        except runlock.RunLocked as exc:
+            _err(f"run {run_id} is still running: its orchestrator (pid {exc.pid or '?'}) is "
+                 f"alive, and resuming it would run its tasks twice. Stop it with `orchestrator "
+                 f"cancel {run_id}` (or Ctrl-C where it runs), or wait for it to end")
+            return EXIT_BAD_INPUT
+        except OSError as exc:
+            _err(f"cannot lock run {run_id} in {rdir}: {exc}")
+            return EXIT_BAD_INPUT
+        if resume_run is not None:
+            # whatever was in flight when the orchestrator died will never report
+            closed = journal.close_open_attempts(
+                run_id, "lost", "the orchestrator stopped while this attempt was in flight")
+            sched = S.Scheduler.restore(graph, journal.task_records(run_id))
+            journal.event(run_id, None, "resumed", {"closed_attempts": closed})
+        log_f = open(rdir / "log.jsonl", "ab", buffering=0)  # noqa: SIM115 - lives for the run
 
-    def sink(line: bytes) -> None:
-        log_f.write(line + b"\n")
+        def sink(line: bytes) -> None:
+            log_f.write(line + b"\n")
 
-    configure_logging(json=True, level=args.log_level, tee=sink, quiet=True)
-    bind_run(run_id)
-    log = get_logger("orchestrator.runner")
-    opts = _options(args, token)
-    sup = Supervisor(graph=graph, journal=journal, run_id=run_id, opts=opts,  # type: ignore[arg-type]
-                     scheduler=sched, sink=sink)
-    verb = "resuming" if resume_run is not None else "run"
-    print(f"{verb} {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
-          file=sys.stderr)
-    if args.workers > 0:
-        for line in graph.unset_keys(os.environ):
-            print(f"warning: {line}", file=sys.stderr)
+        configure_logging(json=True, level=args.log_level, tee=sink, quiet=True)
+        bind_run(run_id)
+        log = get_logger("orchestrator.runner")
+        if resume_run is not None:
+            log.info("run.resumed", closed_attempts=closed,
+                     note="attempts in flight when the orchestrator before this one stopped "
+                          "were closed as lost; their tasks run again")
+        opts = _options(args, token)
+        sup = Supervisor(graph=graph, journal=journal, run_id=run_id, opts=opts,  # type: ignore[arg-type]
+                         scheduler=sched, sink=sink)
+        verb = "resuming" if resume_run is not None else "run"
+        print(f"{verb} {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
+              file=sys.stderr)
+        if args.workers > 0:
+            for line in graph.unset_keys(os.environ):
+                print(f"warning: {line}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if lock is not None:  # only the run's holder may end it: not a refused resume
+            journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted while starting")
+            lock.close()
+        return EXIT_CANCELLED
     try:
         outcome = trio.run(sup.run)
     except BaseException as exc:  # noqa: BLE001 - every way out must end the run row
@@ -140,6 +164,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         return EXIT_INTERNAL
     finally:
         log_f.close()
+        lock.close()
     print_summary(outcome.summary, outcome.status, graph=graph)
     if outcome.fatal:
         _err(outcome.fatal)

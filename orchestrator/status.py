@@ -129,6 +129,9 @@ class RunStatus:
     counts: Mapping[str, int]
     requests: tuple[Mapping[str, Any], ...]  # control requests not taken yet
     now: float
+    # pid of the live orchestrator holding the run (runlock), None if none does; only read
+    # while the run's row says running
+    orchestrator_pid: int | None = None
 
     def duration(self) -> float:
         return max((self.ended if self.ended is not None else self.now) - self.started, 0.0)
@@ -142,7 +145,8 @@ def _placeholder(task_id: str, agent: str) -> dict[str, Any]:
 
 def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                  attempts: Sequence[Mapping[str, Any]], *, graph: Any = None,
-                 requests: Sequence[Mapping[str, Any]] = (), now: float) -> RunStatus:
+                 requests: Sequence[Mapping[str, Any]] = (), now: float,
+                 orchestrator_pid: int | None = None) -> RunStatus:
     """Fold journal rows into a RunStatus.
 
     `run` is a `Journal.find_run` dict, `rows` `Journal.task_rows`, `attempts`
@@ -240,7 +244,7 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         reason=run.get("reason"), tasks=tuple(flat),
         usage=_sum(a.usage for own in by_task.values() for a in own),
         counts={s: counts[s] for s in (*STATE_ORDER, *sorted(counts)) if counts.get(s)},
-        requests=tuple(dict(q) for q in requests), now=now)
+        requests=tuple(dict(q) for q in requests), now=now, orchestrator_pid=orchestrator_pid)
 
 
 # ---------------------------------------------------------------- formatting
@@ -321,6 +325,10 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
     head += f": {st.status}, started {when}, " + (
         f"took {dur}" if st.ended is not None else f"{dur} so far")
     lines = [head]
+    gone = st.status == "running" and st.orchestrator_pid is None
+    if gone:
+        lines.append(f"orchestrator: not running (killed, or its terminal or machine went "
+                     f"away): `orchestrator resume {st.run_id}` finishes the run")
     if st.graph_path:
         lines.append(f"graph: {st.graph_path}")
     if st.reason:
@@ -334,12 +342,9 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
         if q.get("arg") is not None:
             what += f" {q['arg']}"
         age = fmt_duration(max(st.now - _num(q.get("created")), 0.0))
-        lines.append(f"pending request: {what} (asked {age} ago; the orchestrator picks "
-                     "requests up within a second while it runs)")
-    if st.status == "running" and st.requests and any(
-            st.now - _num(q.get("created")) > 10 for q in st.requests):
-        lines.append(f"  a request waiting this long suggests the orchestrator is gone: "
-                     f"`orchestrator resume {st.run_id}` picks the run (and the request) up")
+        lines.append(f"pending request: {what} (asked {age} ago; " + (
+            "`orchestrator resume` applies it)" if gone else
+            "the orchestrator picks requests up within a second while it runs)"))
     lines.append("")
     rows: list[list[str]] = []
     any_split = False
@@ -382,7 +387,8 @@ def to_json(st: RunStatus) -> dict[str, Any]:
         "run": {"run_id": st.run_id, "name": st.name, "graph_path": st.graph_path,
                 "status": st.status, "started": st.started, "ended": st.ended,
                 "duration_s": round(st.duration(), 3), "reason": st.reason,
-                "counts": dict(st.counts), "usage": st.usage.to_dict()},
+                "counts": dict(st.counts), "usage": st.usage.to_dict(),
+                "orchestrator_pid": st.orchestrator_pid},
         "tasks": [{
             "task_id": t.task_id, "kind": t.kind, "parent": t.parent, "agent": t.agent,
             "state": t.state, "attempts": t.attempts, "failures": t.failures,

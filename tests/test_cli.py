@@ -184,6 +184,24 @@ def test_cancel_run_writes_a_request_the_supervisor_takes(live, capsys):
     assert (req["kind"], req["task_id"], req["arg"]) == ("cancel", None, None)
 
 
+def test_a_request_to_a_run_whose_orchestrator_is_gone_says_resume_takes_it(live, capsys):
+    from orchestrator import runlock
+    from orchestrator.runs import run_dir
+
+    tmp_path, j, _ = live
+    d = run_dir(tmp_path, RID)
+    d.mkdir(parents=True)
+    gone = (f"note: run {RID}'s orchestrator is not running (killed, or its terminal closed); "
+            f"the request waits for `orchestrator resume {RID}`")
+    assert main(["cancel", RID, *sd(tmp_path)]) == cli.EXIT_OK
+    assert gone in capsys.readouterr().err
+    assert main(["scale", "3", "--run", RID, *sd(tmp_path)]) == cli.EXIT_OK
+    assert gone in capsys.readouterr().err
+    with runlock.hold(d):  # a live orchestrator holds the run: no note
+        assert main(["cancel", RID, *sd(tmp_path)]) == cli.EXIT_OK
+        assert "note:" not in capsys.readouterr().err
+
+
 def test_cancel_task_writes_its_id(live, capsys):
     tmp_path, j, _ = live
     assert main(["cancel", "latest", "build", *sd(tmp_path)]) == cli.EXIT_OK

@@ -473,11 +473,26 @@ async def kill_9_and_resume(run: Run) -> tuple[int, str]:
     stopped, check the journal still says running, then `orchestrator resume` it with one
     worker. Returns the resume's exit code and stderr."""
     rid = str(run.run_id())
+
+    async def orch(*argv: str) -> Any:
+        return await trio.run_process(_orch(*argv, rid, "--state-dir", str(run.state)),
+                                      env=_env(), capture_stdout=True, capture_stderr=True,
+                                      check=False)
+
     assert run.proc is not None
+    # while the orchestrator lives, a resume would run its tasks a second time: refused
+    states = sorted((a["task_id"], a["attempt"], a["state"]) for a in run.attempts())
+    early = await orch("resume")
+    assert early.returncode == 2, early.stderr
+    assert f"run {rid} is still running: its orchestrator (pid {run.proc.pid})" in \
+        early.stderr.decode()
+    assert "lost" not in {a["state"] for a in run.attempts()}, states
+    assert b"orchestrator: not running" not in (await orch("status")).stdout
     run.proc.kill()
     await run.wait()
     await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
     assert run.run_row()["status"] == "running"
+    assert b"orchestrator: not running" in (await orch("status")).stdout
     resumed = Run(run.tmp)
     resumed.err_path = run.tmp / "resume.stderr"
     await resumed.start("--workers", "1", cmd=("resume", rid))

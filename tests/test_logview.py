@@ -67,6 +67,7 @@ def test_logs_command_reads_a_run_directory(tmp_path):
 
 
 def test_logs_follow_prints_lines_as_they_come_and_stops_when_the_run_ends(tmp_path):
+    from orchestrator import runlock
     from orchestrator.journal import Journal
     from orchestrator.runs import journal_path, run_dir
 
@@ -75,6 +76,7 @@ def test_logs_follow_prints_lines_as_they_come_and_stops_when_the_run_ends(tmp_p
     j.create_run(rid, graph_path="g.toml", graph_text="")
     d = run_dir(tmp_path, rid)
     d.mkdir(parents=True)
+    lock = runlock.hold(d)  # this test is the run's orchestrator
     log = d / "log.jsonl"
     log.write_bytes(json.dumps(LINES[0]).encode() + b"\n")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "logs", rid, "--follow",
@@ -97,3 +99,24 @@ def test_logs_follow_prints_lines_as_they_come_and_stops_when_the_run_ends(tmp_p
             proc.kill()
             proc.wait()
         j.close()
+        lock.close()
+
+
+def test_logs_follow_stops_when_the_runs_orchestrator_is_gone(tmp_path):
+    """A run left "running" by a killed orchestrator: following it used to wait for ever."""
+    from orchestrator.journal import Journal
+    from orchestrator.runs import journal_path, run_dir
+
+    rid = "20261124-205000-abc123"
+    j = Journal.open(journal_path(tmp_path))
+    j.create_run(rid, graph_path="g.toml", graph_text="")
+    j.close()
+    d = run_dir(tmp_path, rid)
+    d.mkdir(parents=True)
+    (d / "log.jsonl").write_bytes(json.dumps(LINES[0]).encode() + b"\n")
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "logs", rid, "--follow", "--json",
+                        "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    assert [json.loads(x)["event"] for x in r.stdout.splitlines()] == [LINES[0]["event"]]
+    assert r.stderr == (f"note: run {rid}'s orchestrator is not running (killed, or its terminal "
+                        f"closed); nothing more is written until `orchestrator resume {rid}`\n")
