@@ -276,6 +276,10 @@ class Supervisor:
             # silent workers first: their leases expire with them, and they are never picked
             for wid in self.table.dead_workers(now):
                 self._forget_worker(wid, f"no heartbeat for {self.opts.lease_ttl_s:g}s")
+                if self.procs is not None and wid in self.procs.procs:
+                    # ours but silent (hung, or stopped): its attempts run again elsewhere
+                    # now, so its tools must not go on beside them; a new worker replaces it
+                    self.procs.kill(wid)
             for lease in self.table.expired(now):
                 log.warning("lease.expired", task_id=lease.task_id, attempt=lease.attempt,
                             worker_id=lease.worker_id)

@@ -329,6 +329,39 @@ async def test_kill_9_a_worker_mid_task_requeues_its_attempts_and_refuses_its_la
 
 
 @pytest.mark.slow
+async def test_a_local_worker_that_stops_answering_is_killed_before_its_work_runs_again(run):
+    """SIGSTOP a worker mid-tool: when its heartbeats stop, its attempt runs again elsewhere,
+    and the stopped worker and its tool are gone rather than waking up to run beside it."""
+    marks = run.tmp / "marks"
+    run.graph.write_text(f'''
+[run]
+timeout = "60s"
+[agents.a]
+tools = ["shell"]
+script = [{{call = {{name = "shell", arguments = {{cmd = "echo $$ >> {marks}; sleep 30"}}}}}},
+          {{text = "done"}}]
+[[tasks]]
+id = "t"
+agent = "a"
+''')
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "1")
+        victim = (await until(run.running_on)).popitem()[0]
+        pid = await until(lambda: worker_pid(victim))
+        tool = int(await until(lambda: marks.exists() and marks.read_text().split()[0]))
+        os.kill(pid, signal.SIGSTOP)
+        await until(lambda: any(a["state"] == "lost" for a in run.attempts()))
+        await until(lambda: not _alive(pid) and not _alive(tool))
+        # the second attempt runs on the replacement, and it alone
+        await until(lambda: len(marks.read_text().split()) == 2)
+        second = int(marks.read_text().split()[1])
+        assert _alive(second) and not _alive(tool)
+        run.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+        await run.wait()
+    assert not procs_touching(str(run.state))
+
+
+@pytest.mark.slow
 async def test_scale_up_adds_workers_and_scale_down_drains_without_losing_work(run):
     run.graph.write_text(graph(14, tokens=300))
     with trio.fail_after(GUARD_S):
