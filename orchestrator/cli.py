@@ -68,7 +68,10 @@ def leaves(exc: BaseException) -> list[BaseException]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports every command: a Ctrl-C may land here
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

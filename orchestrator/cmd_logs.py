@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import pathlib
 import sys
@@ -28,10 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    "spawned TASK/n)")
     p.add_argument("--agent", help="only lines of this agent")
     p.add_argument("--level", help="minimum level: debug, info, warning, error")
-    p.add_argument("--since", help="only lines newer than this: 90s, 5m, 2h or an ISO time")
+    p.add_argument("--since", help="only lines newer than this: 90s, 5m, 2h, an ISO time, or "
+                   "a time of day as the lines show it (21:00:05)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until "
                    "the run ends")
     p.add_argument("--json", action="store_true", help="print the JSON lines as they are")
+    p.add_argument("--utc", action="store_true", help="show and read times in UTC instead of "
+                   "the local time zone (as `orchestrator status --utc`)")
     p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"),
                    help="where the runs are (default $SWITCHBOARD_HOME or ./.switchboard)")
     p.set_defaults(func=run)
@@ -75,8 +79,9 @@ def _run_ended(state: pathlib.Path, run_id: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        tz = datetime.UTC if args.utc else None
         flt = LogFilter.build(task=args.task, agent=args.agent, level=args.level,
-                              since=args.since)
+                              since=args.since, tz=tz)
         run_dir = resolve_run_dir(pathlib.Path(args.state_dir),
                                   _journal_run_id(pathlib.Path(args.state_dir), args.run))
     except (LogFilterError, RunNotFound) as exc:
@@ -121,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                 rec = parse_line(line)
                 if rec is None or not flt.accepts(rec):
                     continue
-                out.write(line.decode(errors="replace") if args.json else render(rec) + "\n")
+                out.write(line.decode(errors="replace") if args.json else render(rec, tz) + "\n")
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:

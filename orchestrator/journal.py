@@ -300,7 +300,7 @@ class Journal:
             "SELECT run_id FROM runs WHERE run_id LIKE ? ESCAPE '\\'", (like,))]
         if not ids:
             raise JournalError(f"no run {ref!r} in journal {self.path} "
-                               "(see `orchestrator status` for the list)")
+                               "(see `orchestrator status --runs` for the list)")
         if len(ids) > 1:
             raise JournalError(f"run {ref!r} is ambiguous: {', '.join(sorted(ids)[:5])}")
         found = self.get_run(ids[0])

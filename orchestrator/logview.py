@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import attrs
@@ -30,14 +30,15 @@ class LogFilter:
 
     @classmethod
     def build(cls, *, task: str | None, agent: str | None, level: str | None,
-              since: str | None, now: datetime | None = None) -> LogFilter:
+              since: str | None, now: datetime | None = None,
+              tz: tzinfo | None = None) -> LogFilter:
         lvl = 0
         if level:
             if level.lower() not in LEVELS:
                 raise LogFilterError(f"--level {level!r}: use one of {', '.join(LEVELS)}")
             lvl = LEVELS[level.lower()]
         return cls(task=task, agent=agent, min_level=lvl,
-                   since=parse_since(since, now) if since else None)
+                   since=parse_since(since, now, tz) if since else None)
 
     def accepts(self, rec: dict[str, Any]) -> bool:
         if self.task is not None and rec.get("task_id") != self.task:
@@ -66,18 +67,30 @@ def parse_ts(value: Any) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """`--since` takes a duration back from now ("90s", "5m", "2h") or an ISO time."""
-    m = _DUR.match(text.strip())
+_CLOCK = re.compile(r"^\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?$")
+
+
+def parse_since(text: str, now: datetime | None = None, tz: tzinfo | None = None) -> datetime:
+    """`--since` takes a duration back from now ("90s", "5m", "2h"), an ISO time (without a
+    zone: in `tz`, the local zone when None, as `logs` and `status` print times), or a time of
+    day as `logs` prints it (today's, in `tz`)."""
+    text = text.strip()
+    m = _DUR.match(text)
     if m:
         now = now or datetime.now(UTC)
         return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-    ts = parse_ts(text)
-    if ts is None:
+    if _CLOCK.match(text):
+        now = (now or datetime.now(UTC)).astimezone(tz)
+        hour, rest = text.split(":", 1)
+        text = f"{now.date().isoformat()}T{int(hour):02d}:{rest}"
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
         raise LogFilterError(
-            f"--since {text!r}: write a duration back from now (250ms, 90s, 5m, 2h, 1d) "
-            "or an ISO time such as 2026-11-24T21:00:00Z")
-    return ts
+            f"--since {text!r}: write a duration back from now (250ms, 90s, 5m, 2h, 1d), "
+            "an ISO time such as 2026-11-24T21:00:00Z, or a time of day such as 21:00:00"
+        ) from None
+    return ts if ts.tzinfo else ts.astimezone(tz) if tz is None else ts.replace(tzinfo=tz)
 
 
 def parse_line(line: bytes | str) -> dict[str, Any] | None:
@@ -89,9 +102,11 @@ def parse_line(line: bytes | str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
-def render(rec: dict[str, Any]) -> str:
-    """A readable one-line form: time, level, where (task/attempt/agent/worker), event, rest."""
-    ts = str(rec.get("timestamp", ""))[11:23]
+def render(rec: dict[str, Any], tz: tzinfo | None = None) -> str:
+    """A readable one-line form: time (in `tz`, the local zone when None, as `status` shows
+    times), level, where (task/attempt/agent/worker), event, rest."""
+    when = parse_ts(rec.get("timestamp"))
+    ts = when.astimezone(tz).strftime("%H:%M:%S.%f")[:12] if when is not None else ""
     level = str(rec.get("level", "")).upper()[:5]
     where = []
     if rec.get("task_id"):

@@ -66,6 +66,11 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             return EXIT_BAD_INPUT
 
     state = pathlib.Path(args.state_dir)
+    if resume_run is not None and not (state / "journal.sqlite").is_file():
+        # nothing to resume here: do not leave an empty journal behind
+        _err(f"no journal at {state / 'journal.sqlite'}: pass --state-dir where the run was "
+             "started (or set SWITCHBOARD_HOME)")
+        return EXIT_BAD_INPUT
     try:
         state.mkdir(parents=True, exist_ok=True)
         journal = Journal.open(state / "journal.sqlite")

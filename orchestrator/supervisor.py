@@ -358,8 +358,10 @@ class Supervisor:
         self.journal.attempt_ended(self.run_id, act.task_id, act.attempt, state,
                                    error=act.reason)
         holder = self.table.holder(act.task_id, act.attempt)
-        log.info("attempt.cancel", task_id=act.task_id, attempt=act.attempt, worker_id=holder,
-                 reason=act.reason)
+        # a timeout is a failure (`logs --level warning` shows it); a requested cancel is not
+        (log.warning if state == "timed_out" else log.info)(
+            "attempt.cancel", task_id=act.task_id, attempt=act.attempt, worker_id=holder,
+            reason=act.reason)
         if holder is not None:
             sends.append((holder, P.cancel(act.task_id, act.attempt, act.reason)))
 

@@ -360,3 +360,10 @@ def test_logs_latest_is_the_journal_latest_not_the_newest_directory(tmp_path, ca
     assert capsys.readouterr().out == '{"event": "new"}\n'
     assert main(["logs", "2026", "--state-dir", str(tmp_path)]) == 2
     assert "matches 2 runs" in capsys.readouterr().err
+
+
+def test_resume_where_there_is_no_journal_says_so_and_creates_nothing(tmp_path, capsys):
+    state = tmp_path / "nowhere"
+    assert main(["resume", "latest", "--state-dir", str(state)]) == cli.EXIT_BAD_INPUT
+    assert f"no journal at {state / 'journal.sqlite'}" in capsys.readouterr().err
+    assert not state.exists()

@@ -468,6 +468,10 @@ timeout = "2s"
         "superseded: parent boss's attempt 1 timed out after 2s")
     [child] = [a for a in run.attempts() if a["task_id"] == "boss/1"]
     assert child["state"] == "cancelled" and child["stopped_at"] == "turn 1: model"
+    # the timeout is a warning (what `logs --level warning` shows); the child's cancel is not
+    cancels = {(r["task_id"], r["level"]) for r in map(json.loads, run.log_lines().splitlines())
+               if r.get("event") == "attempt.cancel"}
+    assert cancels == {("boss", "warning"), ("boss/1", "info")}, cancels
 
 
 SIGNAL_GRAPH = graph(2, tokens=5000, extra='''

@@ -3,7 +3,7 @@
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -42,6 +42,21 @@ def test_since_accepts_iso_and_rejects_nonsense_with_a_hint():
         parse_since("yesterday")
     with pytest.raises(LogFilterError, match="use one of"):
         LogFilter.build(task=None, agent=None, level="loud", since=None)
+
+
+def test_times_are_shown_and_read_in_one_zone_as_status_shows_them():
+    """logs printed UTC while status printed local time, and a zone-less --since was UTC."""
+    tokyo = timezone(timedelta(hours=9))
+    rec = {"timestamp": "2026-11-24T20:31:05.123456Z", "level": "info", "event": "x"}
+    assert render(rec, UTC).startswith("20:31:05.123 INFO")
+    assert render(rec, tokyo).startswith("05:31:05.123 INFO")
+    now = datetime(2026, 11, 24, 21, 0, tzinfo=UTC)
+    assert parse_since("2026-11-25T05:31:05", now, tokyo) == datetime(2026, 11, 24, 20, 31, 5,
+                                                                        tzinfo=UTC)
+    assert parse_since("05:31:05", now, tokyo) == datetime(2026, 11, 24, 20, 31, 5, tzinfo=UTC)
+    assert parse_since("9:05", now, UTC) == datetime(2026, 11, 24, 9, 5, tzinfo=UTC)
+    assert parse_since("2026-11-24T20:00:00Z", now, tokyo) == datetime(2026, 11, 24, 20,
+                                                                         tzinfo=UTC)
 
 
 def test_render_shows_where_and_the_rest():
