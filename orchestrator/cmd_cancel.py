@@ -83,19 +83,27 @@ def open_for_control(state_dir: str, ref: str) -> tuple[Journal, dict[str, Any]]
     return journal, row
 
 
+def unknown_name(kind: str, name: str, known: Sequence[str]) -> str | None:
+    """"run has no KIND NAME; did you mean ...? KINDs: ..." when `name` is not in `known`."""
+    known = list(dict.fromkeys(known))
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    listed = ", ".join(known[:12]) + (f", ... ({len(known) - 12} more)" if len(known) > 12
+                                      else "")
+    return f"run has no {kind} {name!r}; {hint}{kind}s: {listed or 'none'}"
+
+
 def check_task(task_id: str, graph_ids: Sequence[str],
                rows: Sequence[Mapping[str, Any]]) -> str | None:
     """A problem with cancelling `task_id`, or None. Known ids: the graph's tasks and the
     journaled ones (fan-out and dynamic children); a task is cancellable while it or one of
     its descendants has not ended."""
     states = {str(r["task_id"]): str(r["state"]) for r in rows}
-    known = list(dict.fromkeys([*graph_ids, *states]))
-    if task_id not in known:
-        close = difflib.get_close_matches(task_id, known, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        listed = ", ".join(known[:12]) + (f", ... ({len(known) - 12} more)"
-                                          if len(known) > 12 else "")
-        return f"run has no task {task_id!r}; {hint}tasks: {listed}"
+    unknown = unknown_name("task", task_id, [*graph_ids, *states])
+    if unknown:
+        return unknown
     kids: dict[str, list[str]] = {}
     for r in rows:
         if r.get("parent"):

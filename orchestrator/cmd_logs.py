@@ -41,6 +41,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
+def _filter_problem(state: pathlib.Path, run_id: str, task: str | None,
+                    agent: str | None) -> str | None:
+    """A --task or --agent the run never had (a typo would print nothing), or None; None too
+    when the journal cannot say (the filter is then applied as typed)."""
+    from orchestrator.cmd_cancel import unknown_name
+    from orchestrator.graph import GraphError, GraphSpec
+    from orchestrator.journal import Journal, JournalError
+    from orchestrator.runs import journal_path
+
+    if task is None and agent is None:
+        return None
+    try:
+        journal = Journal.open_readonly(journal_path(state))
+    except JournalError:
+        return None
+    try:
+        row = journal.find_run(run_id)
+        tasks = [str(r["task_id"]) for r in journal.task_rows(run_id)]
+        graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
+    except (JournalError, GraphError):
+        return None
+    finally:
+        journal.close()
+    return ((unknown_name("task", task, [t.id for t in graph.tasks] + tasks) if task else None)
+            or (unknown_name("agent", agent, list(graph.agents)) if agent else None))
+
+
 def _journal_run_id(state: pathlib.Path, ref: str) -> str:
     """The run id the journal gives for `ref` (so `logs latest` and `status latest` agree: the
     journal knows when runs started, directory times do not); `ref` as typed without one."""
@@ -86,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
                                   _journal_run_id(pathlib.Path(args.state_dir), args.run))
     except (LogFilterError, RunNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    problem = _filter_problem(pathlib.Path(args.state_dir), run_dir.name, args.task, args.agent)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     path = run_dir / "log.jsonl"
     if not path.exists():

@@ -362,6 +362,23 @@ def test_logs_latest_is_the_journal_latest_not_the_newest_directory(tmp_path, ca
     assert "matches 2 runs" in capsys.readouterr().err
 
 
+def test_logs_filters_for_a_task_or_agent_the_run_never_had_are_refused(tmp_path, capsys):
+    """A typo in --task or --agent printed nothing and exited 0, like a quiet task."""
+    j = Journal.open(tmp_path / "journal.sqlite")
+    j.create_run(RID, graph_path="g.toml", graph_text=GRAPH)
+    j.close()
+    d = tmp_path / "runs" / RID
+    d.mkdir(parents=True)
+    (d / "log.jsonl").write_text('{"event": "x", "task_id": "plan"}\n')
+    assert main(["logs", RID, "--task", "plann", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    assert "error: run has no task 'plann'; did you mean 'plan'? tasks: plan, build" in \
+        capsys.readouterr().err
+    assert main(["logs", RID, "--agent", "nobody", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    assert "error: run has no agent 'nobody'" in capsys.readouterr().err
+    assert main(["logs", RID, "--task", "plan", "--json", *sd(tmp_path)]) == cli.EXIT_OK
+    assert capsys.readouterr().out == '{"event": "x", "task_id": "plan"}\n'
+
+
 def test_resume_where_there_is_no_journal_says_so_and_creates_nothing(tmp_path, capsys):
     state = tmp_path / "nowhere"
     assert main(["resume", "latest", "--state-dir", str(state)]) == cli.EXIT_BAD_INPUT
