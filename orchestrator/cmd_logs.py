@@ -10,7 +10,7 @@ import sys
 import time
 
 from orchestrator import runlock
-from orchestrator.logview import LogFilter, LogFilterError, parse_line, render
+from orchestrator.logview import LogFilter, LogFilterError, TimeOrder, parse_line, render
 from orchestrator.runs import RunNotFound, resolve_run_dir
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--since", help="only lines newer than this: 90s, 5m, 2h, an ISO time, or "
                    "a time of day as the lines show it (21:00:05)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until "
-                   "the run ends")
+                   "the run ends (as they arrive; without --follow lines are in time order)")
     p.add_argument("--json", action="store_true", help="print the JSON lines as they are")
     p.add_argument("--utc", action="store_true", help="show and read times in UTC instead of "
                    "the local time zone (as `orchestrator status --utc`)")
@@ -127,11 +127,13 @@ def run(args: argparse.Namespace) -> int:
     last_check = 0.0
     ended = False  # the run was over when last checked: one more read to the end, then stop
     gone = ""  # why following stopped though the run has not ended
+    order = TimeOrder()  # without --follow, lines come out in time order
     try:
         with open(path, "rb") as f:
             while True:
                 line = f.readline()
                 if not line:
+                    out.writelines(order.drain())
                     if not args.follow or ended:
                         if gone:
                             print(gone, file=sys.stderr)
@@ -151,13 +153,18 @@ def run(args: argparse.Namespace) -> int:
                 if not line.endswith(b"\n"):  # a line still being written: read it whole later
                     f.seek(-len(line), 1)
                     if not args.follow:
+                        out.writelines(order.drain())
                         return EXIT_OK
                     time.sleep(0.05)
                     continue
                 rec = parse_line(line)
                 if rec is None or not flt.accepts(rec):
                     continue
-                out.write(line.decode(errors="replace") if args.json else render(rec, tz) + "\n")
+                text = line.decode(errors="replace") if args.json else render(rec, tz) + "\n"
+                if args.follow:
+                    out.write(text)  # as it comes: following waits for nothing
+                else:
+                    out.writelines(order.push(rec, text))
     except KeyboardInterrupt:
         return EXIT_OK
     except BrokenPipeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -125,3 +126,34 @@ def _fmt(v: Any) -> str:
     if isinstance(v, str):
         return v if v and " " not in v else json.dumps(v)
     return json.dumps(v, default=str)
+
+
+# Lines a process wrote reach the run's log in batches (workers ship theirs over the bus), so
+# the file is in arrival order: a worker's task.start can land after the orchestrator's
+# task.result for it. This many lines are held to put them back in time order.
+REORDER_WINDOW = 10_000
+
+
+class TimeOrder:
+    """Releases records in timestamp order, holding at most `window` of them (a record that
+    arrives later than that many newer ones is released late, never lost)."""
+
+    def __init__(self, window: int = REORDER_WINDOW) -> None:
+        self.window = window
+        self._heap: list[tuple[str, int, Any]] = []
+        self._n = 0
+        self._last = ""
+
+    def push(self, rec: dict[str, Any], item: Any) -> list[Any]:
+        """Add `item` (for record `rec`); returns the items now due, oldest first."""
+        ts = rec.get("timestamp")
+        self._last = ts if isinstance(ts, str) else self._last  # a line without one stays put
+        self._n += 1
+        heapq.heappush(self._heap, (self._last, self._n, item))
+        if len(self._heap) > self.window:
+            return [heapq.heappop(self._heap)[2]]
+        return []
+
+    def drain(self) -> list[Any]:
+        """Every item still held, oldest first."""
+        return [heapq.heappop(self._heap)[2] for _ in range(len(self._heap))]

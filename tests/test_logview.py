@@ -59,6 +59,31 @@ def test_times_are_shown_and_read_in_one_zone_as_status_shows_them():
                                                                          tzinfo=UTC)
 
 
+def test_lines_are_put_back_in_time_order_within_the_window():
+    from orchestrator.logview import TimeOrder
+
+    recs = [{"timestamp": f"2026-11-24T20:00:0{d}Z", "event": str(d)} for d in (1, 3, 2, 0)]
+    recs.insert(2, {"event": "no time"})  # stays after the line before it
+    order = TimeOrder(window=3)
+    out = [x for r in recs for x in order.push(r, r["event"])] + order.drain()
+    assert out == ["1", "0", "2", "3", "no time"]  # 0 came 4 lines late: out of order, kept
+    wide = TimeOrder()
+    assert [x for r in recs for x in wide.push(r, r["event"])] + wide.drain() == [
+        "0", "1", "2", "3", "no time"]
+
+
+def test_logs_prints_a_workers_late_shipped_lines_in_time_order(tmp_path):
+    d = tmp_path / "runs" / "20261124-205000-abc123"
+    d.mkdir(parents=True)
+    lines = [{"timestamp": "2026-11-24T20:00:07.868Z", "event": "task.result"},
+             {"timestamp": "2026-11-24T20:00:07.686Z", "event": "task.start"}]
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "logs", "--json",
+                          "--state-dir", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert [json.loads(x)["event"] for x in out.splitlines()] == ["task.start", "task.result"]
+
+
 def test_render_shows_where_and_the_rest():
     line = render(LINES[2])
     assert "code[0]#2" in line and "coder" in line and "@w2" in line
