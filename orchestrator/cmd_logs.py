@@ -9,7 +9,10 @@ import pathlib
 import sys
 import time
 
+import attrs
+
 from orchestrator import runlock
+from orchestrator.cmd_cancel import unknown_name
 from orchestrator.logview import LogFilter, LogFilterError, TimeOrder, parse_line, render
 from orchestrator.runs import RunNotFound, resolve_run_dir
 
@@ -41,31 +44,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def _filter_problem(state: pathlib.Path, run_id: str, task: str | None,
-                    agent: str | None) -> str | None:
-    """A --task or --agent the run never had (a typo would print nothing), or None; None too
-    when the journal cannot say (the filter is then applied as typed)."""
-    from orchestrator.cmd_cancel import unknown_name
+def _run_names(state: pathlib.Path, run_id: str) -> tuple[list[str], dict[str, str]] | None:
+    """(the run's agents, its task ids with the agent of each) from the journal, or None when
+    the journal cannot say (filters are then applied as typed)."""
     from orchestrator.graph import GraphError, GraphSpec
     from orchestrator.journal import Journal, JournalError
     from orchestrator.runs import journal_path
 
-    if task is None and agent is None:
-        return None
     try:
         journal = Journal.open_readonly(journal_path(state))
     except JournalError:
         return None
     try:
         row = journal.find_run(run_id)
-        tasks = [str(r["task_id"]) for r in journal.task_rows(run_id)]
+        rows = journal.task_rows(run_id)
         graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
     except (JournalError, GraphError):
         return None
     finally:
         journal.close()
-    return ((unknown_name("task", task, [t.id for t in graph.tasks] + tasks) if task else None)
-            or (unknown_name("agent", agent, list(graph.agents)) if agent else None))
+    tasks = {t.id: t.agent for t in graph.tasks}
+    tasks.update((str(r["task_id"]), str(r["agent"])) for r in rows)
+    return list(graph.agents), tasks
 
 
 def _journal_run_id(state: pathlib.Path, ref: str) -> str:
@@ -114,10 +114,19 @@ def run(args: argparse.Namespace) -> int:
     except (LogFilterError, RunNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    problem = _filter_problem(pathlib.Path(args.state_dir), run_dir.name, args.task, args.agent)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    names = _run_names(pathlib.Path(args.state_dir), run_dir.name) \
+        if args.task or args.agent else None
+    if names is not None:
+        agents, tasks = names
+        # a typo in --task or --agent would print nothing, as if the task were quiet
+        problem = ((unknown_name("task", args.task, list(tasks)) if args.task else None)
+                   or (unknown_name("agent", args.agent, agents) if args.agent else None))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if args.agent:  # the orchestrator's lines about its tasks carry task ids only
+            flt = attrs.evolve(flt, agent_tasks=frozenset(
+                t for t, a in tasks.items() if a == args.agent))
     path = run_dir / "log.jsonl"
     if not path.exists():
         print(f"error: run {run_dir.name} has no log file at {path}", file=sys.stderr)

@@ -28,6 +28,8 @@ class LogFilter:
     agent: str | None = None
     min_level: int = 0
     since: datetime | None = None
+    # with `agent`: the tasks it ran, so lines that name only a task (the orchestrator's) count
+    agent_tasks: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, *, task: str | None, agent: str | None, level: str | None,
@@ -47,7 +49,8 @@ class LogFilter:
             # fan-out children are TASK[i], spawned ones TASK/n (and theirs TASK/n/m, ...)
             if not (isinstance(tid, str) and tid.startswith((self.task + "[", self.task + "/"))):
                 return False
-        if self.agent is not None and rec.get("agent_id") != self.agent:
+        if self.agent is not None and rec.get("agent_id") != self.agent and not (
+                rec.get("agent_id") is None and rec.get("task_id") in self.agent_tasks):
             return False
         if self.min_level and LEVELS.get(str(rec.get("level", "info")), 20) < self.min_level:
             return False

@@ -377,6 +377,11 @@ def test_logs_filters_for_a_task_or_agent_the_run_never_had_are_refused(tmp_path
     assert "error: run has no agent 'nobody'" in capsys.readouterr().err
     assert main(["logs", RID, "--task", "plan", "--json", *sd(tmp_path)]) == cli.EXIT_OK
     assert capsys.readouterr().out == '{"event": "x", "task_id": "plan"}\n'
+    # the orchestrator's lines name the task only: --agent finds them through the graph
+    assert main(["logs", RID, "--agent", "a", "--json", *sd(tmp_path)]) == cli.EXIT_OK
+    assert capsys.readouterr().out == '{"event": "x", "task_id": "plan"}\n'
+    assert main(["logs", RID, "--agent", "b", "--json", *sd(tmp_path)]) == cli.EXIT_OK
+    assert capsys.readouterr().out == ""
 
 
 def test_resume_where_there_is_no_journal_says_so_and_creates_nothing(tmp_path, capsys):
