@@ -23,7 +23,7 @@ import trio
 from agents import protocol as P
 from agents.bustools import BUS_TOOL_NAMES, BusTools, Inbox, register_bus_tools
 from agents.loop import LoopState, run_agent_loop, turn_cost
-from agents.tools import ToolContext, ToolRegistry, build_registry
+from agents.tools import ToolContext, ToolRegistry, ToolSpecError, build_registry
 from bus.client import open_bus_client
 from bus.codec import pattern_matches
 from bus.errors import BusError
@@ -56,9 +56,10 @@ _RETRY_LATER = frozenset({408, 409, 425, 429})
 
 def retryable(exc: BaseException) -> bool:
     """False iff an attempt that failed with `exc` would fail the same way again: the endpoint
-    refused the credentials or the request itself (a 4xx that is not "later"), or the worker
-    has no key. Network breaks, server errors and everything else may pass next time."""
-    if isinstance(exc, ModelAuthError | MissingModelKeyError):
+    refused the credentials or the request itself (a 4xx that is not "later"), the worker has
+    no key, or a tool of the agent cannot be loaded. Network breaks, server errors and
+    everything else may pass next time."""
+    if isinstance(exc, ModelAuthError | MissingModelKeyError | ToolSpecError):
         return False
     if isinstance(exc, ModelRequestError) and not isinstance(exc, ModelServerError) \
             and exc.status is not None:

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: graph file {args.file!r} is not UTF-8 text: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"OK: {len(graph.tasks)} tasks, {len(graph.agents)} agents")
-    for line in graph.unset_keys(os.environ):  # not a problem: remote workers may have it
+    # not problems: remote workers may have what this environment lacks
+    for line in graph.unset_keys(os.environ) + graph.unimportable_tools():
         print(f"note: {line}", file=sys.stderr)
     return EXIT_OK

@@ -135,6 +135,17 @@ class GraphSpec:
     def agent_specs(self) -> dict[str, AgentSpec]:
         return dict(self.agents)
 
+    def unimportable_tools(self) -> list[str]:
+        """One line per Python function tool ("pkg.module:function") that cannot be loaded in
+        this process. Workers import tools in their own environment (a remote one may have
+        what this one lacks), so these are notes; local workers inherit this environment."""
+        from agents.tools import validate_tool_spec
+
+        specs = dict.fromkeys(t for a in self.agents.values() for t in a.tools
+                              if isinstance(t, str) and ":" in t)
+        return [f"{msg} (local workers import tools in this environment)"
+                for msg in map(validate_tool_spec, specs) if msg]
+
     def unset_keys(self, env: Any) -> list[str]:
         """One line per api_key_env variable the agents need that `env` does not set (workers
         read keys from their own environment; local workers inherit the orchestrator's)."""

@@ -141,7 +141,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         print(f"{verb} {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
               file=sys.stderr)
         if args.workers > 0:
-            for line in graph.unset_keys(os.environ):
+            for line in graph.unset_keys(os.environ) + graph.unimportable_tools():
                 print(f"warning: {line}", file=sys.stderr)
     except KeyboardInterrupt:
         if lock is not None:  # only the run's holder may end it: not a refused resume

@@ -219,6 +219,7 @@ async def test_only_a_sim_endpoint_is_sent_the_agents_script(tmp_path):
 
 
 def test_failures_a_retry_cannot_mend_are_told_apart():
+    from agents.tools import ToolSpecError
     from agents.worker import MissingModelKeyError, retryable
     from modellink.turns import (
         ModelAuthError,
@@ -227,7 +228,7 @@ def test_failures_a_retry_cannot_mend_are_told_apart():
         ModelServerError,
     )
 
-    never = [ModelAuthError("401"), MissingModelKeyError("no $KEY"),
+    never = [ModelAuthError("401"), MissingModelKeyError("no $KEY"), ToolSpecError("no module"),
              ModelRequestError("no such model", status=400, code="model_not_found"),
              ModelRequestError("too long", status=413)]
     later = [ModelRequestError("slow down", status=429, code="rate_limit_exceeded"),

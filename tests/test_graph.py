@@ -429,3 +429,14 @@ def test_endpoint_keys_written_in_an_agent_table_point_to_its_model_table():
     p = only('[agents.a]\nprovider = "openai"\n' + TASK_A)
     assert p.message == "unknown key 'provider' in [agents.a]" and p.line == 2
     assert p.hint == 'an agent\'s endpoint goes in its model table: model = { provider = "..." }'
+
+
+def test_validate_notes_a_function_tool_that_does_not_load_here(tmp_path, capsys):
+    g = tmp_path / "g.toml"
+    g.write_text('[agents.a]\ntools = ["nosuchmod_sb:fn", "agents.tools.examples:word_count"]\n'
+                 + TASK_A)
+    assert cmd_validate.run(argparse.Namespace(file=str(g))) == 0  # workers may have it
+    err = capsys.readouterr().err
+    assert err.startswith("note: tool 'nosuchmod_sb:fn': module 'nosuchmod_sb' not found")
+    assert err.rstrip().endswith("(local workers import tools in this environment)")
+    assert "word_count" not in err and err.count("note:") == 1
