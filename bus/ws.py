@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +25,11 @@ WsClosed = _tw.ConnectionClosed  # .reason.code / .reason.reason
 WsHandshakeError = _tw.HandshakeError
 WsRejected = _tw.ConnectionRejected  # .status_code, .headers, .body
 WsConnectTimeout = _tw.ConnectionTimeout
+
+
+# What OpenSSL says when the peer's first bytes are not TLS (a plain-HTTP server answering).
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE",
+                      "PACKET_LENGTH_TOO_LONG"})
 
 
 def connect_failure(exc: BaseException) -> str:
@@ -48,6 +54,10 @@ def connect_failure(exc: BaseException) -> str:
     gai = next((e for e in seen if isinstance(e, socket.gaierror)), None)
     if gai is not None:
         return f"cannot resolve the host name ({gai.strerror})"
+    tls = next((e for e in seen if isinstance(e, ssl.SSLError)), None)
+    if tls is not None and getattr(tls, "reason", None) in _NOT_TLS:
+        return (f"the server did not answer in TLS ({tls.reason}): it may speak plain HTTP "
+                "there; use http:// (ws://) instead of https:// (wss://)")
     timeout = next((e for e in seen if isinstance(e, (WsConnectTimeout, TimeoutError))), None)
     if timeout is not None:
         if isinstance(timeout, WsConnectTimeout) and str(timeout):  # open_ws's, with the phase

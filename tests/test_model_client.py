@@ -882,3 +882,24 @@ def test_http_errors_classify_by_status_and_name_the_request():
     assert type(error_from_http("POST u", 405, b"", chat_url="c")) is ModelRequestError
     assert "transport = \"chat\"" in str(error_from_http("POST u", 405, b"", chat_url="c"))
     assert "transport" not in str(error_from_http("POST u", 400, b"bad", chat_url="c"))
+
+
+async def test_https_to_a_plain_http_server_says_to_use_http():
+    """An https:// URL for a server that speaks plain HTTP failed with a bare
+    '[SSL: WRONG_VERSION_NUMBER] wrong version number'."""
+    async def plain_http(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, plain_http, 0,
+                                                    host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            with pytest.raises(HttpError) as caught:
+                await HttpConnection.connect(Origin.from_url(f"https://127.0.0.1:{port}/v1"))
+            nursery.cancel_scope.cancel()
+    said = str(caught.value)
+    assert f"cannot connect to 127.0.0.1:{port}: the server did not answer in TLS (" in said
+    assert said.endswith("use http:// (ws://) instead of https:// (wss://)")
