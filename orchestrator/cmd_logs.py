@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import pathlib
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 
@@ -44,25 +47,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def _run_names(state: pathlib.Path, run_id: str) -> tuple[list[str], dict[str, str]] | None:
-    """(the run's agents, its task ids with the agent of each) from the journal, or None when
-    the journal cannot say (filters are then applied as typed)."""
-    from orchestrator.graph import GraphError, GraphSpec
+@contextlib.contextmanager
+def _journal(state: pathlib.Path) -> Iterator[Any]:
+    """The state directory's journal, read-only, or None when there is none to read (each
+    question below then falls back to what the run directory alone says)."""
     from orchestrator.journal import Journal, JournalError
     from orchestrator.runs import journal_path
 
     try:
         journal = Journal.open_readonly(journal_path(state))
     except JournalError:
-        return None
+        yield None
+        return
     try:
-        row = journal.find_run(run_id)
-        rows = journal.task_rows(run_id)
-        graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
-    except (JournalError, GraphError):
-        return None
+        yield journal
     finally:
         journal.close()
+
+
+def _run_names(state: pathlib.Path, run_id: str) -> tuple[list[str], dict[str, str]] | None:
+    """(the run's agents, its task ids with the agent of each) from the journal, or None when
+    the journal cannot say (filters are then applied as typed)."""
+    from orchestrator.graph import GraphError, GraphSpec
+    from orchestrator.journal import JournalError
+
+    with _journal(state) as journal:
+        if journal is None:
+            return None
+        try:
+            row = journal.find_run(run_id)
+            rows = journal.task_rows(run_id)
+            graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
+        except (JournalError, GraphError):
+            return None
     tasks = {t.id: t.agent for t in graph.tasks}
     tasks.update((str(r["task_id"]), str(r["agent"])) for r in rows)
     return list(graph.agents), tasks
@@ -71,37 +88,25 @@ def _run_names(state: pathlib.Path, run_id: str) -> tuple[list[str], dict[str, s
 def _journal_run_id(state: pathlib.Path, ref: str) -> str:
     """The run id the journal gives for `ref` (so `logs latest` and `status latest` agree: the
     journal knows when runs started, directory times do not); `ref` as typed without one."""
-    from orchestrator.journal import Journal, JournalError
-    from orchestrator.runs import journal_path
+    from orchestrator.journal import JournalError
 
-    try:
-        journal = Journal.open_readonly(journal_path(state))
-    except JournalError:
-        return ref
-    try:
-        return str(journal.find_run(ref)["run_id"])
-    except JournalError:
-        return ref  # the directory scan below says what exists
-    finally:
-        journal.close()
+    with _journal(state) as journal:
+        try:
+            return ref if journal is None else str(journal.find_run(ref)["run_id"])
+        except JournalError:
+            return ref  # the directory scan below says what exists
 
 
 def _run_ended(state: pathlib.Path, run_id: str) -> bool:
     """True iff the journal says the run is over (so `--follow` has nothing more to wait for).
     A run whose orchestrator was killed stays "running" until resumed (see runlock)."""
-    from orchestrator.journal import Journal, JournalError
-    from orchestrator.runs import journal_path
+    from orchestrator.journal import JournalError
 
-    try:
-        journal = Journal.open_readonly(journal_path(state))
-    except JournalError:
-        return False
-    try:
-        return str(journal.find_run(run_id)["status"]) != "running"
-    except JournalError:
-        return False
-    finally:
-        journal.close()
+    with _journal(state) as journal:
+        try:
+            return journal is not None and str(journal.find_run(run_id)["status"]) != "running"
+        except JournalError:
+            return False
 
 
 def run(args: argparse.Namespace) -> int:
