@@ -267,6 +267,11 @@ class _Lines:
 RUN_KEYS = {"name", "max_concurrent", "failure_policy", "retries", "timeout", "backoff",
             "backoff_max", "jitter"}
 MODEL_KEYS = {"provider", "url", "model", "transport", "encoding", "api_key_env"}
+AGENT_KEYS = {"instructions", "model", "tools", "max_turns", "script", "answers", "subscribe",
+              "shell_timeout"}
+TASK_KEYS = {"id", "agent", "prompt", "needs", "retries", "timeout", "fan_out"}
+TOP_KEYS = {"run", "model", "agents", "tasks"}
+STEP_KEYS = {"text", "call", "calls", "output_tokens", "fail", "attempts"}
 # Unknown keys whose usual "did you mean" would mislead: (a key that must be allowed where the
 # hint applies, the hint).
 _KEY_HINTS = {
@@ -298,11 +303,6 @@ def _url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "has no host name"
     return None
-AGENT_KEYS = {"instructions", "model", "tools", "max_turns", "script", "answers", "subscribe",
-              "shell_timeout"}
-TASK_KEYS = {"id", "agent", "prompt", "needs", "retries", "timeout", "fan_out"}
-TOP_KEYS = {"run", "model", "agents", "tasks"}
-STEP_KEYS = {"text", "call", "calls", "output_tokens", "fail", "attempts"}
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

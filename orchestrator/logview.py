@@ -94,7 +94,9 @@ def parse_since(text: str, now: datetime | None = None, tz: tzinfo | None = None
             f"--since {text!r}: write a duration back from now (250ms, 90s, 5m, 2h, 1d), "
             "an ISO time such as 2026-11-24T21:00:00Z, or a time of day such as 21:00:00"
         ) from None
-    return ts if ts.tzinfo else ts.astimezone(tz) if tz is None else ts.replace(tzinfo=tz)
+    if ts.tzinfo is None:  # a zone-less time is in `tz`, the local zone when None
+        ts = ts.astimezone() if tz is None else ts.replace(tzinfo=tz)
+    return ts
 
 
 def parse_line(line: bytes | str) -> dict[str, Any] | None:
