@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--token-file", metavar="FILE", help="file holding the shared bus token")
     p.add_argument("--resume-window", type=float, default=30.0, metavar="SECONDS",
                    help="how long a dropped peer's session waits for it to resume (default 30)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.set_defaults(func=run)
 
 

@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="no simulated model time at all (measures pure overhead)")
     p.add_argument("--max-connection-age", type=float, default=3600.0, metavar="S",
                    help="close WebSockets older than this with code 1001 (default 3600)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.set_defaults(func=run)
 
 

@@ -60,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     r = sub.add_parser(
         "resume", help="finish a run after the orchestrator was killed",
         description="Resume RUN from the journal: tasks that finished are not run again; "
-        "attempts that were in flight are run again.")
+        "attempts that were in flight are run again. The graph comes from the journal, not "
+        "a file; a run whose orchestrator is still alive is refused.")
     r.add_argument("run", metavar="RUN", help="run id, unique prefix, or 'latest'")
     _common(r)
     r.set_defaults(func=run_resume)

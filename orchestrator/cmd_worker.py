@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--quiet", action="store_true",
                    help="do not also print log lines on stderr (with --ship-logs they still "
                    "reach the run log; local workers run this way)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", help="debug, info, warning, error")
     p.set_defaults(func=run)
 
 
