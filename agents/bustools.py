@@ -74,10 +74,12 @@ class BusTools:
                               "(messages go to tasks that are running now)") from None
         except BusTimeoutError:
             raise ToolFailure(f"task {to!r} did not acknowledge the message in time") from None
+        except BusError as exc:
+            raise ToolFailure(f"sending to {to!r} failed: {exc}") from None
         return f"delivered to {to}"
 
     async def ask(self, task: str, question: str, timeout_s: float | None = None) -> str:
-        wait = self._timeout(float(timeout_s) if timeout_s else self.ask_timeout_s)
+        wait = self._timeout(_seconds(timeout_s, self.ask_timeout_s))
         try:
             reply = await self.bus.request(
                 task_endpoint(task), {"t": "ask", "from": self.task_id, "question": question,
@@ -94,8 +96,11 @@ class BusTools:
         return str(reply["answer"])
 
     async def publish(self, topic: str, text: str) -> str:
-        await self.bus.publish(topic, {"t": "topic", "from": self.task_id, "topic": topic,
-                                       "text": text})
+        try:
+            await self.bus.publish(topic, {"t": "topic", "from": self.task_id, "topic": topic,
+                                           "text": text})
+        except BusError as exc:
+            raise ToolFailure(f"publishing to {topic!r} failed: {exc}") from None
         return f"published to {topic}"
 
     async def read_messages(self) -> str:
@@ -124,7 +129,7 @@ class BusTools:
     async def wait(self, children: list[str], timeout_s: float | None = None) -> str:
         import json
 
-        wait = self._timeout(float(timeout_s) if timeout_s else 3600.0)
+        wait = self._timeout(_seconds(timeout_s, 3600.0))
         t0 = time.monotonic()
         try:
             reply = await self.bus.request(
@@ -137,7 +142,18 @@ class BusTools:
                               f"{time.monotonic() - t0:.1f}s") from None
         except BusError as exc:
             raise ToolFailure(f"wait failed: {exc}") from None
+        if not isinstance(reply, dict) or "results" not in reply:
+            raise ToolFailure(str(reply.get("error") if isinstance(reply, dict) else reply))
         return json.dumps(reply)
+
+
+def _seconds(timeout_s: float | None, default: float) -> float:
+    """A tool's timeout_s argument (None: `default`). Raises ToolFailure unless positive."""
+    if timeout_s is None:
+        return default
+    if not float(timeout_s) > 0:  # NaN included
+        raise ToolFailure(f"timeout_s must be a positive number of seconds, got {timeout_s}")
+    return float(timeout_s)
 
 
 SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {

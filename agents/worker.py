@@ -26,7 +26,7 @@ from agents.loop import LoopState, run_agent_loop, turn_cost
 from agents.tools import ToolContext, ToolRegistry, ToolSpecError, build_registry
 from bus.client import open_bus_client
 from bus.codec import pattern_matches
-from bus.errors import BusError
+from bus.errors import BodyTooLargeError, BusError
 from bus.logs import get_logger
 from modellink.client import ModelEndpoint, open_model_session
 from modellink.turns import ModelAuthError, ModelRequestError, ModelServerError
@@ -266,6 +266,11 @@ class Worker:
     async def _reply(self, msg: Any, body: Any) -> None:
         try:
             await self.bus.reply(msg, body)
+        except BodyTooLargeError as exc:  # the asker hears why instead of waiting it out
+            log.warning("reply.too_large", bytes=exc.size, limit=exc.limit)
+            await self._reply_error(msg, "answer_too_large", (
+                f"the answer is {exc.size} bytes, over the bus's limit of {exc.limit}: ask "
+                "for a shorter answer, or for the path of a file holding it"))
         except BusError as exc:
             log.warning("reply.failed", error=str(exc))
 
@@ -350,7 +355,15 @@ class Worker:
                          output_tokens=sum(t.output_tokens for t in result.turns))
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + RESULT_SEND_S):
                     try:
-                        await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
+                        try:
+                            await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
+                        except BodyTooLargeError as exc:
+                            # the answer cannot travel: the task fails saying so (another
+                            # attempt would most likely produce as much), the worker goes on
+                            log.warning("task.result_too_large", bytes=exc.size,
+                                        limit=exc.limit)
+                            await self.bus.send(P.ORCHESTRATOR_ID,
+                                                P.to_wire(_too_large(result, exc)))
                     except BusError as exc:
                         log.warning("task.result_not_sent", error=str(exc))
             if self.draining and not self.running and self._nursery is not None:
@@ -501,3 +514,12 @@ def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _too_large(result: P.Result, exc: BodyTooLargeError) -> P.Result:
+    """`result` failed in place: its answer and outputs (`exc.size` bytes on the wire) do not
+    fit in one bus message. Its turns are kept (their usage is real); not retried."""
+    return attrs.evolve(result, status="failed", text="", outputs={}, retryable=False, error=(
+        f"the task's result is {exc.size} bytes, over the bus's message limit of {exc.limit}: "
+        "have the agent write large output to a file in its workspace and answer with the "
+        "file's path, or ask for a shorter answer"))

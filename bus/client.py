@@ -25,6 +25,7 @@ from bus.errors import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
     FINAL_CLOSE_CODES,
+    BodyTooLargeError,
     BusAuthError,
     BusBrokenError,
     BusClosedError,
@@ -292,8 +293,7 @@ class BusClient:
     def _put_nowait(self, kind: int, dest: str, corr: int, body: bytes) -> None:
         self._check_usable()
         if len(body) > self._max_body:
-            raise ValueError(f"message body of {len(body)} bytes exceeds the limit of "
-                             f"{self._max_body}; send a reference to large data instead")
+            raise BodyTooLargeError(len(body), self._max_body)
         if not dest:
             raise ValueError("a message needs a destination")
         if self._seq.unacked >= self.config.max_outbound:

@@ -57,6 +57,17 @@ class BusTimeoutError(BusError):
     """Nobody replied to a request before its timeout (the responder is slow or gone)."""
 
 
+class BodyTooLargeError(BusError, ValueError):
+    """A message body over the bus's size limit (the sender's data): nothing was sent and the
+    connection is fine. Send a reference to large data (a file, a URL) instead."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message body of {size} bytes exceeds the bus's limit of {limit} "
+                         "bytes; send a reference to large data instead")
+        self.size = size
+        self.limit = limit
+
+
 class BusNoRouteError(BusError):
     """No connected peer holds the destination endpoint id: check the id, or start that peer."""
 

@@ -88,6 +88,10 @@ class RunSpec:
     backoff_s: float = 1.0
     backoff_max_s: float = 60.0
     jitter: float = 0.1  # each backoff is multiplied by a factor in [1 - jitter, 1]
+    # spawn guards: a child spawning children... stops at this depth (a graph task's own
+    # children are depth 1), and the run stops taking spawns after this many in all
+    max_spawn_depth: int = 4
+    max_spawned: int = 1000
 
 
 @attrs.frozen(kw_only=True)
@@ -265,7 +269,7 @@ class _Lines:
 # ---------------------------------------------------------------- parser
 
 RUN_KEYS = {"name", "max_concurrent", "failure_policy", "retries", "timeout", "backoff",
-            "backoff_max", "jitter"}
+            "backoff_max", "jitter", "max_spawn_depth", "max_spawned"}
 MODEL_KEYS = {"provider", "url", "model", "transport", "encoding", "api_key_env"}
 AGENT_KEYS = {"instructions", "model", "tools", "max_turns", "script", "answers", "subscribe",
               "shell_timeout"}
@@ -433,6 +437,10 @@ class _Parser:
             backoff_s=self.duration(t, "backoff", sec, "[run]", d.backoff_s),
             backoff_max_s=self.duration(t, "backoff_max", sec, "[run]", d.backoff_max_s),
             jitter=float(jitter),
+            max_spawn_depth=self.positive_int(t, "max_spawn_depth", sec, "[run]",
+                                              d.max_spawn_depth, minimum=0),
+            max_spawned=self.positive_int(t, "max_spawned", sec, "[run]", d.max_spawned,
+                                          minimum=0),
         )
 
     def parse_model(self, t: Any, sec: tuple[str, ...], where: str,

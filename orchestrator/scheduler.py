@@ -127,6 +127,7 @@ class Scheduler:
     def __init__(self, graph: GraphSpec, *, seed: int = 0) -> None:
         self.graph = graph
         self.last_spawn_adopted = False  # spawn_child's last answer was a lost attempt's child
+        self.spawned = 0  # dynamic children in the run (restored ones included)
         self.seed = seed
         self._run = graph.run
         self._tasks: dict[str, _Task] = {}
@@ -364,9 +365,37 @@ class Scheduler:
                 self.last_spawn_adopted = True
                 return c.id
         self.last_spawn_adopted = False
+        if task_id is None:  # a new spawn (a resume restores the journal's without limits)
+            self._check_spawn_limits(p)
         cid = self._new_dynamic(p, prompt=prompt, agent=agent, now=now, task_id=task_id)
         p.spawns.append(cid)
         return cid
+
+    def _check_spawn_limits(self, p: _Task) -> None:
+        depth, t = 1, p
+        while t.kind == "dynamic" and t.parent is not None:
+            depth += 1
+            t = self._tasks[t.parent]
+        limit = self._run.max_spawn_depth
+        if depth > limit:
+            raise SchedulerError(
+                f"spawn: {p.id!r} is a child {depth - 1} levels deep and [run] max_spawn_depth "
+                f"is {limit}: do this work here instead of in another child (or raise "
+                "max_spawn_depth in the graph's [run] table)")
+        if self.spawned >= self._run.max_spawned:
+            raise SchedulerError(
+                f"spawn: this run already spawned {self.spawned} children, its [run] "
+                "max_spawned: do the rest of the work here (or raise max_spawned in the "
+                "graph's [run] table)")
+
+    def descends_from(self, task_id: str, ancestor: str) -> bool:
+        """True iff `task_id` is a fan-out or spawned child of `ancestor`, at any depth."""
+        t = self._tasks.get(task_id)
+        while t is not None and t.parent is not None:
+            if t.parent == ancestor:
+                return True
+            t = self._tasks.get(t.parent)
+        return False
 
     def _release_adopted(self, p: _Task, why: str, now: float) -> None:
         """Children of a lost attempt that the attempt re-running it did not ask for again:
@@ -383,6 +412,7 @@ class Scheduler:
         c = _Task(id=cid, kind="dynamic", agent=agent, parent=p.id, needs=(),
                   retries=self._run.retries, timeout_s=self._run.timeout_s, prompt=prompt)
         self._add(c)
+        self.spawned += 1
         p.dynamic.append(cid)
         self._touch(p)
         self._make_ready(c, now)

@@ -32,7 +32,7 @@ import trio
 from agents import protocol as P
 from bus.client import open_bus_client
 from bus.config import HubConfig
-from bus.errors import BusClosedError, BusError
+from bus.errors import BodyTooLargeError, BusClosedError, BusError
 from bus.hub import serve_bus
 from bus.local import LocalHub
 from bus.logs import get_logger
@@ -368,8 +368,32 @@ class Supervisor:
     async def _send(self, worker_id: str, body: Any) -> None:
         try:
             await self.bus.send(P.worker_endpoint(worker_id), body)
+        except BodyTooLargeError as exc:
+            if body.get("t") != "lease":
+                raise  # our own control messages are small: a bug
+            self._unsendable(worker_id, str(body["task_id"]), int(body["attempt"]), exc)
         except BusError as exc:
             log.warning("send.failed", worker_id=worker_id, t=body.get("t"), error=str(exc))
+
+    def _unsendable(self, worker_id: str, task_id: str, attempt: int,
+                    exc: BodyTooLargeError) -> None:
+        """A lease too large for one bus message (its prompt, with what its {{ }} references
+        brought in): the attempt fails, not retried (the next would be as large)."""
+        if self.table.holder(task_id, attempt) == worker_id:
+            self.table.release(task_id, attempt)
+        if not self.sched.is_current(task_id, attempt):
+            return
+        error = (f"the task's lease is {exc.size} bytes, over the bus's message limit of "
+                 f"{exc.limit}: its prompt (with the upstream outputs its {{{{ }}}} references "
+                 "bring in) or its agent's instructions are too long; reference less output, "
+                 "e.g. one field of each upstream task instead of its whole text")
+        self.journal.attempt_ended(self.run_id, task_id, attempt, "failed", error=error)
+        self.sched.on_failed(task_id, attempt,
+                             error + " (not retried: another attempt would fail the same way)",
+                             trio.current_time(), retryable=False)
+        log.warning("lease.too_large", task_id=task_id, attempt=attempt, bytes=exc.size,
+                    limit=exc.limit)
+        self.wake()
 
     def _lost(self, task_id: str, attempt: int, why: str) -> None:
         """An attempt's worker is gone: run it again (if it is still the live attempt)."""
@@ -592,6 +616,13 @@ class Supervisor:
             await self._reply_safe(msg, {"error": f"wait: no task {', '.join(unknown)} in "
                                                   "this run"})
             return
+        parent = str(body.get("parent"))
+        strangers = [c for c in children if not self.sched.descends_from(c, parent)]
+        if strangers:
+            await self._reply_safe(msg, {"error": (
+                f"wait: {', '.join(strangers)} {'is' if len(strangers) == 1 else 'are'} not "
+                f"a child of {parent}: wait takes the ids that spawn returned")})
+            return
         self.waits.append((msg, children))
 
     def _answer_waits(self) -> None:
@@ -616,6 +647,10 @@ class Supervisor:
     async def _reply_safe(self, msg: Any, body: Any) -> None:
         try:
             await self.bus.reply(msg, body)
+        except BodyTooLargeError as exc:  # wait's results: the asker hears why
+            await self._reply_safe(msg, {"error": (
+                f"the answer is {exc.size} bytes, over the bus's message limit of {exc.limit}: "
+                "wait for fewer children at once")})
         except BusError as exc:
             log.warning("reply.failed", error=str(exc))
 

@@ -217,6 +217,105 @@ async def test_ask_across_workers_spawn_wait_and_accounting_sums_across_levels(t
             f"output {run_total['output_tokens']}") in err
 
 
+# ------------------------------------------------------------------ guards
+
+GUARDS = """
+[run]
+name = "guards"
+timeout = "20s"
+failure_policy = "continue"
+max_spawn_depth = 2
+
+[agents.huge]
+instructions = "answer at length"
+script = [{text = "x", output_tokens = 400000}]
+
+[agents.long]
+instructions = "answer at some length"
+script = [{text = "y", output_tokens = 150000}]
+
+[agents.echo]
+instructions = "echo"
+
+[agents.deep]
+instructions = "delegate"
+tools = ["spawn"]
+script = [{call = {name = "spawn", arguments = {prompt = "delegate again"}}}, {text = "done"}]
+
+[agents.waiter]
+instructions = "wait"
+tools = ["wait"]
+script = [{call = {name = "wait", arguments = {children = ["waiter"], timeout_s = 5}}},
+          {text = "went on"}]
+
+[[tasks]]
+id = "huge"
+agent = "huge"
+retries = 2
+
+[[tasks]]
+id = "long"
+agent = "long"
+
+[[tasks]]
+id = "twice"
+agent = "echo"
+needs = ["long"]
+retries = 2
+prompt = "{{ long.text }} and again {{ long.text }}"
+
+[[tasks]]
+id = "deep"
+agent = "deep"
+
+[[tasks]]
+id = "waiter"
+agent = "waiter"
+"""
+
+
+async def test_oversize_messages_runaway_spawns_and_bad_waits_fail_their_task_not_the_run(
+        tmp_path):
+    """A result or a lease over the bus's 1 MiB message limit fails its task at once (not
+    retried: the next attempt would be as large) and no process dies; spawning stops at
+    [run] max_spawn_depth; wait on a task that is not a child is a tool error."""
+    run = Run(tmp_path, GUARDS)
+    with trio.fail_after(GUARD_S):
+        async with sim_server(SimConfig.zero()) as model:
+            await run.start("--model-url", model.base_url)
+            code = await run.wait()
+    assert code == 1, run.stderr()  # tasks failed; the run itself ended normally
+    rid = run.run_id()
+    assert rid is not None
+    j = run.journal()
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for a in j.attempts(rid):
+        attempts.setdefault(a["task_id"], []).append(a)
+    # the oversize result: one attempt, failed, saying why and what to do
+    assert [a["state"] for a in attempts["huge"]] == ["failed"]
+    assert "over the bus's message limit" in attempts["huge"][0]["error"]
+    # the oversize lease (an upstream output brought in twice): failed before any worker
+    assert attempts["long"][0]["state"] == "succeeded"
+    assert [a["state"] for a in attempts["twice"]] == ["failed"]
+    assert "lease is" in attempts["twice"][0]["error"]
+    assert "references" in attempts["twice"][0]["error"]
+    # spawning: deep -> deep/1 -> deep/1/1, whose own spawn is refused; all three answer
+    assert {t for t in attempts if t.startswith("deep")} == {"deep", "deep/1", "deep/1/1"}
+    assert all(attempts[t][0]["state"] == "succeeded" for t in ("deep", "deep/1", "deep/1/1"))
+    log = _log(run, rid)
+    errors = [e for e in log if e.get("event") == "tool.error"]
+    assert any(e.get("task_id") == "deep/1/1" and "max_spawn_depth" in e["error"]
+               for e in errors), errors
+    # wait on itself: a tool error at once, and the agent went on
+    assert attempts["waiter"][0]["state"] == "succeeded"
+    assert any(e.get("task_id") == "waiter" and "not a child of waiter" in e["error"]
+               for e in errors), errors
+    # no worker died or lost an attempt over any of it: the two exits are the run's end
+    assert not [e for e in log if e.get("event") == "attempt.lost"]
+    exits = [e for e in log if e.get("event") == "worker.exited"]
+    assert len(exits) == 2 and all(e["code"] in (0, 130) for e in exits), exits
+
+
 # ------------------------------------------------------------------ cancellation
 
 LONG = 100_000  # output tokens: 100 s at the tests' decode rate (the sim pads it up front)

@@ -265,6 +265,23 @@ def test_spawn_child_refuses_unknown_parent_finished_parent_and_unknown_agent():
     assert not s.done  # the children still have to run
 
 
+def test_spawning_stops_at_max_spawn_depth_and_max_spawned_and_a_resume_is_not_held_to_them():
+    s = Scheduler(graph(task("x") + task("y"), run="max_spawn_depth = 2\nmax_spawned = 3"))
+    s.next_actions(0.0)
+    assert s.spawn_child("x", prompt="p", agent=None, now=0.0) == "x/1"  # depth 1
+    assert s.spawn_child("x/1", prompt="p", agent=None, now=0.0) == "x/1/1"  # depth 2
+    with pytest.raises(SchedulerError, match="2 levels deep and .run. max_spawn_depth is 2"):
+        s.spawn_child("x/1/1", prompt="p", agent=None, now=0.0)
+    assert s.descends_from("x/1/1", "x") and s.descends_from("x/1/1", "x/1")
+    assert not s.descends_from("x", "x") and not s.descends_from("x/1", "y")
+    assert s.spawn_child("y", prompt="p", agent=None, now=0.0) == "y/1"  # the third
+    with pytest.raises(SchedulerError, match="already spawned 3 children"):
+        s.spawn_child("y", prompt="p", agent=None, now=0.0)
+    # a resume restores what the journal holds (task_id given) whatever the limits
+    assert s.spawn_child("y", prompt="p", agent=None, now=0.0, task_id="y/2") == "y/2"
+    assert s.spawned == 4
+
+
 def test_dynamic_children_do_not_wait_for_a_slot_their_parent_holds():
     s = Scheduler(graph(task("x") + task("y"), run="max_concurrent = 1"))
     [x] = s.next_actions(0.0)
