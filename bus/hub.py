@@ -170,13 +170,19 @@ class Hub:
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, request: WsRequest) -> None:
-        if request.path != self.config.path:
-            await request.reject(404, body=f"the bus lives at {self.config.path}\n".encode())
+        try:
+            if request.path != self.config.path:
+                await request.reject(404, body=f"the bus lives at {self.config.path}\n".encode())
+                return
+            ws = await request.accept()
+            remote = ws.remote  # getpeername: fails once the peer has reset
+            peer = f"{getattr(remote, 'address', remote)}:{getattr(remote, 'port', '')}"
+        except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # the peer went away mid-handshake: its problem alone (an escape from here would
+            # end the listener, and every other peer's connection with it)
+            _log().info("bus.handshake_failed", reason=repr(exc))
             return
-        ws = await request.accept()
-        remote = ws.remote
-        await self._serve_link(ws, f"{getattr(remote, 'address', remote)}:"
-                                   f"{getattr(remote, 'port', '')}")
+        await self._serve_link(ws, peer)
 
     async def _serve_link(self, ws: WsConnection | LocalWs, peer: str) -> None:
         link = _Link(ws=ws, conn=BusConn(Role.HUB, limits=self.config.limits,

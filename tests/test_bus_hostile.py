@@ -228,3 +228,30 @@ async def test_flood_from_one_peer_is_cut_1013_while_others_keep_talking():
         assert [e["event"] for e in lines] == ["bus.slow_consumer"]
         assert len(rtts) >= 5 and max(rtts) < 0.5, rtts
         await env.still_talking()
+
+
+async def _upgrade_then_reset(url: str, *, wait_s: float) -> None:
+    """Send a WebSocket upgrade request, then reset the connection (SO_LINGER 0) after
+    `wait_s`: mid-handshake, or just after it, before the peer was looked at."""
+    import socket
+    import struct
+
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    sock = trio.socket.socket()
+    await sock.connect((host, int(port)))
+    await sock.send(b"GET /bus HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n")
+    await trio.sleep(wait_s)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_peers_that_reset_during_or_right_after_the_handshake_cost_the_hub_nothing():
+    async with hub_env() as env:
+        for i in range(30):
+            await _upgrade_then_reset(env.url, wait_s=(i % 3) * 0.001)
+        await trio.sleep(0.2)
+        await env.still_talking()
+        async with authed(env.url, "after") as ws:  # and new peers still get in
+            assert ws is not None
