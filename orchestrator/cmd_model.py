@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,9 @@ def sim_config_from_args(args: argparse.Namespace) -> SimConfig:
                         ("decode", "decode_s_per_token")):
         value = getattr(args, flag)
         if value is not None:
-            if value < 0:
-                raise ValueError(f"--{flag} must be zero or more seconds, got {value}")
+            if not 0 <= value < math.inf:  # NaN fails both
+                raise ValueError(f"--{flag} must be a finite number of seconds, zero or more; "
+                                 f"got {value}")
             changes[field] = value
     return attrs.evolve(sim, **changes)
 

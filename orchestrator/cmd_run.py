@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 
@@ -91,13 +92,19 @@ def _options(args: argparse.Namespace, token: str | None) -> object:
 
 def _check_args(args: argparse.Namespace) -> str | None:
     from bus.tokens import is_loopback
+    from orchestrator.workers import MAX_LOCAL_WORKERS
 
-    if args.workers < 0:
-        return "--workers must be 0 or more"
+    if not 0 <= args.workers <= MAX_LOCAL_WORKERS:
+        return (f"--workers must be 0..{MAX_LOCAL_WORKERS} (local worker processes; more "
+                "machines join with `orchestrator worker --connect URL`)")
     if args.capacity < 1:
         return "--capacity must be at least 1"
-    if args.lease_ttl <= 0:
-        return "--lease-ttl must be positive"
+    if not 0 < args.lease_ttl < math.inf:
+        return "--lease-ttl must be a positive number of seconds"
+    for flag, value in (("--sim-ttft", args.sim_ttft), ("--sim-prefill", args.sim_prefill),
+                        ("--sim-decode", args.sim_decode)):
+        if value is not None and not 0 <= value < math.inf:  # NaN fails both
+            return f"{flag} must be a finite number of seconds, zero or more; got {value}"
     if not (0 <= args.bus_port <= 65535):
         return "--bus-port must be 0..65535"
     if args.bus_url is None and not is_loopback(args.bus_host) and args.token is None:

@@ -36,8 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n < 0:
-        print(f"error: N must be 0 or more, not {args.n}", file=sys.stderr)
+    from orchestrator.workers import MAX_LOCAL_WORKERS
+
+    if not 0 <= args.n <= MAX_LOCAL_WORKERS:
+        print(f"error: N must be 0..{MAX_LOCAL_WORKERS}, not {args.n} (scale starts local "
+              "worker processes; more machines join with `orchestrator worker --connect URL`)",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         rid, req = write_request(args.state_dir, args.run, "scale", arg=str(args.n))

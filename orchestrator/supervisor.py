@@ -42,7 +42,7 @@ from orchestrator import scheduler as S
 from orchestrator.graph import GraphSpec
 from orchestrator.journal import Journal
 from orchestrator.progress import Progress
-from orchestrator.workers import LocalProcesses, WorkerTable
+from orchestrator.workers import MAX_LOCAL_WORKERS, LocalProcesses, WorkerTable
 
 log = get_logger("orchestrator.supervisor")
 
@@ -720,8 +720,8 @@ class Supervisor:
     def _scale(self, n: int) -> None:
         """Make the number of LOCAL worker processes n: spawn more, or drain the least loaded.
         Remote workers are not counted: they are scaled where they run (a Deployment)."""
-        if n < 0:
-            raise ValueError(f"scale: {n} < 0")
+        if not 0 <= n <= MAX_LOCAL_WORKERS:  # the CLI checks too: a hand-written request
+            raise ValueError(f"scale: {n} is not 0..{MAX_LOCAL_WORKERS}")
         if self.procs is None or self._inner is None:
             return
         self.target_workers = n

@@ -24,6 +24,9 @@ from bus.logs import get_logger
 log = get_logger("orchestrator.workers")
 
 RETIRED_MAX = 100_000  # leases remembered after they ended, to tell a late result from a forged one
+# local worker processes one orchestrator starts at most (run --workers, scale N): more
+# than a few per core only adds start-up time; other machines' workers join by hand
+MAX_LOCAL_WORKERS = 256
 STDERR_TAIL_LINES = 20  # lines of a local worker's stderr kept for the run log when it exits
 STDERR_LINE_MAX = 500  # characters kept per stderr line
 

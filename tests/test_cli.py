@@ -283,11 +283,29 @@ def test_scale_to_zero_warns(live, capsys):
     assert j.take_requests(RID)[0]["arg"] == "0"
 
 
-def test_scale_negative_exits_2_and_writes_nothing(live, capsys):
+@pytest.mark.parametrize("n", ["-1", "257", "99999999999999999999"])
+def test_scale_out_of_range_exits_2_and_writes_nothing(live, capsys, n):
+    # a huge N used to make the orchestrator start processes in a loop that never ended
     tmp_path, j, _ = live
-    assert main(["scale", "-1", *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
-    assert "N must be 0 or more" in capsys.readouterr().err
+    assert main(["scale", n, *sd(tmp_path)]) == cli.EXIT_BAD_INPUT
+    assert f"N must be 0..256, not {n}" in capsys.readouterr().err
     assert j.take_requests(RID) == []
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--workers", "100000"], "--workers must be 0..256"),
+    (["--workers", "-1"], "--workers must be 0..256"),
+    (["--lease-ttl", "nan"], "--lease-ttl must be a positive number"),
+    (["--sim-ttft", "-1"], "--sim-ttft must be a finite number of seconds, zero or more"),
+    (["--sim-prefill", "inf"], "--sim-prefill must be a finite number"),
+    (["--sim-decode", "nan"], "--sim-decode must be a finite number"),
+])
+def test_run_refuses_out_of_range_numbers_before_starting_anything(tmp_path, capsys, args,
+                                                                     says):
+    graph = pathlib.Path(__file__).resolve().parent.parent / "examples" / "quickstart.toml"
+    assert main(["run", str(graph), *sd(tmp_path), *args]) == cli.EXIT_BAD_INPUT
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "journal.sqlite").exists()
 
 
 def test_scale_unknown_or_ended_run_exits_2(live, capsys):
@@ -389,3 +407,11 @@ def test_resume_where_there_is_no_journal_says_so_and_creates_nothing(tmp_path, 
     assert main(["resume", "latest", "--state-dir", str(state)]) == cli.EXIT_BAD_INPUT
     assert f"no journal at {state / 'journal.sqlite'}" in capsys.readouterr().err
     assert not state.exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--ttft", "-1"), ("--prefill", "inf"),
+                                             ("--decode", "nan")])
+def test_model_server_refuses_a_negative_or_non_finite_time(capsys, flag, value):
+    assert main(["model-server", "--port", "0", flag, value]) == cli.EXIT_BAD_INPUT
+    assert f"{flag} must be a finite number of seconds, zero or more; got" in \
+        capsys.readouterr().err
