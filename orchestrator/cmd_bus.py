@@ -6,7 +6,13 @@ import argparse
 import signal
 import sys
 
-from orchestrator.serving import ServeArgsError, print_error, serving_token
+from orchestrator.serving import (
+    ListenError,
+    ServeArgsError,
+    print_error,
+    serving_token,
+    start_listening,
+)
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 2, 3
 
@@ -56,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with trio.open_nursery() as nursery:
             try:
-                info = await nursery.start(serve_bus, config)
-            except OSError as exc:
-                print(f"error: cannot listen on {args.host}:{args.port}: "
-                      f"{exc.strerror or exc}", file=sys.stderr)
+                info = await start_listening(nursery, serve_bus, config,
+                                             what=f"the bus on {args.host}:{args.port}")
+            except ListenError as exc:
+                print(f"error: {exc}", file=sys.stderr)
                 return EXIT_INTERNAL
             print(f"bus listening on {info.url}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:

@@ -8,7 +8,13 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.serving import ServeArgsError, print_error, serving_token
+from orchestrator.serving import (
+    ListenError,
+    ServeArgsError,
+    print_error,
+    serving_token,
+    start_listening,
+)
 
 if TYPE_CHECKING:
     from modellink.sim import SimConfig
@@ -89,7 +95,12 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with trio.open_nursery() as nursery:
-            info = await nursery.start(serve_model, config)
+            try:
+                info = await start_listening(nursery, serve_model, config, what=(
+                    f"the model server on {args.host}:{args.port}"))
+            except ListenError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_INTERNAL
             print(f"model server listening on {info.base_url}", file=sys.stderr, flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                 async for _ in sigs:
@@ -97,8 +108,4 @@ def run(args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()
         return EXIT_OK
 
-    try:
-        return trio.run(main)
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    return trio.run(main)

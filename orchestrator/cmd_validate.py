@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from orchestrator.graph import GraphError, GraphSpec
+from orchestrator.graph import GraphError, GraphFileError, GraphSpec
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -31,12 +31,8 @@ def run(args: argparse.Namespace) -> int:
         n = len(exc.problems)
         print(f"{n} problem{'s' if n != 1 else ''} in {args.file}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(f"error: cannot read graph file {args.file!r}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except UnicodeDecodeError as exc:
-        print(f"error: graph file {args.file!r} is not UTF-8 text: {exc}", file=sys.stderr)
+    except GraphFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"OK: {len(graph.tasks)} tasks, {len(graph.agents)} agents")
     # not problems: remote workers may have what this environment lacks

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import pathlib
 import re
+import stat
 import tomllib
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
@@ -78,6 +80,39 @@ PROVIDERS: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_GRAPH_BYTES = 16 * 1024 * 1024  # a graph is a short text; this is far past any real one
+
+
+class GraphFileError(Exception):
+    """The graph file cannot be read as text: missing, unreadable, not a regular file, too
+    large, or not UTF-8. The message names the file and what to do."""
+
+
+def read_graph_text(path: str | pathlib.Path) -> str:
+    """The text of a graph file. Raises GraphFileError."""
+    name = str(path)
+    try:
+        with open(path, "rb") as f:  # noqa: PTH123 - one read, bounded below
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise GraphFileError(f"graph file {name!r} is not a regular file (a directory, "
+                                     "device or pipe): pass the path of a .toml file")
+            data = f.read(MAX_GRAPH_BYTES + 1)
+    except IsADirectoryError:
+        raise GraphFileError(f"graph file {name!r} is a directory: pass the path of a .toml "
+                             "file in it") from None
+    except OSError as exc:
+        raise GraphFileError(f"cannot read graph file {name!r}: {exc.strerror or exc}") from None
+    if len(data) > MAX_GRAPH_BYTES:
+        raise GraphFileError(f"graph file {name!r} is over {MAX_GRAPH_BYTES // 2**20} MiB: a "
+                             "graph is a short TOML text; is this the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GraphFileError(f"graph file {name!r} is not UTF-8 text (byte {exc.start} is "
+                             f"{data[exc.start:exc.start + 1]!r}): save it as UTF-8, or check "
+                             "that it is the right file") from None
+
+
 @attrs.frozen(kw_only=True)
 class RunSpec:
     name: str = "run"
@@ -127,9 +162,9 @@ class GraphSpec:
 
     @classmethod
     def from_toml(cls, path: str | pathlib.Path) -> GraphSpec:
-        """Read and validate a graph file. Raises GraphError, or OSError if it cannot be read."""
-        p = pathlib.Path(path)
-        return cls.from_text(p.read_text(encoding="utf-8"), str(path))
+        """Read and validate a graph file. Raises GraphError, or GraphFileError if it cannot
+        be read as text."""
+        return cls.from_text(read_graph_text(path), str(path))
 
     @classmethod
     def from_text(cls, text: str, filename: str = "<graph>") -> GraphSpec:

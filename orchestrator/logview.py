@@ -78,11 +78,14 @@ def parse_since(text: str, now: datetime | None = None, tz: tzinfo | None = None
     """`--since` takes a duration back from now ("90s", "5m", "2h"), an ISO time (without a
     zone: in `tz`, the local zone when None, as `logs` and `status` print times), or a time of
     day as `logs` prints it (today's, in `tz`)."""
-    text = text.strip()
+    given = text = text.strip()
     m = _DUR.match(text)
     if m:
         now = now or datetime.now(UTC)
-        return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        try:
+            return now - timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:  # further back than datetime goes: every line is newer
+            return datetime.min.replace(tzinfo=UTC)
     if _CLOCK.match(text):
         now = (now or datetime.now(UTC)).astimezone(tz)
         hour, rest = text.split(":", 1)
@@ -91,7 +94,7 @@ def parse_since(text: str, now: datetime | None = None, tz: tzinfo | None = None
         ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise LogFilterError(
-            f"--since {text!r}: write a duration back from now (250ms, 90s, 5m, 2h, 1d), "
+            f"--since {given!r}: write a duration back from now (250ms, 90s, 5m, 2h, 1d), "
             "an ISO time such as 2026-11-24T21:00:00Z, or a time of day such as 21:00:00"
         ) from None
     if ts.tzinfo is None:  # a zone-less time is in `tz`, the local zone when None

@@ -33,7 +33,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     from orchestrator import scheduler as S
     from orchestrator.cli import leaves
     from orchestrator.cmd_run import _check_args, _options
-    from orchestrator.graph import GraphError, GraphSpec
+    from orchestrator.graph import GraphError, GraphFileError, GraphSpec
     from orchestrator.journal import Journal, JournalError
     from orchestrator.runs import run_dir
     from orchestrator.supervisor import StartError, Supervisor, bind_run, new_run_id
@@ -61,8 +61,8 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         except GraphError as exc:
             print(exc.render(), file=sys.stderr)
             return EXIT_BAD_INPUT
-        except OSError as exc:
-            _err(f"cannot read graph file {args.file!r}: {exc.strerror or exc}")
+        except GraphFileError as exc:
+            _err(str(exc))
             return EXIT_BAD_INPUT
 
     state = pathlib.Path(args.state_dir)

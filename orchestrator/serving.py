@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from bus.tokens import TokenError, is_loopback, load_token
 
@@ -34,3 +35,27 @@ def serving_token(args: argparse.Namespace, *, risk: str) -> str | None:
 
 def print_error(exc: Exception) -> None:
     print(f"error: {exc}", file=sys.stderr)
+
+
+class ListenError(Exception):
+    """A server could not listen (a port in use, an address that cannot be bound): the
+    environment's problem (exit 3), said in one line."""
+
+
+async def start_listening(nursery: Any, fn: Any, config: Any, *, what: str,
+                          error: type[ListenError] = ListenError) -> Any:
+    """nursery.start(fn, config), with a failure to listen raised as one `error`: trio hands
+    it over wrapped in exception groups, which `except OSError` never matches."""
+    try:
+        return await nursery.start(fn, config)
+    except OSError as exc:
+        raise error(f"cannot start {what}: {exc.strerror or exc}") from exc
+    except BaseExceptionGroup as eg:
+        match, rest = eg.split(OSError)
+        if rest is not None or match is None:
+            raise
+        first: BaseException = match
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise error(f"cannot start {what}: "
+                    f"{getattr(first, 'strerror', None) or first}") from eg

@@ -42,6 +42,7 @@ from orchestrator import scheduler as S
 from orchestrator.graph import GraphSpec
 from orchestrator.journal import Journal
 from orchestrator.progress import Progress
+from orchestrator.serving import ListenError, start_listening
 from orchestrator.workers import MAX_LOCAL_WORKERS, LocalProcesses, WorkerTable
 
 log = get_logger("orchestrator.supervisor")
@@ -56,7 +57,7 @@ RECEIVE_BATCH = 256  # bus messages handled per pass; a row of results is one jo
 TOKEN_ENV = "SWITCHBOARD_TOKEN"  # the env var workers read the bus (and embedded sim) token from
 
 
-class StartError(Exception):
+class StartError(ListenError):
     """The run could not start (a port in use, an address that cannot be bound)."""
 
 
@@ -811,19 +812,7 @@ class Supervisor:
 
 async def _start(nursery: trio.Nursery, fn: Any, config: Any, *, what: str) -> Any:
     """nursery.start(fn, config), with a failure to listen raised as one StartError."""
-    try:
-        return await nursery.start(fn, config)
-    except OSError as exc:
-        raise StartError(f"cannot start {what}: {exc.strerror or exc}") from exc
-    except BaseExceptionGroup as eg:
-        match, rest = eg.split(OSError)
-        if rest is not None or match is None:
-            raise
-        first: BaseException = match
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise StartError(f"cannot start {what}: "
-                         f"{getattr(first, 'strerror', None) or first}") from eg
+    return await start_listening(nursery, fn, config, what=what, error=StartError)
 
 
 def _usage(res: P.Result) -> dict[str, Any]:

@@ -415,3 +415,44 @@ def test_model_server_refuses_a_negative_or_non_finite_time(capsys, flag, value)
     assert main(["model-server", "--port", "0", flag, value]) == cli.EXIT_BAD_INPUT
     assert f"{flag} must be a finite number of seconds, zero or more; got" in \
         capsys.readouterr().err
+
+
+def _bad_graph_files(tmp_path: pathlib.Path) -> list[tuple[str, str]]:
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\x00\xa6\xff" * 50)
+    huge = tmp_path / "huge.toml"
+    with huge.open("wb") as f:
+        f.truncate(16 * 1024 * 1024 + 1)
+    return [(str(binary), "is not UTF-8 text (byte 1 is b'\\xa6')"),
+            ("/dev/zero", "is not a regular file"),
+            (str(tmp_path), "is a directory"),
+            (str(huge), "is over 16 MiB"),
+            (str(tmp_path / "none.toml"), "No such file or directory")]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_graph_that_is_no_text_file_is_bad_input_for_validate_and_run(tmp_path, capsys,
+                                                                        command):
+    # run used to die with an internal error on a binary file; /dev/zero was read until
+    # memory ran out
+    state = tmp_path / "state"
+    for path, says in _bad_graph_files(tmp_path):
+        assert main([command, path, *sd(state)][:2 if command == "validate" else 4]) == \
+            cli.EXIT_BAD_INPUT, path
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not state.exists()  # no run was started
+
+
+@pytest.mark.parametrize("command", ["bus", "model-server"])
+def test_a_port_in_use_is_said_plainly_not_as_an_internal_error(capsys, command):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([command, "--port", str(port)]) == 3
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}: Address already in use" in err
+    assert "internal error" not in err

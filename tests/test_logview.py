@@ -42,6 +42,15 @@ def test_since_accepts_iso_and_rejects_nonsense_with_a_hint():
         parse_since("yesterday")
     with pytest.raises(LogFilterError, match="use one of"):
         LogFilter.build(task=None, agent=None, level="loud", since=None)
+    # the error quotes what was typed, not the date a time of day became
+    with pytest.raises(LogFilterError, match="--since '25:61'"):
+        parse_since("25:61")
+
+
+@pytest.mark.parametrize("text", ["99999999999h", "9999999d", "1" + "0" * 400 + "s"])
+def test_since_further_back_than_a_date_can_go_means_every_line(text):
+    # these raised OverflowError: an internal error (exit 3) instead of all lines
+    assert parse_since(text) == datetime.min.replace(tzinfo=UTC)
 
 
 def test_times_are_shown_and_read_in_one_zone_as_status_shows_them():
