@@ -15,7 +15,7 @@ import attrs
 import structlog
 import trio
 
-from agents.protocol import AgentSpec, TurnRecord
+from agents.protocol import AgentSpec, ModelRef, TurnRecord
 from bus.logs import get_logger
 
 log = get_logger("agents.loop")
@@ -31,8 +31,10 @@ PRICES: dict[str, tuple[float, float, float]] = {
 }
 
 
-def turn_cost(model: str, rec: TurnRecord) -> float:
-    p = PRICES.get(model)
+def turn_cost(model: ModelRef, rec: TurnRecord) -> float:
+    """What the turn cost in USD at the model's list price; 0 on a sim model, whatever model
+    name it was given (the sim answers to any), and for a model without a price."""
+    p = None if model.sim else PRICES.get(model.model)
     if p is None:
         return 0.0
     uncached = max(rec.input_tokens - rec.cached_tokens, 0)
@@ -142,7 +144,7 @@ async def _turns(agent: AgentSpec, prompt: str, session: Any, registry: Any,
             tool_calls=tuple(c.name for c in calls),
             resent_full_context=result.resent_full_context,
         )
-        rec = attrs.evolve(rec, cost_usd=turn_cost(agent.model.model, rec))
+        rec = attrs.evolve(rec, cost_usd=turn_cost(agent.model, rec))
         at = len(state.turns)  # answers to `ask`s may append their own records meanwhile
         state.turns.append(rec)  # now: a cancel during the tools keeps this turn's tokens
         if result.status == "failed":

@@ -299,7 +299,7 @@ class Worker:
                            output_tokens=res.usage.output_tokens, bytes_sent=res.bytes_sent,
                            bytes_received=res.bytes_received, model_s=res.elapsed_s,
                            tool_calls=(f"answer:{asker}",))
-        run.state.turns.append(attrs.evolve(rec, cost_usd=turn_cost(agent.model.model, rec)))
+        run.state.turns.append(attrs.evolve(rec, cost_usd=turn_cost(agent.model, rec)))
         if res.status != "completed":
             raise ValueError(f"the answering model response ended {res.status}")
         log.info("ask.answered", asker=asker, output_tokens=rec.output_tokens)

@@ -583,6 +583,19 @@ class _Parser:
                                  (dym + " " if dym else "") + "built-in tools: "
                                  + ", ".join(BUILTIN_TOOLS) + "; or a Python function as "
                                  "\"package.module:function\"")
+            seen: dict[str, str] = {}  # the name the model sees -> the spec that gave it
+            for tool in tools:
+                if not isinstance(tool, str):
+                    continue
+                shown = tool.rsplit(":", 1)[-1]  # a function tool is named by its function
+                if shown in seen:
+                    twice = (f"{tool!r} is listed twice" if seen[shown] == tool else
+                             f"{seen[shown]!r} and {tool!r} both give the model a tool named "
+                             f"{shown!r}")
+                    self.problem(self.lines.of(sec, "tools"), f"{where}: {twice}",
+                                 "list each tool once; rename a function that shares a name "
+                                 "with a built-in or another function")
+                seen.setdefault(shown, tool)
             subscribe = self.get(a, "subscribe", list, sec, where, [], what="a list of topics")
             script = self.parse_script(a, "script", sec, where)
             answers = self.parse_script(a, "answers", sec, where)

@@ -17,7 +17,7 @@ import trio
 from agent_helpers import alive, until
 
 from agents.loop import LoopState, parse_outputs, run_agent_loop, turn_cost
-from agents.protocol import AgentSpec, TurnRecord
+from agents.protocol import AgentSpec, ModelRef, TurnRecord
 from agents.tools import ToolContext, build_registry
 from modellink.client import ModelEndpoint, fetch_server_stats, open_model_session
 from modellink.server import ModelServerConfig, serve_model
@@ -89,9 +89,12 @@ def test_turn_cost_prices_uncached_cached_and_output_tokens():
     rec = TurnRecord(turn=1, input_tokens=1_000_000, cached_tokens=400_000,
                      output_tokens=100_000)
     # gpt-4.1-mini: $0.40 uncached, $0.10 cached, $1.60 output per million
-    assert turn_cost("gpt-4.1-mini", rec) == pytest.approx(0.24 + 0.04 + 0.16)
-    assert turn_cost("sim", rec) == 0.0
-    assert turn_cost("unknown-model", rec) == 0.0
+    openai = ModelRef(base_url="https://api.openai.com/v1", model="gpt-4.1-mini", sim=False)
+    assert turn_cost(openai, rec) == pytest.approx(0.24 + 0.04 + 0.16)
+    assert turn_cost(ModelRef(), rec) == 0.0
+    assert turn_cost(attrs.evolve(openai, model="unknown-model"), rec) == 0.0
+    # the sim answers to any model name; a priced name on it costs nothing (it said $0.0002)
+    assert turn_cost(ModelRef(model="gpt-4.1-mini"), rec) == 0.0
 
 
 def test_where_names_the_turn_and_the_running_tools():

@@ -217,6 +217,19 @@ def test_bad_script_step_and_tool():
     assert "unknown tool 'nope'" in ps[3].message
 
 
+@pytest.mark.parametrize(("tools", "says"), [
+    ('["shell", "shell"]', "'shell' is listed twice"),
+    ('["shell", "pkg.dup:shell"]', "'shell' and 'pkg.dup:shell' both give the model a tool "
+                                   "named 'shell'"),
+    ('["pkg.a:add", "pkg.b:add"]', "both give the model a tool named 'add'"),
+])
+def test_two_tools_of_one_name_are_a_graph_error_not_a_failure_of_every_task(tools, says):
+    # validate said OK and every attempt then failed with "registered twice"
+    text = f'[agents.a]\ntools = {tools}\n[[tasks]]\nid = "t"\nagent = "a"\n'
+    p = only(text)
+    assert p.line == 2 and says in p.message and "list each tool once" in p.hint
+
+
 def test_render_prompt_substitutes_text_json_and_items():
     ctx = {"plan": {"text": "P", "outputs": {"files": ["a", "b"], "n": 2}}, "item": "a.py"}
     assert render_prompt("{{ plan.text }}/{{item}}/{{ plan.outputs.n }}", ctx) == "P/a.py/2"

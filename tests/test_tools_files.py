@@ -39,6 +39,16 @@ async def test_write_then_read_round_trip_with_parent_dirs_created(setup):
     assert res.output.startswith("replaced")
 
 
+async def test_writing_under_a_file_is_a_tool_error_with_a_relative_path(setup):
+    # it was "tool 'write_file' raised FileExistsError: ... '/tmp/.../ws/a.txt'"
+    ws, _, reg = setup
+    (ws / "a.txt").write_text("a file\n")
+    res = await call(reg, "write_file", path="a.txt/x", content="y")
+    assert not res.ok
+    assert res.error == "cannot write 'a.txt/x': 'a.txt' is a file, so it cannot be a " \
+        "directory on the path"
+
+
 async def test_read_with_offset_and_limit_says_how_to_read_on(setup):
     ws, _, reg = setup
     (ws / "f.txt").write_text("".join(f"{i}\n" for i in range(1, 101)))
@@ -230,6 +240,8 @@ async def test_apply_patch_rolls_back_written_files_when_a_later_write_fails(set
     patch = udiff("a.txt", "old\n", "new\n") + udiff("x/y.txt", "", "cannot be written\n")
     res = await call(reg, "apply_patch", patch=patch)
     assert not res.ok and "no file was changed" in res.error
+    assert "'x' is a file, so it cannot be a directory on the path" in res.error
+    assert str(ws) not in res.error  # where the workspace lives is not the model's business
     assert (ws / "a.txt").read_text() == "old\n"
     assert sorted(p.name for p in ws.iterdir()) == ["a.txt", "x"]  # no temporary files left
 

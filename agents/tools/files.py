@@ -126,13 +126,25 @@ def _atomic_write(real: pathlib.Path, data: bytes) -> None:
         raise
 
 
+def _why(workspace: pathlib.Path, exc: OSError) -> str:
+    """Why a write failed, with paths relative to the workspace (the model never sees where
+    the workspace lives)."""
+    shown = _rel(workspace, pathlib.Path(exc.filename)) if exc.filename else None
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and shown:
+        return f"{shown!r} is a file, so it cannot be a directory on the path"
+    return f"{exc.strerror or type(exc).__name__}" + (f": {shown!r}" if shown else "")
+
+
 def write_file(ctx: ToolContext, path: str, content: str) -> str:
     real = resolve(ctx.workspace, path)
     if real.is_dir():
         raise ToolError(f"{path!r} is a directory; give a file path")
     existed = real.exists()
     data = content.encode("utf-8", errors="surrogatepass")
-    _atomic_write(real, data)
+    try:
+        _atomic_write(real, data)
+    except OSError as exc:
+        raise ToolError(f"cannot write {path!r}: {_why(ctx.workspace, exc)}") from None
     verb = "replaced" if existed else "created"
     return f"{verb} {_rel(ctx.workspace, real)}: {len(data)} bytes, {len(content.splitlines())} lines"
 
@@ -228,7 +240,8 @@ def apply_patch(ctx: ToolContext, patch: str) -> str:
                     _atomic_write(real, before)
             except OSError:
                 pass
-        raise ToolError(f"writing the patched files failed ({exc}); no file was changed") from None
+        raise ToolError(f"writing the patched files failed ({_why(ctx.workspace, exc)}); no "
+                        "file was changed") from None
     return "applied: " + "; ".join(summary)
 
 
