@@ -31,7 +31,11 @@ def load_token(token_file: str | None, *, env: Mapping[str, str] | None = None) 
         if not token:
             raise TokenError(f"token file {token_file!r} is empty: write the shared token into it")
         return token
-    token = environ.get(ENV_VAR, "").strip()
+    raw = environ.get(ENV_VAR, "")
+    token = raw.strip()
+    if raw and not token:  # empty means unset (VAR= cmd); blanks are a mistake to say
+        raise TokenError(f"{ENV_VAR} holds only whitespace: set it to the shared token, or "
+                         "unset it")
     return token or None
 
 

@@ -58,6 +58,17 @@ def connect_failure(exc: BaseException) -> str:
     if tls is not None and getattr(tls, "reason", None) in _NOT_TLS:
         return (f"the server did not answer in TLS ({tls.reason}): it may speak plain HTTP "
                 "there; use http:// (ws://) instead of https:// (wss://)")
+    rejected = next((e for e in seen if isinstance(e, WsRejected)), None)
+    if rejected is not None:
+        status = rejected.status_code
+        if status == 404:
+            return ("the server answered 404: nothing takes WebSockets at that path; check the "
+                    "URL's path (the bus is at /bus, as `orchestrator run` prints its URL)")
+        if status in (401, 403):
+            return (f"the server refused the upgrade with {status}: a wrong or missing token "
+                    "for it?")
+        return (f"the server answered HTTP {status} instead of accepting a WebSocket: is "
+                "this the right URL?")
     timeout = next((e for e in seen if isinstance(e, (WsConnectTimeout, TimeoutError))), None)
     if timeout is not None:
         if isinstance(timeout, WsConnectTimeout) and str(timeout):  # open_ws's, with the phase

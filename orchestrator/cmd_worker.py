@@ -81,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
     if args.capacity < 1:
         print("error: --capacity must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.parent_pid is not None and args.parent_pid != os.getppid():
+        # it would exit at once, as if its orchestrator had died (and race its own signal
+        # handler to do it): a wrong pid is a usage error, said plainly
+        print(f"error: --parent-pid {args.parent_pid} is not this worker's parent (that is "
+              f"{os.getppid()}); the flag is for the orchestrator that starts local workers: "
+              "leave it out", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if not args.connect.startswith(("ws://", "wss://")):
         print(f"error: --connect {args.connect!r} is not a ws:// or wss:// URL", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -167,8 +174,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: lost the bus at {args.connect}: {net}", file=sys.stderr)
             return EXIT_INTERNAL
         if net is not None:
-            print(f"error: cannot reach the bus at {args.connect}: {net}\n"
-                  "hint: start the orchestrator (`orchestrator run FILE`, or `orchestrator bus`) "
-                  "first, and pass --connect the bus URL it prints", file=sys.stderr)
+            # no hint when a server answered: it is the wrong one, or the wrong path
+            answered = "the server answered" in str(net) or "refused the upgrade" in str(net)
+            print(f"error: cannot reach the bus at {args.connect}: {net}" + ("" if answered else
+                  "\nhint: start the orchestrator (`orchestrator run FILE`, or `orchestrator "
+                  "bus`) first, and pass --connect the bus URL it prints"), file=sys.stderr)
             return EXIT_INTERNAL
         raise

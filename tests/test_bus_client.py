@@ -135,6 +135,18 @@ def test_connect_failure_names_the_cause_the_websocket_library_wraps():
     assert connect_failure(WsHandshakeError()) == "HandshakeError()"  # nothing more known
 
 
+async def test_a_wrong_path_says_the_server_answered_404_and_where_the_bus_is():
+    # it said "ConnectionRejected<status_code=404 ...>" and advised starting the orchestrator
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, info = await start_hub(nursery)
+            wrong = info.url.replace("/bus", "/nope")
+            with pytest.raises(BusBrokenError, match="answered 404.*the bus is at /bus"):
+                async with open_bus_client(wrong, token=TOKEN, endpoint_id="a"):
+                    pass
+            nursery.cancel_scope.cancel()
+
+
 async def test_bad_endpoint_id_or_topic_is_the_callers_value_error():
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

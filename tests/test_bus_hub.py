@@ -397,6 +397,16 @@ def test_cli_refuses_a_public_host_without_a_token(monkeypatch):
     assert "without a token" in err and "SWITCHBOARD_TOKEN" in err
 
 
+def test_cli_says_a_blank_env_token_is_blank(monkeypatch):
+    # it was taken as unset, and then "set SWITCHBOARD_TOKEN" was the advice
+    monkeypatch.setenv("SWITCHBOARD_TOKEN", "   ")
+    code, err = _bus_cli("--host", "0.0.0.0", "--port", "0")
+    assert code == 2 and "SWITCHBOARD_TOKEN holds only whitespace" in err
+    monkeypatch.setenv("SWITCHBOARD_TOKEN", "")  # VAR= cmd: unset, as in any shell
+    code, err = _bus_cli("--host", "0.0.0.0", "--port", "0")
+    assert code == 2 and "without a token" in err
+
+
 def test_cli_refuses_an_unreadable_token_file(tmp_path):
     code, err = _bus_cli("--token-file", str(tmp_path / "missing"), "--port", "0")
     assert code == 2 and "cannot read token file" in err

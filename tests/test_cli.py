@@ -456,3 +456,11 @@ def test_a_port_in_use_is_said_plainly_not_as_an_internal_error(capsys, command)
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}: Address already in use" in err
     assert "internal error" not in err
+
+
+@pytest.mark.parametrize("pid", ["1", "0", "-5", "999999"])
+def test_worker_parent_pid_that_is_not_its_parent_is_bad_input(capsys, pid):
+    # it exited at once with no message, 130 or 143 depending on a race with its handler
+    assert main(["worker", "--connect", "ws://127.0.0.1:1/bus", "--parent-pid", pid]) == \
+        cli.EXIT_BAD_INPUT
+    assert f"--parent-pid {pid} is not this worker's parent" in capsys.readouterr().err
