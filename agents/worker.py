@@ -38,6 +38,7 @@ SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "SHELL", "TERM")
 MODEL_TOKEN_ENV = "SWITCHBOARD_MODEL_TOKEN"  # bearer token for a token-protected model server
 RESULT_SEND_S = 2.0  # how long a finished attempt may wait to hand its result to the bus
 ASK_ANSWER_MAX_S = 60.0  # an answer's model turn never runs longer than this
+READERS = frozenset({"read_topic", "read_messages"})  # tools that read a task's inbox
 
 
 def workspace_dir(root: pathlib.Path, run_id: str, task_id: str) -> pathlib.Path:
@@ -226,6 +227,11 @@ class Worker:
             await self._reply_error(msg, "no_such_task", f"task {task_id} is not running here")
             return
         if body.get("t") == "message":
+            if not READERS & set(run.lease.agent.tools):  # "delivered" would be a lie
+                await self._reply_error(msg, "cannot_read", (
+                    f"task {task_id} cannot read messages (its agent has no read_topic tool): "
+                    "use ask, which it answers"))
+                return
             run.inbox.put({"from": body.get("from"), "text": body.get("text"), "topic": None})
             await self._reply(msg, {"ok": True})
         elif body.get("t") == "ask":

@@ -597,6 +597,11 @@ class _Parser:
                                  "with a built-in or another function")
                 seen.setdefault(shown, tool)
             subscribe = self.get(a, "subscribe", list, sec, where, [], what="a list of topics")
+            if subscribe and "read_topic" not in tools:
+                self.problem(self.lines.of(sec, "subscribe"),
+                             f"{where}: subscribes to topics but has no read_topic tool, so it "
+                             "could never read what they bring",
+                             'add "read_topic" to its tools, or drop subscribe')
             script = self.parse_script(a, "script", sec, where)
             answers = self.parse_script(a, "answers", sec, where)
             out[name] = AgentSpec(

@@ -315,10 +315,11 @@ async def test_stop_cancels_running_attempts_which_report_then_the_worker_says_b
 
 
 async def test_only_a_reachable_lease_claims_its_task_endpoint(tmp_path):
-    from bus.errors import BusNoRouteError
+    from bus.errors import BusNoRouteError, BusRemoteError
 
     sim = SimConfig(ttft_s=0.0, prefill_s_per_token=0.0, decode_s_per_token=0.001)
-    agent = _agent("a", [{"text": "x", "output_tokens": 100_000}], [])
+    agent = _agent("a", [{"text": "x", "output_tokens": 100_000}], ["read_topic"])
+    deaf = _agent("d", [{"text": "x", "output_tokens": 100_000}], [])
     lease = P.Lease(run_id="r", task_id="t", attempt=1, agent=agent, prompt="p",
                     timeout_s=None, model_base_url=None, reachable=False)
     assert P.parse_message(P.to_wire(lease)) == lease
@@ -328,16 +329,21 @@ async def test_only_a_reachable_lease_claims_its_task_endpoint(tmp_path):
             stats = h.model.server.statistics
             await h.lease("alone", agent, reachable=False)
             await h.lease("asked", agent)
-            await until(lambda: stats()["in_flight"] == 2)
+            await h.lease("deaf", deaf)
+            await until(lambda: stats()["in_flight"] == 3)
             with pytest.raises(BusNoRouteError):
                 await h.orch.request(P.task_endpoint("alone"), {"t": "message", "from": "x",
                                                                  "text": "hi"}, timeout=5)
             reply = await h.orch.request(P.task_endpoint("asked"), {
                 "t": "message", "from": "x", "text": "hi"}, timeout=5)
             assert reply == {"ok": True}
-            for tid in ("alone", "asked"):
+            # a task without read_topic could never read it: the sender hears so
+            with pytest.raises(BusRemoteError, match="cannot_read: task deaf cannot read"):
+                await h.orch.request(P.task_endpoint("deaf"), {
+                    "t": "message", "from": "x", "text": "hi"}, timeout=5)
+            for tid in ("alone", "asked", "deaf"):
                 await h.orch.send(P.worker_endpoint("w1"), P.cancel(tid, 1, "done"))
-            assert {(await h.result()).status for _ in range(2)} == {"cancelled"}
+            assert {(await h.result()).status for _ in range(3)} == {"cancelled"}
     assert not (tmp_path / "ws" / "run1" / "alone").exists()  # no local tools: no workspace
 
 

@@ -230,6 +230,13 @@ def test_two_tools_of_one_name_are_a_graph_error_not_a_failure_of_every_task(too
     assert p.line == 2 and says in p.message and "list each tool once" in p.hint
 
 
+def test_subscribing_without_read_topic_is_a_graph_error():
+    text = '[agents.a]\nsubscribe = ["news.*"]\n[[tasks]]\nid = "t"\nagent = "a"\n'
+    p = only(text)
+    assert p.line == 2 and "has no read_topic tool" in p.message and "read_topic" in p.hint
+    GraphSpec.from_text(text.replace("subscribe", 'tools = ["read_topic"]\nsubscribe'), "g")
+
+
 def test_render_prompt_substitutes_text_json_and_items():
     ctx = {"plan": {"text": "P", "outputs": {"files": ["a", "b"], "n": 2}}, "item": "a.py"}
     assert render_prompt("{{ plan.text }}/{{item}}/{{ plan.outputs.n }}", ctx) == "P/a.py/2"
