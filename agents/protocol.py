@@ -164,9 +164,15 @@ def hello(worker_id: str, capacity: int, pid: int, host: str) -> dict[str, Any]:
             "pid": pid, "host": host}
 
 
-def heartbeat(worker_id: str, held: list[tuple[str, int]], draining: bool) -> dict[str, Any]:
-    return {"t": "heartbeat", "worker_id": worker_id, "held": [[t, a] for t, a in held],
+def heartbeat(worker_id: str, held: list[tuple[str, int]], draining: bool,
+              joins: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`joins`: the worker's hello (capacity, pid, host, v), so that an orchestrator started
+    after the worker said hello (a run on a standalone hub) takes it on from a heartbeat."""
+    body = {"t": "heartbeat", "worker_id": worker_id, "held": [[t, a] for t, a in held],
             "draining": draining}
+    if joins is not None:
+        body["join"] = {k: joins[k] for k in ("v", "capacity", "pid", "host")}
+    return body
 
 
 def cancel(task_id: str, attempt: int, reason: str) -> dict[str, Any]:
@@ -292,10 +298,16 @@ def parse_message(body: Any) -> Any:
             if not (isinstance(h, list) and len(h) == 2 and isinstance(h[0], str)
                     and isinstance(h[1], int)):
                 raise WorkerProtocolError("heartbeat: 'held' must be a list of [task_id, attempt]")
+        join = _opt(body, "join", dict, "heartbeat", None)
+        if join is not None and (join.get("v") != PROTOCOL_VERSION
+                                 or not isinstance(join.get("capacity"), int)):
+            body = {**body, "join": None}  # another version: it cannot join by heartbeat
         return body
     if t in ("cancel",):
         _req(body, "task_id", str, t)
         _req(body, "attempt", int, t)
+        return body
+    if t == "who":  # a request: another orchestrator asks whose this endpoint is
         return body
     if t == "spawn":  # a request: a running task asks for a dynamic child under it
         _req(body, "run_id", str, t)

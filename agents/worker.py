@@ -143,6 +143,7 @@ class Worker:
     stop_reason: str | None = None  # set by stop(); the bye says it
     served: bool = False  # True once joined: a bus error after that is not "cannot reach"
     _env: dict[str, str] | None = None  # see _tool_env
+    _hello: dict[str, Any] | None = None  # what run() said first; heartbeats repeat it
 
     def stop(self, reason: str = "stopped") -> bool:
         """Stop serving: cancel every running attempt (each still reports "cancelled", with
@@ -163,8 +164,9 @@ class Worker:
         async with open_bus_client(cfg.url, token=cfg.token or "",
                                    endpoint_id=P.worker_endpoint(cfg.worker_id)) as bus:
             self.bus = bus
-            await bus.send(P.ORCHESTRATOR_ID, P.hello(cfg.worker_id, cfg.capacity, os.getpid(),
-                                                      socket.gethostname()))
+            self._hello = P.hello(cfg.worker_id, cfg.capacity, os.getpid(),
+                                  socket.gethostname())
+            await bus.send(P.ORCHESTRATOR_ID, self._hello)
             log.info("worker.ready", capacity=cfg.capacity, url=cfg.url)
             self.served = True
             task_status.started()
@@ -480,8 +482,8 @@ class Worker:
         while True:
             held = list(self.running.keys())
             try:
-                await self.bus.send(P.ORCHESTRATOR_ID,
-                                    P.heartbeat(self.config.worker_id, held, self.draining))
+                await self.bus.send(P.ORCHESTRATOR_ID, P.heartbeat(
+                    self.config.worker_id, held, self.draining, joins=self._hello))
             except BusError as exc:
                 log.warning("heartbeat.failed", error=str(exc))
             await trio.sleep(self.config.heartbeat_s)

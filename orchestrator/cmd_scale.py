@@ -19,14 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "scale", help="change how many workers a running run uses",
         description=wrap(
-            "Ask the orchestrator running a run to use N workers. Growing starts local "
-        "worker processes; shrinking drains the least loaded workers (local or remote): they "
-        "finish the attempts they hold, take no new ones, and exit. The request goes through "
-        "the journal and is picked up within a second. Workers on Kubernetes are scaled by "
-        "their Deployment (kubectl scale, HPA, KEDA), not by this command."),
+            "Ask the orchestrator running a run to use N local worker processes (the ones "
+        "it starts itself; remote workers are not counted and not touched). Growing starts "
+        "local workers; shrinking drains the least loaded local ones: they finish the "
+        "attempts they hold, take no new ones, and exit. The request goes through the "
+        "journal and is picked up within a second. Workers on Kubernetes are scaled by their "
+        "Deployment (kubectl scale, HPA, KEDA), not by this command."),
         epilog="examples:\n  orchestrator scale 8                  the newest run\n"
         "  orchestrator scale 2 --run 20260301-1203\n\n"
-        "exit codes: 0 request written, 2 N < 0, unknown run, run already ended",
+        "exit codes: 0 request written, 2 N not 0..256, unknown run, run already ended",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("n", type=int, metavar="N", help="the number of workers wanted (0 or more)")
     p.add_argument("--run", default="latest", metavar="RUN",
@@ -52,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
           f"(request {req}); the running orchestrator picks it up within a second.")
     note_if_gone(args.state_dir, rid)
     if args.n == 0:
-        print("note: with 0 workers the run makes no progress until workers join again "
-              "(remote workers, or another `orchestrator scale`)", file=sys.stderr)
+        print("note: with 0 local workers the run makes progress only on remote workers, "
+              "if it has any (or after another `orchestrator scale`)", file=sys.stderr)
     return EXIT_OK

@@ -184,6 +184,13 @@ class Scheduler:
         t = self._tasks.get(task_id)
         return t is not None and t.live and t.attempt == attempt
 
+    def was_attempt(self, task_id: str, attempt: int) -> bool:
+        """True iff `attempt` of `task_id` was started and is no longer live (it ended, or was
+        closed as lost: by a dead worker, or by a resume)."""
+        t = self._tasks.get(task_id)
+        return t is not None and 1 <= attempt <= t.attempt and not (t.live and
+                                                                     t.attempt == attempt)
+
     def task_states(self) -> TaskStates:
         """Snapshots of every task (a read-only view, updated in place by later calls).
 

@@ -32,7 +32,7 @@ import trio
 from agents import protocol as P
 from bus.client import open_bus_client
 from bus.config import HubConfig
-from bus.errors import BodyTooLargeError, BusClosedError, BusError
+from bus.errors import BodyTooLargeError, BusClosedError, BusError, BusNoRouteError
 from bus.hub import serve_bus
 from bus.local import LocalHub
 from bus.logs import get_logger
@@ -54,6 +54,7 @@ CRASH_WINDOW_S = 30.0  # local workers exiting unasked ...
 CRASH_LIMIT = 5  # ... this many times within the window stop being respawned
 TASK_ADDRESSING_TOOLS = frozenset({"ask", "send_message"})  # tools that reach `task.<id>`
 RECEIVE_BATCH = 256  # bus messages handled per pass; a row of results is one journal transaction
+HUB_PROBE_S = 3.0  # how long a run on an external hub waits to hear who holds it
 TOKEN_ENV = "SWITCHBOARD_TOKEN"  # the env var workers read the bus (and embedded sim) token from
 
 
@@ -165,6 +166,8 @@ class Supervisor:
             self._outer = nursery
             nursery.start_soon(self._signals)
             await self._start_servers(nursery, token)
+            if self.hub is None:
+                await self._check_hub_free(token)
             async with open_bus_client(self.bus_url, token=token, endpoint_id=P.ORCHESTRATOR_ID,
                                        local=self.hub) as bus:
                 self.bus = bus
@@ -209,6 +212,26 @@ class Supervisor:
         log.info("run.end", status=status, reason=reason,
                  **{k: v for k, v in summary.items() if k != "tasks"})
         return RunOutcome(run_id=self.run_id, status=status, summary=summary, fatal=self.fatal)
+
+    async def _check_hub_free(self, token: str) -> None:
+        """An external hub serves one run at a time: the hub gives the `orchestrator` endpoint
+        to the newest claim, so a second run would cut the first off mid-run. Ask who holds
+        it first. Raises StartError if a live orchestrator answers (or anything holds it)."""
+        async with open_bus_client(self.bus_url, token=token,
+                                   endpoint_id=f"probe.{self.run_id}") as probe:
+            try:
+                reply = await probe.request(P.ORCHESTRATOR_ID, {"t": "who"},
+                                            timeout=HUB_PROBE_S)
+            except BusNoRouteError:
+                return  # free
+            except BusError:
+                reply = None
+        other = reply.get("run_id") if isinstance(reply, dict) else None
+        held = f"run {other}" if other else "another orchestrator"
+        raise StartError(
+            f"the hub at {self.bus_url} is in use by {held}: a hub serves one run at a time "
+            "(a second would cut the first off); wait for it to end, or leave out --bus-url "
+            "to give this run its own hub")
 
     async def _start_servers(self, nursery: trio.Nursery, token: str) -> None:
         opts = self.opts
@@ -498,6 +521,9 @@ class Supervisor:
             raise P.WorkerProtocolError("a worker does not send leases")
         t = body["t"]
         now = trio.current_time()
+        if t == "who" and msg.kind == "request":  # another run probing this hub
+            await self._reply_safe(msg, {"run_id": self.run_id})
+            return
         if wid is None:
             log.warning("message.ignored", source=msg.source, t=t,
                         reason="only worker.* endpoints speak the worker protocol")
@@ -513,10 +539,20 @@ class Supervisor:
                 await self._send(wid, P.drain())
         elif t == "heartbeat":
             held = [(h[0], h[1]) for h in body["held"]]
+            join = body.get("join")
             if wid not in self.table.workers and wid in self.capacities:
                 # heard from again after it was given up on (a partition): it may work again
                 self.table.hello(wid, self.capacities[wid], None, "", now)
                 log.info("worker.returned", worker_id=wid)
+            elif wid not in self.capacities and join is not None and not body["draining"]:
+                # serving since before this run (a standalone hub, or a resumed run): its
+                # hello went to another orchestrator; the heartbeat repeats it
+                self.capacities[wid] = int(join["capacity"])
+                self.table.hello(wid, int(join["capacity"]), join.get("pid"),
+                                 str(join.get("host", "")), now)
+                self.peak_workers = max(self.peak_workers, self.table.active)
+                log.info("worker.joined", worker_id=wid, capacity=join["capacity"],
+                         host=join.get("host"), pid=join.get("pid"), by="heartbeat")
             for task_id, attempt in self.table.heartbeat(wid, held, now):
                 await self._send(wid, P.cancel(task_id, attempt,
                                                "this attempt is no longer leased to you"))
@@ -547,7 +583,10 @@ class Supervisor:
                         source=source, reason="not from a worker of this run")
             return None
         if holder != wid:
-            if holder is None and self.table.retired.get(key) == wid:
+            # given up on while this worker ran it; or, after a resume, an attempt the dead
+            # orchestrator had leased (this one never did): late, not forged
+            if holder is None and (self.table.retired.get(key) == wid or (
+                    key not in self.table.retired and self.sched.was_attempt(*key))):
                 why = "late result from an attempt that had been given up on"
                 self.journal.attempt_refused(self.run_id, res.task_id, res.attempt,
                                              reported=res.status, why=why, worker_id=wid,

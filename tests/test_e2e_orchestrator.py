@@ -766,3 +766,58 @@ async def test_no_progress_line_is_drawn_while_the_workers_stop(tmp_path, monkey
     assert lines[-1].startswith("tasks 2/2 done, 0 running, 0 failed | workers 1 |"), lines
     assert not [ln for ln in lines if ln.startswith("tasks 2/2 done") and "workers 0" in ln], \
         lines
+
+
+async def test_workers_on_a_standalone_hub_serve_runs_that_start_later_one_run_at_a_time(
+        tmp_path):
+    """The Kubernetes shape (deploy/k8s): a long-lived hub and workers, runs started against
+    it with --bus-url. Workers that said hello before a run existed join it by heartbeat
+    (they used to be ignored: the run waited for a worker forever); a second run while one
+    holds the hub is refused (it used to take the hub over and cut the first run off)."""
+    from bus.config import HubConfig
+    from bus.hub import serve_bus
+
+    state = tmp_path / "state"
+    g = tmp_path / "g.toml"
+    g.write_text(graph(2, tokens=200))  # 200 tokens at 5 ms: about a second per task
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve_bus, HubConfig(port=0, token=TOKEN))
+        worker = await trio.lowlevel.open_process(
+            _orch("worker", "--connect", info.url, "--state-dir", str(state), "--worker-id",
+                  "early", "--quiet"), env=_env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        try:
+            with trio.fail_after(GUARD_S):
+                await until(lambda: "worker.early" in info.hub.routes)
+
+                async def run(out: pathlib.Path) -> int:
+                    with out.open("wb") as f:  # noqa: ASYNC230 - a local file, opened once
+                        done = await trio.run_process(
+                            _orch("run", str(g), "--bus-url", info.url, "--workers", "0",
+                                  "--state-dir", str(state), "--progress", "none", *SIM),
+                            env=_env(), stdout=f, stderr=f, check=False)
+                    return done.returncode
+
+                codes: dict[str, int] = {}
+
+                async def first() -> None:
+                    codes["first"] = await run(tmp_path / "first.out")
+
+                async with trio.open_nursery() as runs:
+                    runs.start_soon(first)
+                    await until(lambda: "orchestrator" in info.hub.routes)
+                    codes["second"] = await run(tmp_path / "second.out")
+                codes["third"] = await run(tmp_path / "third.out")
+        finally:
+            worker.kill()
+            await worker.wait()
+            nursery.cancel_scope.cancel()
+    assert codes["first"] == 0, (tmp_path / "first.out").read_text()
+    assert codes["third"] == 0, (tmp_path / "third.out").read_text()
+    second = (tmp_path / "second.out").read_text()
+    assert codes["second"] == 3 and "is in use by run" in second, second
+    j = Journal.open_readonly(state / "journal.sqlite")
+    runs_ok = [r for r in j.list_runs() if r["status"] == "succeeded"]
+    assert len(runs_ok) == 2
+    for r in runs_ok:  # every task of both runs ran on the worker that was there first
+        assert {a["worker_id"] for a in j.attempts(r["run_id"])} == {"early"}

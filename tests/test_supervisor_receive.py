@@ -112,3 +112,21 @@ async def test_a_failure_another_attempt_would_repeat_does_not_spend_the_retries
     assert views["x"].state == "failed" and views["x"].attempt == 1
     assert "not retried: another attempt would fail the same way" in (views["x"].error or "")
     assert views["y"].state == "backoff"  # a network break may pass next time
+
+
+async def test_after_a_resume_a_result_the_dead_orchestrator_leased_is_refused_not_banned(
+        tmp_path):
+    # a resume closes the dead orchestrator's attempts as lost; their worker, still running,
+    # reports one: it was cut off ("does not hold") and so never served the resumed run
+    sup = started(tmp_path)
+    sup.table.remove_worker("w1")
+    sup.table.retired.clear()  # a new orchestrator remembers nothing of the old leases
+    sup._lost("x", 1, "the orchestrator that leased it died (resume)")
+    sup.bus = ScriptedBus([result("x", "w1"), msg("worker.w1", P.heartbeat(
+        "w1", [], False, joins=P.hello("w1", 4, 1, "h")))])
+    with trio.fail_after(5):
+        await sup._receive_loop()
+    assert "w1" not in sup.banned and "w1" in sup.table.workers  # joined by its heartbeat
+    assert sup.sched.task_states()["x"].state in ("ready", "backoff")  # to run again
+    refused = [a for a in sup.journal.attempts("r1") if a["task_id"] == "x"]
+    assert refused[0]["state"] == "lost"
