@@ -835,7 +835,7 @@ def test_cli_refuses_a_public_host_without_a_token(monkeypatch: pytest.MonkeyPat
     assert main(["model-server", "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "refusing to serve on '0.0.0.0' without a token" in capsys.readouterr().err
     assert main(["model-server", "--port", "0", "--decode", "-1"]) == 2
-    assert "--decode must be zero or more" in capsys.readouterr().err
+    assert "--decode must be a finite number of seconds, zero or more" in capsys.readouterr().err
 
 
 async def test_cli_serves_with_a_token_file_until_sigint(tmp_path: Any):
