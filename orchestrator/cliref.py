@@ -76,16 +76,15 @@ def reference(parser: argparse.ArgumentParser) -> str:
     """The section between START and END: one heading and table per command, in the order
     `orchestrator --help` lists them. A command whose flags are all another's but its
     positionals (resume: run's) lists its positionals and points to the other."""
-    commands = _commands(parser)
     lines = [START, ""]
-    for name, p in commands.items():
+    first_with: dict[frozenset[str], str] = {}  # a set of flags -> the first command with it
+    for name, p in _commands(parser).items():
         lines += [_heading(name, p), ""]
         if p.description:
             lines += [" ".join(p.description.split()), ""]
-        own = {a.dest for a in _options(p) if a.option_strings}
-        twin = next((other for other, q in commands.items() if other != name and own and
-                     own == {a.dest for a in _options(q) if a.option_strings}
-                     and list(commands).index(other) < list(commands).index(name)), None)
+        own = frozenset(a.dest for a in _options(p) if a.option_strings)
+        twin = first_with.get(own) if own else None
+        first_with.setdefault(own, name)
         if twin is not None:
             pos = [a for a in _options(p) if not a.option_strings]
             lines += _table(pos) + ["", f"Every other flag is `orchestrator {twin}`'s (above)."]

@@ -50,23 +50,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def sim_config_from_args(args: argparse.Namespace) -> SimConfig:
-    """The SimConfig the flags ask for; raises ValueError naming a bad flag."""
+def sim_config(zero: bool, ttft: float | None, prefill: float | None, decode: float | None,
+               *, prefix: str = "--") -> SimConfig:
+    """The SimConfig these flag values ask for (None: the default). Raises ValueError naming
+    the bad flag: PREFIX + ttft, prefill or decode (model-server's --ttft, run's --sim-ttft)."""
     import attrs
 
     from modellink.sim import SimConfig
 
-    sim = SimConfig.zero() if args.zero else SimConfig()
+    sim = SimConfig.zero() if zero else SimConfig()
     changes: dict[str, Any] = {}
-    for flag, field in (("ttft", "ttft_s"), ("prefill", "prefill_s_per_token"),
-                        ("decode", "decode_s_per_token")):
-        value = getattr(args, flag)
+    for flag, field, value in (("ttft", "ttft_s", ttft), ("prefill", "prefill_s_per_token", prefill),
+                               ("decode", "decode_s_per_token", decode)):
         if value is not None:
             if not 0 <= value < math.inf:  # NaN fails both
-                raise ValueError(f"--{flag} must be a finite number of seconds, zero or more; "
-                                 f"got {value}")
+                raise ValueError(f"{prefix}{flag} must be a finite number of seconds, zero or "
+                                 f"more; got {value}")
             changes[field] = value
     return attrs.evolve(sim, **changes)
+
+
+def sim_config_from_args(args: argparse.Namespace) -> SimConfig:
+    """model-server's SimConfig; raises ValueError naming a bad flag."""
+    return sim_config(args.zero, args.ttft, args.prefill, args.decode)
 
 
 def run(args: argparse.Namespace) -> int:

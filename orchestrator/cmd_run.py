@@ -6,6 +6,10 @@ import argparse
 import math
 import pathlib
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modellink.sim import SimConfig
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 1, 2, 3, 130
 
@@ -69,25 +73,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _options(args: argparse.Namespace, token: str | None) -> object:
-    from modellink.sim import SimConfig
     from orchestrator.supervisor import RunOptions
 
-    sim = SimConfig()
-    if args.sim_zero:
-        sim = SimConfig.zero()
-    changes = {k: v for k, v in (("ttft_s", args.sim_ttft), ("prefill_s_per_token",
-                                                           args.sim_prefill),
-                                 ("decode_s_per_token", args.sim_decode)) if v is not None}
-    if changes:
-        import attrs
-
-        sim = attrs.evolve(sim, **changes)
+    sim = _sim(args)  # _check_args has refused bad values
     return RunOptions(state_dir=pathlib.Path(args.state_dir), workers=args.workers,
                       worker_capacity=args.capacity, bus_host=args.bus_host,
                       bus_port=args.bus_port, bus_url=args.bus_url, token=token,
                       advertise_host=args.advertise_host,
                       model_url=args.model_url, sim=sim, lease_ttl_s=args.lease_ttl,
                       progress=args.progress)
+
+
+def _sim(args: argparse.Namespace) -> SimConfig:
+    """The embedded sim's config from --sim-*. Raises ValueError naming a bad flag."""
+    from orchestrator.cmd_model import sim_config
+
+    return sim_config(args.sim_zero, args.sim_ttft, args.sim_prefill, args.sim_decode,
+                      prefix="--sim-")
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
@@ -101,10 +103,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--capacity must be at least 1"
     if not 0 < args.lease_ttl < math.inf:
         return "--lease-ttl must be a positive number of seconds"
-    for flag, value in (("--sim-ttft", args.sim_ttft), ("--sim-prefill", args.sim_prefill),
-                        ("--sim-decode", args.sim_decode)):
-        if value is not None and not 0 <= value < math.inf:  # NaN fails both
-            return f"{flag} must be a finite number of seconds, zero or more; got {value}"
+    try:
+        _sim(args)
+    except ValueError as exc:
+        return str(exc)
     if not (0 <= args.bus_port <= 65535):
         return "--bus-port must be 0..65535"
     if args.bus_url is None and not is_loopback(args.bus_host) and args.token is None:

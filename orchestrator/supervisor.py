@@ -529,12 +529,7 @@ class Supervisor:
                         reason="only worker.* endpoints speak the worker protocol")
             return
         if t == "hello":
-            self.capacities[wid] = int(body["capacity"])
-            self.table.hello(wid, int(body["capacity"]), body.get("pid"),
-                             str(body.get("host", "")), now)
-            self.peak_workers = max(self.peak_workers, self.table.active)
-            log.info("worker.joined", worker_id=wid, capacity=body["capacity"],
-                     host=body.get("host"), pid=body.get("pid"))
+            self._join(wid, body, now)
             if self.procs is not None and wid in self.procs.draining:
                 await self._send(wid, P.drain())
         elif t == "heartbeat":
@@ -547,12 +542,7 @@ class Supervisor:
             elif wid not in self.capacities and join is not None and not body["draining"]:
                 # serving since before this run (a standalone hub, or a resumed run): its
                 # hello went to another orchestrator; the heartbeat repeats it
-                self.capacities[wid] = int(join["capacity"])
-                self.table.hello(wid, int(join["capacity"]), join.get("pid"),
-                                 str(join.get("host", "")), now)
-                self.peak_workers = max(self.peak_workers, self.table.active)
-                log.info("worker.joined", worker_id=wid, capacity=join["capacity"],
-                         host=join.get("host"), pid=join.get("pid"), by="heartbeat")
+                self._join(wid, join, now, by="heartbeat")
             for task_id, attempt in self.table.heartbeat(wid, held, now):
                 await self._send(wid, P.cancel(task_id, attempt,
                                                "this attempt is no longer leased to you"))
@@ -571,6 +561,15 @@ class Supervisor:
             await self._on_wait(msg, body)
         else:
             raise P.WorkerProtocolError(f"unexpected {t!r} ({msg.kind}) from a worker")
+
+    def _join(self, wid: str, hello: dict[str, Any], now: float, **how: str) -> None:
+        """Take worker `wid` on with what its hello says (capacity, pid, host)."""
+        capacity = int(hello["capacity"])
+        self.capacities[wid] = capacity
+        self.table.hello(wid, capacity, hello.get("pid"), str(hello.get("host", "")), now)
+        self.peak_workers = max(self.peak_workers, self.table.active)
+        log.info("worker.joined", worker_id=wid, capacity=capacity, host=hello.get("host"),
+                 pid=hello.get("pid"), **how)
 
     def _on_result(self, source: str, wid: str | None, res: P.Result) -> str | None:
         """Journal a result and feed it to the scheduler. Returns why its sender must be cut
