@@ -258,7 +258,7 @@ class _Lines:
     """Where tables and keys are in the source text: tomllib gives no positions."""
 
     _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+    _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'. ]+?)\s*=")
 
     def __init__(self, text: str) -> None:
         self.tables: dict[tuple[str, ...], int] = {}
@@ -284,16 +284,24 @@ class _Lines:
                 continue
             k = self._KEY.match(line)
             if k:
-                key = k.group(1).strip('"\'')
-                self.keys.setdefault((section, key), no)
+                # A dotted key (model.url = ...) names its tables as it goes.
+                parts = [p.strip().strip('"\'') for p in k.group(1).split(".")]
+                for depth, key in enumerate(parts):
+                    self.keys.setdefault((section + tuple(parts[:depth]), key), no)
                 for q in ('"""', "'''"):
                     if line.count(q) % 2 == 1:
                         in_multi = q
                         break
 
     def of(self, section: tuple[str, ...], key: str | None = None) -> int:
-        if key is not None and (section, key) in self.keys:
-            return self.keys[(section, key)]
+        if key is not None:
+            if (section, key) in self.keys:
+                return self.keys[(section, key)]
+            # A key that is a table of its own: [extra], or [extra.sub] with no [extra].
+            below = [no for path, no in self.tables.items() if path[:len(section) + 1]
+                     == (*section, key)]
+            if below:
+                return min(below)
         if section in self.tables:
             return self.tables[section]
         if len(section) > 1:

@@ -460,3 +460,16 @@ def test_validate_notes_a_function_tool_that_does_not_load_here(tmp_path, capsys
     assert err.startswith("note: tool 'nosuchmod_sb:fn': module 'nosuchmod_sb' not found")
     assert err.rstrip().endswith("(local workers import tools in this environment)")
     assert "word_count" not in err and err.count("note:") == 1
+
+
+def test_an_unknown_table_is_reported_at_its_header_not_at_line_1():
+    # tomllib gives no positions; a table nobody knows (or one reached by a dotted key) must
+    # still point at its own line, or a user hunts through the whole file.
+    text = (AGENTS + '[[tasks]]\nid = "a"\nagent = "coder"\nprompt = "x"\n\n'
+            '[extra]\nfoo = 1\n\n[more.sub]\nx = 1\n\n[agents.planner2]\nmodel.urll = "x"\n')
+    ps = problems(text)
+    where = {p.message: p.line for p in ps}
+    assert where["unknown key 'extra' in the file"] == line_of(text, "[extra]")
+    assert where["unknown key 'more' in the file"] == line_of(text, "[more.sub]")
+    urll = [p for p in ps if "'urll'" in p.message]
+    assert urll and urll[0].line == line_of(text, "model.urll"), [p.render() for p in ps]
