@@ -9,6 +9,7 @@ import sys
 from orchestrator.serving import (
     ListenError,
     ServeArgsError,
+    listening_line,
     print_error,
     serving_token,
     start_listening,
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             except ListenError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_INTERNAL
-            print(f"bus listening on {info.url}", flush=True)
+            print(listening_line("bus", info.url, args.host), flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                 async for _ in sigs:
                     break

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.serving import (
     ListenError,
     ServeArgsError,
+    listening_line,
     print_error,
     serving_token,
     start_listening,
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
             except ListenError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_INTERNAL
-            print(f"model server listening on {info.base_url}", file=sys.stderr, flush=True)
+            print(listening_line("model server", info.base_url, args.host), file=sys.stderr,
+                  flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                 async for _ in sigs:
                     break

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+import urllib.parse
 from typing import Any
 
 from bus.tokens import TokenError, is_loopback, load_token
@@ -59,3 +61,20 @@ async def start_listening(nursery: Any, fn: Any, config: Any, *, what: str,
             first = first.exceptions[0]
         raise error(f"cannot start {what}: "
                     f"{getattr(first, 'strerror', None) or first}") from eg
+
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def listening_line(what: str, url: str, host: str) -> str:
+    """The line a standalone server prints once it listens: the URL to dial from this machine
+    first (scripts read that word), and for a wildcard host what other machines dial instead,
+    since "0.0.0.0" is nobody's address."""
+    if host not in WILDCARD_HOSTS:
+        return f"{what} listening on {url}"
+    parts = urllib.parse.urlsplit(url)
+    loopback = "[::1]" if host == "::" else "127.0.0.1"
+    local = parts._replace(netloc=f"{loopback}:{parts.port}").geturl()
+    remote = parts._replace(netloc=f"{socket.gethostname()}:{parts.port}").geturl()
+    return (f"{what} listening on {local} (on every interface: from other machines dial this "
+            f"machine's name or address, e.g. {remote})")

@@ -468,3 +468,12 @@ def test_worker_parent_pid_that_is_not_its_parent_is_bad_input(capsys, pid):
     assert main(["worker", "--connect", "ws://127.0.0.1:1/bus", "--parent-pid", pid]) == \
         cli.EXIT_BAD_INPUT
     assert f"--parent-pid {pid} is not this worker's parent" in capsys.readouterr().err
+
+
+def test_a_server_on_a_specific_host_prints_that_url_alone():
+    from orchestrator.serving import listening_line
+
+    assert listening_line("bus", "ws://10.1.2.3:7700/bus", "10.1.2.3") \
+        == "bus listening on ws://10.1.2.3:7700/bus"
+    line = listening_line("bus", "ws://[::]:7700/bus", "::")
+    assert line.startswith("bus listening on ws://[::1]:7700/bus (on every interface")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -821,3 +822,43 @@ async def test_workers_on_a_standalone_hub_serve_runs_that_start_later_one_run_a
     assert len(runs_ok) == 2
     for r in runs_ok:  # every task of both runs ran on the worker that was there first
         assert {a["worker_id"] for a in j.attempts(r["run_id"])} == {"early"}
+
+
+async def test_the_compose_shape_workers_elsewhere_reach_the_embedded_bus_and_sim(tmp_path):
+    """deploy/compose.yaml: `run --bus-host 0.0.0.0 --advertise-host NAME --workers 0`, and
+    workers started by hand with the bus URL the run prints. The embedded sim listens on every
+    interface too and leases name it by NAME (127.0.0.2 here: loopback, but not the address
+    the servers were told), so workers need no model sidecar that may not be up yet."""
+    state = tmp_path / "state"
+    g = tmp_path / "g.toml"
+    g.write_text(graph(3, tokens=20))
+    out = tmp_path / "run.out"
+    workers: list[trio.Process] = []
+    with out.open("wb") as f:  # noqa: ASYNC230 - a local file, opened once
+        orch = await trio.lowlevel.open_process(
+            _orch("run", str(g), "--bus-host", "0.0.0.0", "--advertise-host", "127.0.0.2",
+                  "--workers", "0", "--state-dir", str(state), "--progress", "plain", *SIM),
+            env=_env(), stdout=f, stderr=f)
+    try:
+        with trio.fail_after(GUARD_S):
+            said = await until(lambda: re.search(r"worker --connect (\S+)", out.read_text()))
+            url = said.group(1)
+            assert url.startswith("ws://127.0.0.2:"), out.read_text()
+            for n in (1, 2):
+                workers.append(await trio.lowlevel.open_process(
+                    _orch("worker", "--connect", url, "--worker-id", f"far{n}", "--quiet"),
+                    env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            assert await orch.wait() == 0, out.read_text()
+            for w in workers:  # a run's embedded hub shuts down with it: its workers exit 0
+                assert await w.wait() == 0
+    finally:
+        for p in (orch, *workers):
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    j = Journal.open_readonly(state / "journal.sqlite")
+    (run,) = j.list_runs()
+    ends = [e["data"] for e in j.events(run["run_id"]) if e["kind"] == "run.endpoints"]
+    assert ends[0]["model"].startswith("http://127.0.0.2:"), ends
+    assert {a["worker_id"] for a in j.attempts(run["run_id"])} <= {"far1", "far2"}
+    assert run["status"] == "succeeded"

@@ -850,7 +850,8 @@ async def test_cli_serves_with_a_token_file_until_sigint(tmp_path: Any):
     with trio.fail_after(20):
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-m", "orchestrator", "model-server", "--port", "0", "--zero",
-             "--token-file", str(token_file)], stderr=subprocess.PIPE, env=env)
+             "--host", "0.0.0.0", "--token-file", str(token_file)], stderr=subprocess.PIPE,
+            env=env)
         try:
             assert proc.stderr is not None
             buf = b""
@@ -858,7 +859,9 @@ async def test_cli_serves_with_a_token_file_until_sigint(tmp_path: Any):
                 chunk = await proc.stderr.receive_some(4096)
                 assert chunk, buf
                 buf += chunk
-            url = buf.split(b"listening on ")[1].split()[0].decode()
+            line = buf.split(b"listening on ")[1].decode()
+            url = line.split()[0]  # the URL to dial from here; "0.0.0.0" is nobody's address
+            assert url.startswith("http://127.0.0.1:") and "from other machines" in line, line
             host, port = url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
             info = ModelServerInfo(host=host, port=int(port), base_url=url, server=None)  # type: ignore[arg-type]
             status, _, _ = await http(info, "GET", "/v1/switchboard/stats")
