@@ -486,8 +486,9 @@ class BusClient:
                 f"the hub at {self.url} refused this client: {why}; check the token "
                 "(SWITCHBOARD_TOKEN or --token-file)"))
         if code in FINAL_CLOSE_CODES:
+            again = "" if "open a new client" in why else "; open a new client"
             return _LinkEnd(why, code=code, final=BusBrokenError(
-                f"the hub closed the session ({code}: {why}); open a new client", code))
+                f"the hub closed the session ({code}: {why}){again}", code))
         return _LinkEnd(f"connection closed ({code}: {why})", code=code)
 
     async def _serve(self, ws: _Ws, conn: BusConn) -> _LinkEnd:

@@ -255,8 +255,9 @@ class Hub:
             s = self.sessions.get(hello.session)
             if s is None or s.endpoint_id != hello.endpoint_id:
                 raise ProtocolError(
-                    f"cannot resume session {hello.session!r}: unknown or expired (the resume "
-                    f"window is {cfg.resume_window}s); open a new client", CLOSE_RESUME_REFUSED)
+                    f"cannot resume session {hello.session!r}: this hub does not have it (it "
+                    f"expired after the {cfg.resume_window:g}s resume window, or the hub "
+                    "restarted since); open a new client", CLOSE_RESUME_REFUSED)
             if s.expiry is not None:
                 s.expiry.cancel()
                 s.expiry = None

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import trio  # imported here so `orchestrator --help` stays fast
 
     from agents.worker import LogShipper, Worker, WorkerConfig
-    from bus.errors import CLOSE_GOING_AWAY, BusAuthError, BusError
+    from bus.errors import CLOSE_GOING_AWAY, CLOSE_RESUME_REFUSED, BusAuthError, BusError
     from bus.logs import configure_logging
     from orchestrator.cli import leaves
 
@@ -171,6 +171,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"the bus at {args.connect} shut down (its run ended, or its hub "
                       "stopped); this worker exits", file=sys.stderr)
                 return EXIT_OK
+            if getattr(net, "close_code", None) == CLOSE_RESUME_REFUSED:
+                print(f"error: the bus at {args.connect} no longer knows this worker: its hub "
+                      "restarted, or this worker was cut off for longer than the resume window. "
+                      "What it held is re-run elsewhere when the leases expire. Start the worker "
+                      "again (compose and Kubernetes restart it on this exit code, 3)",
+                      file=sys.stderr)
+                return EXIT_INTERNAL
             print(f"error: lost the bus at {args.connect}: {net}", file=sys.stderr)
             return EXIT_INTERNAL
         if net is not None:

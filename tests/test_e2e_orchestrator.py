@@ -862,3 +862,54 @@ async def test_the_compose_shape_workers_elsewhere_reach_the_embedded_bus_and_si
     assert ends[0]["model"].startswith("http://127.0.0.2:"), ends
     assert {a["worker_id"] for a in j.attempts(run["run_id"])} <= {"far1", "far2"}
     assert run["status"] == "succeeded"
+
+
+async def test_a_worker_whose_hub_restarted_exits_3_saying_to_start_it_again(tmp_path):
+    """kill -9 of a standalone hub, and a new one on the same port: the worker's resume is
+    refused (4001). It exits 3 for its supervisor (compose, Kubernetes) to restart it, with a
+    message that says so, not a library's "open a new client" twice over."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub_cmd = _orch("bus", "--port", str(port))
+    procs: list[trio.Process] = []
+
+    async def hub() -> trio.Process:
+        p = await trio.lowlevel.open_process(hub_cmd, env=_env(), stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL)
+        procs.append(p)
+        assert p.stdout is not None
+        buf = b""
+        while b"listening on" not in buf:
+            chunk = await p.stdout.receive_some(4096)
+            assert chunk, buf
+            buf += chunk
+        return p
+
+    try:
+        with trio.fail_after(GUARD_S):
+            first = await hub()
+            worker = await trio.lowlevel.open_process(
+                _orch("worker", "--connect", f"ws://127.0.0.1:{port}/bus"),
+                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            procs.append(worker)
+            assert worker.stderr is not None
+            log = b""
+            while b'"worker.ready"' not in log:  # connected, said hello (no run to join)
+                chunk = await worker.stderr.receive_some(65536)
+                assert chunk, log
+                log += chunk
+            first.kill()
+            await first.wait()
+            await hub()
+            while chunk := await worker.stderr.receive_some(65536):
+                log += chunk
+            assert await worker.wait() == 3
+            err = log.decode().splitlines()[-1]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+    assert "no longer knows this worker" in err and "Start the worker again" in err, err
+    assert err.count("open a new client") == 0, err
