@@ -37,7 +37,7 @@ from bus.errors import (
 from bus.local import LocalWs, local_ws_pair
 from bus.logs import get_logger
 from bus.writer import WriterWake, write_frames
-from bus.ws import WsClosed, WsConnection, WsRequest, serve_ws
+from bus.ws import WsClosed, WsConnection, WsRequest, peer_address, serve_ws
 
 _NIL = b"\xc0"  # msgpack nil: the body of a hub acknowledgement
 TOPIC_CACHE_SIZE = 4096  # topics whose subscriber list is cached; cleared wholesale beyond it
@@ -175,8 +175,7 @@ class Hub:
                 await request.reject(404, body=f"the bus lives at {self.config.path}\n".encode())
                 return
             ws = await request.accept()
-            remote = ws.remote  # getpeername: fails once the peer has reset
-            peer = f"{getattr(remote, 'address', remote)}:{getattr(remote, 'port', '')}"
+            peer = peer_address(ws)  # getpeername: fails once the peer has reset
         except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             # the peer went away mid-handshake: its problem alone (an escape from here would
             # end the listener, and every other peer's connection with it)

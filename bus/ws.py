@@ -5,9 +5,11 @@ Everything else in Switchboard imports WebSocket names from here, never from tri
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -116,7 +118,8 @@ async def serve_ws(
     listeners = await trio.open_tcp_listeners(port, host=host)
     server = _tw.WebSocketServer(
         handler,
-        listeners,
+        # the library's annotation lists two classes; it calls only accept and aclose
+        [_PlainListener(listener) for listener in listeners],  # type: ignore[misc]
         handler_nursery=handler_nursery,
         connect_timeout=config.connect_timeout,
         disconnect_timeout=config.disconnect_timeout,
@@ -126,6 +129,70 @@ async def serve_ws(
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         task_status.started((sockname[0], sockname[1]))
+
+
+# What a plain ws:// server answers a TLS ClientHello (a wss:// URL): plain HTTP, which the
+# client's TLS layer reports at once as "wrong version number" (connect_failure then says to
+# use ws://). Left unanswered, the hello waits for an HTTP line that never comes, and the
+# client times out after 10 s saying nothing of TLS.
+_NOT_TLS_REPLY = (b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 46\r\n\r\n"
+                  b"this server speaks plain ws://, not wss:// TLS")
+
+
+class _PlainStream(trio.abc.HalfCloseableStream):
+    """An accepted TCP stream that ends at once, with _NOT_TLS_REPLY, if it opens with a TLS
+    handshake record; otherwise the stream itself."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self._inner = inner
+        self._first = True
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._inner.receive_some(max_bytes)
+        if self._first and data:
+            self._first = False
+            if data[:2] == b"\x16\x03":  # TLS record type "handshake", version 3.x
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._inner.send_all(_NOT_TLS_REPLY)
+                return b""
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._inner.socket
+
+
+def peer_address(conn: WsConnection) -> str:
+    """"HOST:PORT" of the peer of a connection `serve_ws` accepted. Raises OSError once the
+    peer has reset (getpeername fails)."""
+    stream = conn._stream
+    assert isinstance(stream, _PlainStream | trio.SocketStream), stream
+    host, port, *_ = stream.socket.getpeername()
+    return f"{host}:{port}"
+
+
+class _PlainListener(trio.abc.Listener[trio.abc.HalfCloseableStream]):
+    def __init__(self, inner: trio.SocketListener) -> None:
+        self._inner = inner
+        self.socket = inner.socket
+
+    async def accept(self) -> trio.abc.HalfCloseableStream:
+        return _PlainStream(await self._inner.accept())
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 async def send_messages(conn: WsConnection, messages: list[str | bytes]) -> None:
@@ -210,7 +277,33 @@ async def open_ws(
     # Caught after opening: the deadline passed as the upgrade finished, before it was lifted,
     # so the body was cancelled at its first checkpoint; that is a dial that ran out of time.
     if not opened or dial.cancelled_caught:
-        raise WsConnectTimeout(_dial_timeout_message(config.connect_timeout))
+        # trio-websocket swallows a failed TLS handshake and waits out the bound: for wss://,
+        # ask the server for TLS once more to say why (a plain ws:// server, most often).
+        tls = await _tls_failure(url) if url.startswith("wss://") else None
+        raise WsConnectTimeout(_dial_timeout_message(config.connect_timeout)) from tls
+
+
+TLS_PROBE_S = 2.0
+
+
+async def _tls_failure(url: str) -> ssl.SSLError | None:
+    """The TLS error a handshake with `url`'s server ends in, or None (it succeeds, or it
+    cannot even connect, or takes longer than TLS_PROBE_S)."""
+    parts = urllib.parse.urlsplit(url)
+    with trio.move_on_after(TLS_PROBE_S):
+        try:
+            stream = await trio.open_ssl_over_tcp_stream(parts.hostname or "", parts.port or 443,
+                                                         https_compatible=True)
+        except OSError:
+            return None
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            return cause if isinstance(cause, ssl.SSLError) else None
+        finally:
+            await trio.aclose_forcefully(stream)
+    return None
 
 
 class PrefixedStream(trio.abc.Stream):

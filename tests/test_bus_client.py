@@ -459,3 +459,22 @@ async def test_bus_client_dial_to_a_silent_port_fails_at_connect_timeout(autojum
             assert trio.current_time() - t0 == pytest.approx(3.0)
             nursery.cancel_scope.cancel()
     assert len(heard) == 1
+
+
+async def test_wss_to_a_plain_hub_says_to_use_ws_instead_of_timing_out_silently():
+    # The hub answers a TLS hello with plain HTTP at once; the WebSocket library swallows the
+    # TLS error and waits out its bound, after which open_ws asks once more why TLS failed.
+    from bus.ws import WsConfig, open_ws
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, info = await start_hub(nursery)
+            url = info.url.replace("ws://", "wss://")
+            with pytest.raises(WsConnectTimeout) as caught:
+                async with open_ws(url, config=WsConfig(connect_timeout=1.0)):
+                    pytest.fail("must not get here")
+            why = connect_failure(caught.value)
+            assert "did not answer in TLS" in why and "instead of https:// (wss://)" in why
+            async with open_bus_client(info.url, token=TOKEN, endpoint_id="a"):
+                pass  # and the hub still serves ws:// peers
+            nursery.cancel_scope.cancel()
