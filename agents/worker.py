@@ -81,9 +81,26 @@ def _sim_metadata(agent: P.AgentSpec, attempt: int, script: tuple[Any, ...] | No
 
 
 def model_token(cfg_token: str | None, env: Any = os.environ) -> str | None:
-    """The token for a model server when the agent names no api_key_env: the worker's
-    configured one, else $SWITCHBOARD_MODEL_TOKEN."""
-    return cfg_token or env.get(MODEL_TOKEN_ENV) or None
+    """The token for a sim model server (`orchestrator model-server`) when the agent names no
+    api_key_env: the worker's configured one, else $SWITCHBOARD_MODEL_TOKEN."""
+    return cfg_token or (env.get(MODEL_TOKEN_ENV) or "").strip() or None
+
+
+def model_key(name: str, worker_id: str, env: Any = os.environ) -> str:
+    """The key in $`name`, without the line end a Secret made from a file or a CRLF .env file
+    leaves on it. Raises MissingModelKeyError when it is unset or empty, or holds a control
+    character inside (it would fail as an HTTP header, and the error would carry the key to
+    the journal and the logs); the message never repeats the value."""
+    key = (env.get(name) or "").strip()
+    if not key:
+        raise MissingModelKeyError(
+            f"the agent's model needs a key in ${name}, which is not set on worker "
+            f"{worker_id}; export it where the workers start")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise MissingModelKeyError(
+            f"${name} on worker {worker_id} holds a control character (a line break?) inside "
+            "the key; set it to the key alone")
+    return key
 
 
 @attrs.frozen(kw_only=True)
@@ -327,14 +344,13 @@ class Worker:
 
     def _endpoint(self, lease: P.Lease) -> ModelEndpoint:
         m = lease.agent.model
+        api_key: str | None
         if m.api_key_env:
-            api_key = os.environ.get(m.api_key_env)
-            if not api_key:
-                raise MissingModelKeyError(
-                    f"the agent's model needs a key in ${m.api_key_env}, which is not set on "
-                    f"worker {self.config.worker_id}; export it where the workers start")
-        else:
+            api_key = model_key(m.api_key_env, self.config.worker_id)
+        elif m.sim:  # our own model server: never hand its token to somebody else's endpoint
             api_key = model_token(self.config.model_token)
+        else:
+            api_key = None
         base = lease.model_base_url or m.base_url
         if base is None:
             raise ValueError("no model endpoint: the lease names none and the agent has no url")

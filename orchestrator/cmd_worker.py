@@ -30,9 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="the orchestrator's bus URL, e.g. ws://host:7700/bus")
     p.add_argument("--token-file", metavar="FILE", help="file holding the bus token")
     p.add_argument("--model-token-file", metavar="FILE",
-                   help="file holding the bearer token for model servers whose agent names no "
-                   "api_key_env (a token-protected `orchestrator model-server`); "
-                   "else $SWITCHBOARD_MODEL_TOKEN")
+                   help="file holding the bearer token for a token-protected `orchestrator "
+                   "model-server`, sent to sim endpoints whose agent names no api_key_env "
+                   "(never to other URLs); else $SWITCHBOARD_MODEL_TOKEN")
     p.add_argument("--worker-id", default=None, help="unique id (default: HOST-PID)")
     p.add_argument("--capacity", type=int, default=8,
                    help="task attempts run at once (default 8)")

@@ -200,6 +200,33 @@ async def test_workers_send_a_model_token_to_a_protected_model_server(tmp_path, 
     assert from_env.status == "succeeded"
 
 
+async def test_the_model_token_goes_to_sim_endpoints_only_and_keys_are_trimmed(
+        tmp_path, monkeypatch):
+    """The sim server's token is ours: a foreign url (Ollama, a remote https server) is not
+    sent it. A key from a file-made Secret or a CRLF .env ends in a line break: trimmed, not
+    sent as an illegal header whose error would write the key into the journal and logs."""
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path, server_token="model-secret",
+                           worker_token="model-secret") as h:
+            foreign = P.ModelRef(base_url=h.model_url, model="sim", transport="http",
+                                 encoding="json", sim=False)
+            await h.lease("foreign", _agent("a", [], [], model=foreign))
+            foreign_result = await h.result()
+            monkeypatch.setenv("MY_KEY", "model-secret\r\n")
+            await h.lease("keyed", _agent("a", [], [], model=attrs.evolve(
+                foreign, api_key_env="MY_KEY")))
+            keyed = await h.result()
+            monkeypatch.setenv("MY_KEY", "model-\nsecret")
+            await h.lease("broken", _agent("a", [], [], model=attrs.evolve(
+                foreign, api_key_env="MY_KEY")))
+            broken = await h.result()
+    assert foreign_result.status == "failed", foreign_result
+    assert "refused the credentials" in (foreign_result.error or "")
+    assert keyed.status == "succeeded", keyed.error
+    assert broken.status == "failed" and not broken.retryable
+    assert "control character" in (broken.error or "") and "secret" not in (broken.error or "")
+
+
 async def test_only_a_sim_endpoint_is_sent_the_agents_script(tmp_path):
     """A real provider is not sent the sim script (OpenAI caps a metadata value at 512
     characters): the same server, reached as a foreign OpenAI-compatible url, then answers
