@@ -43,7 +43,7 @@ from orchestrator.graph import GraphSpec
 from orchestrator.journal import Journal
 from orchestrator.progress import Progress
 from orchestrator.serving import ListenError, start_listening
-from orchestrator.workers import MAX_LOCAL_WORKERS, LocalProcesses, WorkerTable
+from orchestrator.workers import MAX_LOCAL_WORKERS, LocalProcesses, WorkerRec, WorkerTable
 
 log = get_logger("orchestrator.supervisor")
 
@@ -339,27 +339,43 @@ class Supervisor:
 
     def _assign(self, now: float, sends: list[tuple[str, Any]]) -> None:
         """Lease pending attempts to free workers: journaled now, sent by the caller after
-        the journal batch commits."""
-        while self.pending:
-            act = self.pending[0]
-            if not self.sched.is_current(act.task_id, act.attempt):
+        the journal batch commits.
+
+        An attempt waits while its task's previous attempt is still stopping on its worker (a
+        timeout's cancel: tools get a grace period, then SIGKILL): the two would otherwise run
+        at once in the task's one workspace. It goes when that worker reports, or its lease
+        expires."""
+        waiting: list[S.StartAttempt] = []
+        try:
+            while self.pending:
+                act = self.pending[0]
+                if not self.sched.is_current(act.task_id, act.attempt):
+                    self.pending.popleft()
+                    continue
+                if self.table.earlier_held(act.task_id, act.attempt):
+                    waiting.append(self.pending.popleft())
+                    continue
+                worker = self.table.pick()
+                if worker is None:
+                    return
                 self.pending.popleft()
-                continue
-            worker = self.table.pick()
-            if worker is None:
-                return
-            self.pending.popleft()
-            lease = P.Lease(run_id=self.run_id, task_id=act.task_id, attempt=act.attempt,
-                            agent=self._lease_agent(act.agent), prompt=act.prompt,
-                            timeout_s=act.timeout_s,
-                            model_base_url=self._lease_model_url(act.agent),
-                            parent_task=act.parent, reachable=self._reachable)
-            # journal first: a crash after this line re-runs the attempt, never loses it
-            self.journal.attempt_started(self.run_id, act.task_id, act.attempt,
-                                         worker.worker_id)
-            self.table.grant(act.task_id, act.attempt, worker.worker_id, now)
-            self.sched.on_started(act.task_id, act.attempt, now)
-            sends.append((worker.worker_id, P.to_wire(lease)))
+                self._lease(act, worker, now, sends)
+        finally:
+            self.pending.extendleft(reversed(waiting))
+
+    def _lease(self, act: S.StartAttempt, worker: WorkerRec, now: float,
+               sends: list[tuple[str, Any]]) -> None:
+        lease = P.Lease(run_id=self.run_id, task_id=act.task_id, attempt=act.attempt,
+                        agent=self._lease_agent(act.agent), prompt=act.prompt,
+                        timeout_s=act.timeout_s,
+                        model_base_url=self._lease_model_url(act.agent),
+                        parent_task=act.parent, reachable=self._reachable)
+        # journal first: a crash after this line re-runs the attempt, never loses it
+        self.journal.attempt_started(self.run_id, act.task_id, act.attempt,
+                                     worker.worker_id)
+        self.table.grant(act.task_id, act.attempt, worker.worker_id, now)
+        self.sched.on_started(act.task_id, act.attempt, now)
+        sends.append((worker.worker_id, P.to_wire(lease)))
 
     def _lease_agent(self, name: str) -> P.AgentSpec:
         """The agent spec a lease carries: on the embedded sim, the worker sends the bus token

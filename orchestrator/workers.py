@@ -123,6 +123,11 @@ class WorkerTable:
         lease = self.leases.get((task_id, attempt))
         return lease.worker_id if lease else None
 
+    def earlier_held(self, task_id: str, attempt: int) -> bool:
+        """True iff a worker still holds an earlier attempt of `task_id`: one the scheduler
+        ended (timed out) that its worker has not yet reported stopped."""
+        return any((task_id, a) in self.leases for a in range(1, attempt))
+
     def release(self, task_id: str, attempt: int) -> None:
         """The attempt reported: forget its lease."""
         lease = self.leases.pop((task_id, attempt), None)

@@ -508,3 +508,36 @@ async def test_the_team_example_runs_green(tmp_path):
     assert not [e for e in log if e.get("event") == "tool.error"]
     ws = run.state / "workspaces" / rid
     assert (ws / "code[1]" / "module.py").exists() and (ws / "review" / "asked").exists()
+
+
+async def test_a_retry_waits_until_the_timed_out_attempt_has_stopped(tmp_path):
+    """A timed-out attempt's tool ignores SIGTERM, so it lives through the cancel grace
+    (0.5 s) until SIGKILL. The retry (backoff 0) used to start at once in the same workspace
+    beside it; it now waits until the first attempt's worker reports it stopped."""
+    cmd = ("if [ -f pid ] && kill -0 $(cat pid) 2>/dev/null; then echo OVERLAP >> seen; fi; "
+           "echo $$ > pid; echo start >> seen; trap '' TERM; sleep 5")
+    graph = f"""
+[run]
+backoff = "0ms"
+jitter = 0.0
+
+[agents.stubborn]
+instructions = "x"
+tools = ["shell"]
+script = [{{call = {{name = "shell", arguments = {{cmd = "{cmd}"}}}}}}, {{text = "done"}}]
+
+[[tasks]]
+id = "t"
+agent = "stubborn"
+prompt = "go"
+timeout = "1s"
+retries = 1
+"""
+    run = Run(tmp_path, graph)
+    with trio.fail_after(GUARD_S):
+        await run.start("--sim-zero")
+        assert await run.wait() == 1, run.stderr()
+    seen = (tmp_path / "state" / "workspaces").rglob("seen")
+    lines = [ln for f in seen for ln in f.read_text().split()]
+    assert lines.count("start") == 2, lines
+    assert "OVERLAP" not in lines, lines

@@ -27,3 +27,15 @@ def test_expiry_follows_renewals_releases_and_removals_exactly():
     t.remove_worker("w1")
     assert t.expired(100.0) == [] and t.leases == {}
     assert t.next_deadline() == 8.0  # only w2's silence is left (last heard at 3)
+
+
+def test_an_earlier_attempt_counts_as_held_until_its_worker_reports_or_it_expires():
+    t = WorkerTable(lease_ttl=5.0)
+    t.hello("w1", 4, None, "", 0.0)
+    t.grant("a", 1, "w1", 0.0)
+    assert t.earlier_held("a", 2) and not t.earlier_held("a", 1)
+    assert not t.earlier_held("b", 2)
+    t.release("a", 1)
+    assert not t.earlier_held("a", 2)
+    t.grant("a", 2, "w1", 1.0)
+    assert [x.attempt for x in t.expired(100.0)] == [2] and not t.earlier_held("a", 3)
