@@ -175,6 +175,15 @@ async def _turns(agent: AgentSpec, prompt: str, session: Any, registry: Any,
                           "raise max_turns for this agent or tighten its instructions")
 
 
+TOOL_LOG_ARGS = 300  # characters of a failed call's arguments in its tool.error line
+TOOL_LOG_TAIL = 500  # characters of the end of its output
+
+
+def _clip(value: Any, limit: int) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 async def _run_calls(calls: list[Any], registry: Any) -> list[dict[str, Any]]:
     """Run one turn's function calls concurrently; results keep the calls' order."""
     results: list[dict[str, Any] | None] = [None] * len(calls)
@@ -185,7 +194,11 @@ async def _run_calls(calls: list[Any], registry: Any) -> list[dict[str, Any]]:
             out = res.output
         else:
             out = f"ERROR: {res.error}" + (f"\n{res.output}" if res.output else "")
-            log.info("tool.error", tool=call.name, error=res.error)
+            # what it was asked and the end of what it printed: what a user debugging the
+            # run needs, without the whole output (the model saw it; the journal has tokens)
+            log.warning("tool.error", tool=call.name, error=res.error,
+                        arguments=_clip(call.arguments, TOOL_LOG_ARGS),
+                        **({"output_tail": res.output[-TOOL_LOG_TAIL:]} if res.output else {}))
         results[i] = {"type": "function_call_output", "call_id": call.call_id, "output": out}
 
     if len(calls) == 1:

@@ -81,7 +81,9 @@ def _options(args: argparse.Namespace, token: str | None) -> object:
                       bus_port=args.bus_port, bus_url=args.bus_url, token=token,
                       advertise_host=args.advertise_host,
                       model_url=args.model_url, sim=sim, lease_ttl_s=args.lease_ttl,
-                      progress=args.progress)
+                      progress=args.progress,
+                      # local workers log (and ship) at the run's level: debug has per turn lines
+                      worker_args=("--log-level", args.log_level))
 
 
 def _sim(args: argparse.Namespace) -> SimConfig:

@@ -19,7 +19,7 @@ import pathlib
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 SCHEMA_VERSION = 2
@@ -465,12 +465,15 @@ class Journal:
     # ------------------------------------------------------------ tasks
 
     def sync_tasks(self, run_id: str, views: Mapping[str, Any], *,
-                   clock_offset: float = 0.0) -> int:
+                   clock_offset: float = 0.0,
+                   on_state: Callable[[Any, Any], None] | None = None) -> int:
         """Write the task snapshots (scheduler.TaskView) that changed since the last call,
         with one `task.state` event per state change, in one transaction. Returns how many
         rows were written. A snapshot is unchanged iff it is the same object as last time.
         `clock_offset` turns the snapshots' times (the caller's clock, e.g. trio's) into wall
-        time (time.time() - trio.current_time()), which is what the journal stores."""
+        time (time.time() - trio.current_time()), which is what the journal stores.
+        `on_state(previous snapshot or None, snapshot)` is called for each change of state or
+        of failures (a retry with no backoff is queued again before it is synced)."""
         last = self._synced.setdefault(run_id, {})
         log = getattr(views, "log", None)
         cursor = self._cursors.get(run_id)
@@ -493,6 +496,9 @@ class Journal:
                          v.prompt, _dumps(v.item), _dumps(v.result), v.error, v.reason,
                          None if v.started is None else v.started + clock_offset,
                          None if v.ended is None else v.ended + clock_offset, now))
+            if on_state is not None and (prev is None or prev.state != v.state
+                                         or prev.failures != v.failures):
+                on_state(prev, v)
             if prev is None or prev.state != v.state:
                 events.append((run_id, tid, "task.state",
                                _dumps({"state": v.state, "attempt": v.attempt,

@@ -116,10 +116,12 @@ def render(rec: dict[str, Any], tz: tzinfo | None = None) -> str:
     times), level, where (task/attempt/agent/worker), event, rest."""
     when = parse_ts(rec.get("timestamp"))
     ts = when.astimezone(tz).strftime("%H:%M:%S.%f")[:12] if when is not None else ""
-    level = str(rec.get("level", "")).upper()[:5]
+    level = str(rec.get("level", "")).upper()
+    level = {"WARNING": "WARN", "CRITICAL": "CRIT"}.get(level, level)[:5]
     where = []
-    if rec.get("task_id"):
-        where.append(f"{rec['task_id']}#{rec.get('attempt', '-')}")
+    if rec.get("task_id"):  # a task-level line (no attempt) shows the task alone
+        attempt = rec.get("attempt")
+        where.append(f"{rec['task_id']}#{attempt}" if attempt is not None else rec["task_id"])
     if rec.get("agent_id"):
         where.append(str(rec["agent_id"]))
     if rec.get("worker_id"):

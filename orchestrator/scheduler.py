@@ -640,6 +640,10 @@ class Scheduler:
         else:
             self._final_fail(t, error, now)
 
+    def retries_of(self, task_id: str) -> int:
+        """How many retries the task may have (its own `retries`, or the run's)."""
+        return self._tasks[task_id].retries
+
     def backoff_delay(self, task_id: str, failures: int) -> float:
         """Seconds before retry number `failures`: min(backoff_max, backoff * 2**(failures-1))
         times a factor in [1 - jitter, 1], drawn from a generator seeded by (seed, task, n)."""

@@ -453,7 +453,25 @@ class Supervisor:
 
     def _sync_journal(self) -> None:
         self.journal.sync_tasks(self.run_id, self.sched.task_states(),
-                                clock_offset=self.clock_offset)
+                                clock_offset=self.clock_offset, on_state=self._log_decision)
+
+    def _log_decision(self, before: S.TaskView | None, v: S.TaskView) -> None:
+        """One log line for each of the scheduler's decisions that `logs` would otherwise
+        leave a user to infer: a retry and when, a task failed for good, one not run or
+        cancelled and why."""
+        if v.state == "failed":
+            log.error("task.failed", task_id=v.task_id, attempts=v.attempt, error=v.error,
+                      **({"reason": v.reason} if v.reason else {}))
+        elif before is not None and v.failures > before.failures:
+            # with no backoff left the next attempt is already handed out (attempt + 1)
+            failed = v.attempt - 1 if v.state in ("queued", "running") else v.attempt
+            retries = self.sched.retries_of(v.task_id)
+            log.warning("task.retry", task_id=v.task_id, attempt=failed,
+                        error=v.error, retry=f"{v.failures} of {retries}",
+                        in_s=round(self.sched.backoff_delay(v.task_id, v.failures), 3))
+        elif v.state in ("not_run", "cancelled") and before is not None \
+                and before.state != v.state:
+            log.warning(f"task.{v.state}", task_id=v.task_id, reason=v.reason)
 
     def _check_workers_left(self) -> None:
         """Fail the run when local workers keep crashing and no worker is left to run it."""

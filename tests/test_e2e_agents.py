@@ -541,3 +541,57 @@ retries = 1
     lines = [ln for f in seen for ln in f.read_text().split()]
     assert lines.count("start") == 2, lines
     assert "OVERLAP" not in lines, lines
+
+
+async def test_the_log_says_what_the_scheduler_decided_and_what_a_failed_tool_was_asked(
+        tmp_path):
+    """`logs --level warning` is where the run's summary sends a user: it must hold the
+    retry (and when), the final failure, the task not run for it, and a failed tool call's
+    arguments and the end of its output."""
+    graph = """
+[run]
+backoff = "0ms"
+jitter = 0.0
+failure_policy = "continue"
+
+[agents.shaky]
+instructions = "x"
+tools = ["shell"]
+script = [{call = {name = "shell", arguments = {cmd = "echo oops >&2; exit 3"}}},
+          {fail = "upstream exploded"}]
+
+[[tasks]]
+id = "flaky"
+agent = "shaky"
+prompt = "go"
+retries = 1
+
+[[tasks]]
+id = "after"
+agent = "shaky"
+prompt = "{{ flaky.text }}"
+needs = ["flaky"]
+"""
+    run = Run(tmp_path, graph)
+    with trio.fail_after(GUARD_S):
+        await run.start("--sim-zero")
+        assert await run.wait() == 1, run.stderr()
+    rid = run.run_id()
+    assert rid is not None
+    lines = _log(run, rid)
+
+    def one(event: str, **match: Any) -> dict[str, Any]:
+        found = [e for e in lines if e.get("event") == event
+                 and all(e.get(k) == v for k, v in match.items())]
+        assert len(found) == 1, (event, match, [e.get("event") for e in lines])
+        return found[0]
+
+    retry = one("task.retry", task_id="flaky")
+    assert retry["attempt"] == 1 and retry["retry"] == "1 of 1" and retry["level"] == "warning"
+    assert "upstream exploded" in retry["error"]
+    failed = one("task.failed", task_id="flaky")
+    assert failed["attempts"] == 2 and failed["level"] == "error"
+    assert one("task.not_run", task_id="after")["reason"] == "needs flaky, which failed"
+    tool = [e for e in lines if e.get("event") == "tool.error"]
+    assert len(tool) == 2 and all("exit 3" in e["arguments"] for e in tool), tool
+    assert all(e["output_tail"].startswith("oops") for e in tool), tool
