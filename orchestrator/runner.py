@@ -138,8 +138,12 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         sup = Supervisor(graph=graph, journal=journal, run_id=run_id, opts=opts,  # type: ignore[arg-type]
                          scheduler=sched, sink=sink)
         verb = "resuming" if resume_run is not None else "run"
-        print(f"{verb} {run_id}: {len(graph.tasks)} tasks, logs: orchestrator logs {run_id}",
-              file=sys.stderr)
+        # The progress line counts tasks made at run time too (fan_out children, spawns)
+        grows = any(t.fan_out for t in graph.tasks) or any(
+            "spawn" in a.tools for a in graph.agents.values())
+        count = f"{len(graph.tasks)} tasks" + (" in the graph, more as they fan out or spawn"
+                                               if grows else "")
+        print(f"{verb} {run_id}: {count}; logs: orchestrator logs {run_id}", file=sys.stderr)
         if args.workers > 0:
             for line in graph.unset_keys(os.environ) + graph.unimportable_tools():
                 print(f"warning: {line}", file=sys.stderr)

@@ -376,8 +376,16 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
     lines.extend(_table(HEADER, rows, right={2, 6, 7, 8, 9, 10}))
     if any_split or any(t.children for t in st.tasks):
         lines.append("")
-        lines.append("A parent's tokens and cost include its children's; (own) is the parent's "
-                     "share.")
+        lines.append("A parent's tokens and cost include its children's" + (
+            "; (own) is the parent's share." if any_split else "."))
+    # The table's column cuts an error where its cause often starts (after a URL, say): the
+    # failed tasks' errors whole, once each.
+    failed = [t for t in st.tasks if t.state == "failed" and t.error
+              and len(t.error) > error_width]
+    if failed:
+        lines.append("")
+        lines.append("errors in full:")
+        lines.extend(f"  {t.task_id}: {' '.join((t.error or '').split())}" for t in failed)
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import json
 
+import attrs
 import pytest
 
 from orchestrator import journal as J
@@ -405,3 +406,15 @@ def test_a_stale_success_of_an_earlier_attempt_does_not_count(state, clock):
     j.attempt_ended(RUN, "review", 1, "succeeded", result={"text": "late", "outputs": {}})
     t = by_id(load(tmp_path))["review"]
     assert t.state != "succeeded"
+
+
+def test_a_failed_tasks_error_cut_in_the_table_is_shown_whole_below_it(state):
+    st = load(state[0])
+    long = ("ModelRequestError: POST http://127.0.0.1:18001/v1/responses: error [404]: "
+            "File Not Found; the server may not implement the Responses API")
+    tasks = [attrs.evolve(st.tasks[0], state="failed", error=long), *st.tasks[1:]]
+    out = ST.render_text(attrs.evolve(st, tasks=tasks), tz=datetime.UTC)
+    table, _, below = out.partition("\nerrors in full:\n")
+    assert "File Not Found" not in table  # cut at ERROR_WIDTH in its row
+    assert below.splitlines() == [f"  plan: {long}"]
+    assert "errors in full" not in ST.render_text(st, tz=datetime.UTC)  # short ones: no list

@@ -10,7 +10,14 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.tools import ToolContext, ToolError, ToolSpecError, build_registry, validate_tool_spec
+from agents.tools import (
+    ToolContext,
+    ToolError,
+    ToolSpecError,
+    build_registry,
+    pyfunc,
+    validate_tool_spec,
+)
 from agents.tools.schema import validate
 
 
@@ -332,3 +339,17 @@ async def test_example_function_tools_for_graphs(ctx):
     assert res.ok and res.output == "Hi There"
     assert reg.schemas()[1]["parameters"]["properties"]["to"]["enum"] == ["upper", "lower",
                                                                          "title"]
+
+
+def test_a_tool_module_in_the_current_directory_loads_however_the_process_started(
+        tmp_path, monkeypatch):
+    # `python -m orchestrator` (local workers) has the current directory on sys.path; the
+    # `orchestrator` console script (validate, a worker started by hand) has not. validate
+    # said "not found" for a module the workers then loaded; now both load it.
+    (tmp_path / "sb_cwd_tools").mkdir()
+    (tmp_path / "sb_cwd_tools" / "t.py").write_text(
+        'def shout(text: str) -> str:\n    """Upper-case."""\n    return text.upper()\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    fn, _, schema = pyfunc.load_function_tool("sb_cwd_tools.t:shout")
+    assert fn("hi") == "HI" and schema["required"] == ["text"]

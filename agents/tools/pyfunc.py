@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import re
+import sys
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,15 @@ def tool_name(spec: str) -> str:
     return spec.rsplit(":", 1)[1].rsplit(".", 1)[-1]
 
 
+def _cwd_on_path() -> None:
+    """Tool modules load from the current directory too, however the process started:
+    `python -m orchestrator` (local workers) puts it on sys.path, the `orchestrator` console
+    script (a worker started by hand, `validate`) does not. Last, so it shadows nothing."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
+
+
 def load_function_tool(spec: str) -> tuple[Callable[..., Any], str, dict[str, Any]]:
     """Import "package.module:function" and describe it: (function, description, parameters schema).
 
@@ -43,12 +54,14 @@ def load_function_tool(spec: str) -> tuple[Callable[..., Any], str, dict[str, An
         raise ToolSpecError(f"tool spec {spec!r} is not 'package.module:function' (dotted module "
                             "path, a colon, then the function name)")
     module_name, attr_path = spec.split(":")
+    _cwd_on_path()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise ToolSpecError(f"tool {spec!r}: module {module_name!r} not found; is it "
-                                "installed or on PYTHONPATH where the worker runs?") from None
+                                "installed, on PYTHONPATH, or in the current directory where "
+                                "the worker runs?") from None
         raise ToolSpecError(f"tool {spec!r}: importing {module_name!r} failed: {exc}") from None
     except Exception as exc:  # the module's own import-time bug
         raise ToolSpecError(f"tool {spec!r}: importing {module_name!r} raised "
