@@ -268,15 +268,34 @@ def error_from_http(request: str, status: int, body: bytes, *,
         obj = json.loads(body) if body else None
     except ValueError:
         obj = None
+    hint = chat_url is not None and status in (404, 405)
     if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        err = obj["error"]
+        # llama.cpp: {"error": {"code": 404, "message": "File Not Found", ...}} for a path it
+        # does not serve; a Responses server's own "model not found" needs no hint
+        if hint and isinstance(err.get("message"), str) \
+                and "model" not in err["message"].lower():
+            obj = {**obj, "error": {**err, "message": err["message"] + _not_found_hint(
+                request, err["message"], chat_url or "")}}
         return error_from_event(obj, http_status=status, request=request)
     said = next((obj[k] for k in ("detail", "message", "error") if isinstance(obj, dict)
                  and isinstance(obj.get(k), str) and obj[k].strip()), None)
     message = body_excerpt(said.encode() if said is not None else body)
-    if chat_url is not None and status in (404, 405):
-        # A server that implements Responses refuses with its error object (e.g. an unknown
-        # model), so only a bare 404/405 says the path itself is missing.
-        message += ("; the server may not implement the Responses API: transport = \"chat\" "
-                    f"(in the graph's [model] table) uses {chat_url}")
+    if hint:
+        message += _not_found_hint(request, message, chat_url or "")
     return error_from_event({"error": {"message": message}}, http_status=status,
                             request=request)
+
+
+def _not_found_hint(request: str, message: str, chat_url: str) -> str:
+    """What to change when POST .../responses answers 404/405. A message about the model means
+    the server has the route but not that model; a URL without /v1 is the usual slip; else the
+    server may have no Responses API at all (Ollama, llama.cpp: Chat Completions only)."""
+    if "model" in message.lower():
+        return ("; check the graph's model = \"...\" against the names this server serves "
+                "(GET /v1/models lists them)")
+    chat = (f"transport = \"chat\" (in the graph's [model] table) uses {chat_url}")
+    if "/v1/" not in request:
+        return ("; OpenAI-compatible servers serve under /v1, so the graph's url is usually "
+                f"\"http://HOST:PORT/v1\"; if the server has no Responses API, {chat}")
+    return f"; the server may not implement the Responses API: {chat}"

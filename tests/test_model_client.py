@@ -903,3 +903,22 @@ async def test_https_to_a_plain_http_server_says_to_use_http():
     said = str(caught.value)
     assert f"cannot connect to 127.0.0.1:{port}: the server did not answer in TLS (" in said
     assert said.endswith("use http:// (ws://) instead of https:// (wss://)")
+
+
+@pytest.mark.parametrize("url,body,says,not_says", [
+    # llama.cpp's own 404 for a path it does not serve: an error object, yet the hint applies
+    ("http://h:8080/v1", b'{"error":{"code":404,"message":"File Not Found",'
+     b'"type":"not_found_error"}}', 'transport = "chat"', "GET /v1/models"),
+    # vLLM / SGLang: the route exists, the model name does not: no chat hint
+    ("http://h:8000/v1", b'{"object":"error","message":"The model `default` does not exist.",'
+     b'"type":"NotFoundError","code":404}', "GET /v1/models lists them", 'transport = "chat"'),
+    # a base URL without /v1: the usual slip, and the chat path would 404 as well
+    ("http://h:8000", b'{"detail":"Not Found"}', 'usually "http://HOST:PORT/v1"',
+     "GET /v1/models"),
+])
+def test_a_404_from_the_responses_path_says_what_to_change(url, body, says, not_says):
+    from modellink.turns import error_from_http
+
+    err = error_from_http(f"POST {url}/responses", 404, body,
+                          chat_url=f"{url}/chat/completions")
+    assert says in str(err) and not_says not in str(err), str(err)
