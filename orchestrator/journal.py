@@ -26,6 +26,27 @@ SCHEMA_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+def _schema_of(conn: sqlite3.Connection) -> tuple[int, set[str]]:
+    """(user_version, table names), read in one snapshot: a run creating the journal at the
+    same moment is seen before or after, never half-way."""
+    conn.execute("BEGIN")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        conn.execute("COMMIT")
+    return int(version), tables
+
+
+def _cannot_write(exc: sqlite3.Error) -> bool:
+    """True iff `exc` is SQLite failing to write (permissions, a full disk), not bad data."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        w in text for w in ("readonly", "read-only", "unable to open", "disk is full",
+                            "disk i/o"))
+
+
 class JournalError(Exception):
     """The journal cannot be used (not a journal, corrupt, too new) or a lookup failed."""
 
@@ -127,9 +148,7 @@ class Journal:
             if ok != "ok":
                 raise JournalError(f"journal {p} is corrupt ({ok}); it was left untouched. "
                                    "Move it away to start a new journal.")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version, tables = _schema_of(conn)
             if version == 0 and tables:
                 raise JournalError(f"{p} is an SQLite database but not a Switchboard journal "
                                    f"(it has tables {sorted(tables)}); it was left untouched.")
@@ -145,14 +164,27 @@ class Journal:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             if version == 0:
-                conn.executescript("BEGIN;" + _SCHEMA_V1 + _MIGRATIONS[2]
-                                   + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                try:
+                    conn.executescript("BEGIN;" + _SCHEMA_V1 + _MIGRATIONS[2]
+                                       + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                except sqlite3.OperationalError:
+                    # Another run made the new journal first (two runs started at once in a
+                    # new state directory): its schema is the one we would have written.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if _schema_of(conn)[0] != SCHEMA_VERSION:
+                        raise
             else:
                 for v in range(version + 1, SCHEMA_VERSION + 1):
                     conn.executescript("BEGIN;" + _MIGRATIONS[v]
                                        + f"PRAGMA user_version = {v}; COMMIT;")
         except sqlite3.DatabaseError as exc:
             conn.close()
+            if _cannot_write(exc):
+                raise JournalError(
+                    f"cannot write the journal {p} ({exc}): check that its directory and "
+                    "files are writable and the disk has room; the journal itself is "
+                    "untouched") from None
             raise JournalError(f"journal {p} is corrupt or unreadable ({exc}); it was left "
                                "untouched. Move it away to start a new journal.") from None
         except BaseException:

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import sys
 import traceback
 from typing import Any
@@ -83,9 +84,9 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
 
     if graph is not None:
         run_id = new_run_id()
-        journal.create_run(run_id, graph_path=str(args.file), graph_text=graph.source_text)
-        sched = S.Scheduler(graph)
+        sched = S.Scheduler(graph)  # before the row: a Ctrl-C here leaves no run behind
         closed = 0
+        journal.create_run(run_id, graph_path=str(args.file), graph_text=graph.source_text)
     else:
         try:
             row = journal.find_run(resume_run)
@@ -154,13 +155,23 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         return EXIT_CANCELLED
     try:
         outcome = trio.run(sup.run)
+        # The run has ended and is journaled: a Ctrl-C while its summary prints changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     except BaseException as exc:  # noqa: BLE001 - every way out must end the run row
         found = leaves(exc)
+        ended = _ended(journal, run_id)
+        if ended is not None:  # a signal as the run finished: the journaled outcome stands
+            print_summary(ended["summary"] or {}, ended["status"], graph=graph)
+            return _exit_code(ended["status"])
         if any(isinstance(e, KeyboardInterrupt) for e in found):
             journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted")
             log.warning("run.interrupted")
             return EXIT_CANCELLED
         start = next((e for e in found if isinstance(e, StartError)), None)
+        if start is not None and resume_run is not None:
+            # nothing of the run ran here: it stays as the dead orchestrator left it
+            _err(f"{start}; run {run_id} was not changed: resume it again once that is fixed")
+            return EXIT_INTERNAL
         first = start or (found[0] if found else exc)
         msg = str(first) if start else f"{type(first).__name__}: {first}"
         log.error("run.crashed", error=msg, traceback="".join(
@@ -178,8 +189,21 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     if outcome.fatal:
         _err(outcome.fatal)
         return EXIT_INTERNAL
-    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(outcome.status,
-                                                                    EXIT_TASK_FAILED)
+    return _exit_code(outcome.status)
+
+
+def _exit_code(status: str) -> int:
+    return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED}.get(status, EXIT_TASK_FAILED)
+
+
+def _ended(journal: Any, run_id: str) -> dict[str, Any] | None:
+    """The run's row if it has already ended (journaled its outcome), else None."""
+    try:
+        row = journal.find_run(run_id)
+    except Exception:  # noqa: BLE001 - only a hint for the caller: assume it has not
+        return None
+    ended = row is not None and row["status"] in ("succeeded", "failed", "cancelled")
+    return dict(row) if ended else None
 
 
 def print_summary(summary: dict[str, Any], status: str, *, graph: Any) -> None:

@@ -830,7 +830,11 @@ class Supervisor:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
             async for sig in sigs:
                 name = signal.Signals(sig).name
-                if self.cancel_reason is None:
+                if self.cancel_reason is None and self.sched.done:
+                    # every task has ended: the run's outcome stands; stop the workers now
+                    log.info("run.signal_after_end", signal=name)
+                    self._hurry.set()
+                elif self.cancel_reason is None:
                     self.cancel_run(f"received {name}")
                 else:
                     # a second signal: stop waiting for attempts to report; workers get

@@ -506,10 +506,11 @@ async def test_a_signal_cancels_the_run_exit_130_and_leaves_no_process(run, sig)
     assert {a["state"] for a in run.attempts()} == {"cancelled"}
 
 
-async def kill_9_and_resume(run: Run) -> tuple[int, str]:
+async def kill_9_and_resume(run: Run, *, busy_port_first: bool = False) -> tuple[int, str]:
     """kill -9 the orchestrator mid-run, wait until its workers (and their tools) noticed and
     stopped, check the journal still says running, then `orchestrator resume` it with one
-    worker. Returns the resume's exit code and stderr."""
+    worker. With `busy_port_first`, a resume on a port in use comes first: it fails (exit 3)
+    and must leave the run resumable. Returns the resume's exit code and stderr."""
     rid = str(run.run_id())
 
     async def orch(*argv: str) -> Any:
@@ -531,6 +532,13 @@ async def kill_9_and_resume(run: Run) -> tuple[int, str]:
     await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
     assert run.run_row()["status"] == "running"
     assert b"orchestrator: not running" in (await orch("status")).stdout
+    if busy_port_first:
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            busy = await orch("resume", "--bus-port", str(held.getsockname()[1]))
+        assert busy.returncode == 3 and b"was not changed" in busy.stderr, busy.stderr
+        assert run.run_row()["status"] == "running"  # it used to be marked failed for good
     resumed = Run(run.tmp)
     resumed.err_path = run.tmp / "resume.stderr"
     await resumed.start("--workers", "1", cmd=("resume", rid))
@@ -564,7 +572,7 @@ needs = ["c"]
         await run.start("--workers", "2")
         await until(lambda: any(a["task_id"] == "c" and a["state"] == "running"
                                 for a in run.attempts()))
-        code, err = await kill_9_and_resume(run)
+        code, err = await kill_9_and_resume(run, busy_port_first=True)
     assert code == 0, err
     assert run.run_row()["status"] == "succeeded"
     per = by_task(run.attempts())
@@ -916,3 +924,19 @@ async def test_a_worker_whose_hub_restarted_exits_3_saying_to_start_it_again(tmp
                 await p.wait()
     assert "no longer knows this worker" in err and "Start the worker again" in err, err
     assert err.count("open a new client") == 0, err
+
+
+async def test_ctrl_c_after_every_task_ended_keeps_the_runs_outcome(run):
+    """SIGINT while the workers stop after the last task: the run succeeded, and stays so
+    (it used to be journaled or reported as cancelled, exit 130, depending on the moment)."""
+    run.graph.write_text(graph(3, tokens=5))
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "2")
+        await until(lambda: [a["state"] for a in run.attempts()] == ["succeeded"] * 3,
+                    poll_s=0.01)
+        assert run.proc is not None
+        if run.proc.returncode is None:
+            run.proc.send_signal(signal.SIGINT)
+        code = await run.wait()
+    assert code == 0, run.stderr()
+    assert run.run_row()["status"] == "succeeded", run.run_row()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import sqlite3
 import time
 
@@ -305,3 +306,40 @@ def test_the_end_of_run_summary_names_failed_tasks_and_why_up_to_a_limit():
     assert many[-1] == "  ... and 3 more failed tasks: orchestrator status r"
     assert summary_lines({"run_id": "r", "seconds": 1.0, "counts": {"succeeded": 1}},
                          "succeeded") == ['run r succeeded in 1.0s: {"succeeded": 1}']
+
+
+def test_runs_starting_together_in_a_new_state_dir_all_open_the_new_journal(tmp_path):
+    # Two `orchestrator run`s at once in a new state directory: the second to create the
+    # schema used to be told the journal was corrupt ("table runs already exists").
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "from orchestrator.journal import Journal\n"
+            "while not os.path.exists(sys.argv[3]):\n"
+            "    time.sleep(0.001)\n"
+            "Journal.open(sys.argv[2]).close()\n")
+    repo = str(pathlib.Path(__file__).resolve().parent.parent)
+    for n in range(6):
+        path, go = tmp_path / f"j{n}.sqlite", tmp_path / f"go{n}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, repo, str(path), str(go)],
+                                  stderr=subprocess.PIPE) for _ in range(6)]
+        time.sleep(0.3)  # all six are waiting for the go (import takes ~0.1 s)
+        go.touch()
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err.decode()
+        Journal.open_readonly(path).close()
+
+
+def test_failing_to_write_is_told_apart_from_a_corrupt_journal(jpath):
+    # A read-only state directory or a full disk is the environment's problem: the message
+    # must not say "corrupt ... move it away", which would cost the user their history.
+    Journal.open(jpath).close()
+    ro = sqlite3.connect(f"file:{jpath}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError) as readonly:
+        ro.execute("INSERT INTO runs (run_id) VALUES ('x')")
+    ro.close()
+    assert J._cannot_write(readonly.value)
+    assert not J._cannot_write(sqlite3.DatabaseError("file is not a database"))
