@@ -47,6 +47,13 @@ def _cannot_write(exc: sqlite3.Error) -> bool:
                             "disk i/o"))
 
 
+OPEN_LOCKED_S = 10.0  # how long opening waits for other processes creating the journal
+
+
+class _Locked(Exception):
+    """Opening met a lock another process holds for a moment: try again."""
+
+
 class JournalError(Exception):
     """The journal cannot be used (not a journal, corrupt, too new) or a lookup failed."""
 
@@ -130,8 +137,22 @@ class Journal:
 
         Raises JournalError for a file that is not an SQLite database, is corrupt, has a
         schema newer than this code, or an older schema with migrate=False. A refused file
-        is never written to.
+        is never written to. Processes opening a new journal at the same moment wait for each
+        other (SQLite refuses some lock upgrades at once rather than wait).
         """
+        give_up = time.monotonic() + OPEN_LOCKED_S
+        while True:
+            try:
+                return cls._open_once(path, migrate=migrate)
+            except _Locked as exc:
+                if time.monotonic() > give_up:
+                    raise JournalError(
+                        f"journal {path} stayed locked by another process for "
+                        f"{OPEN_LOCKED_S:g}s ({exc}); try again") from None
+                time.sleep(0.02)
+
+    @classmethod
+    def _open_once(cls, path: str | os.PathLike[str], *, migrate: bool) -> Journal:
         p = pathlib.Path(path)
         if not p.parent.is_dir():
             raise JournalError(f"cannot open journal {p}: directory {p.parent} does not exist")
@@ -165,7 +186,7 @@ class Journal:
             conn.execute("PRAGMA synchronous = NORMAL")
             if version == 0:
                 try:
-                    conn.executescript("BEGIN;" + _SCHEMA_V1 + _MIGRATIONS[2]
+                    conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA_V1 + _MIGRATIONS[2]
                                        + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
                 except sqlite3.OperationalError:
                     # Another run made the new journal first (two runs started at once in a
@@ -176,10 +197,12 @@ class Journal:
                         raise
             else:
                 for v in range(version + 1, SCHEMA_VERSION + 1):
-                    conn.executescript("BEGIN;" + _MIGRATIONS[v]
+                    conn.executescript("BEGIN IMMEDIATE;" + _MIGRATIONS[v]
                                        + f"PRAGMA user_version = {v}; COMMIT;")
         except sqlite3.DatabaseError as exc:
             conn.close()
+            if "locked" in str(exc).lower():
+                raise _Locked(str(exc)) from None
             if _cannot_write(exc):
                 raise JournalError(
                     f"cannot write the journal {p} ({exc}): check that its directory and "
