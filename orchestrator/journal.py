@@ -48,6 +48,7 @@ def _cannot_write(exc: sqlite3.Error) -> bool:
 
 
 OPEN_LOCKED_S = 10.0  # how long opening waits for other processes creating the journal
+_monotonic, _sleep = time.monotonic, time.sleep  # apart from `time`, which tests replace
 
 
 class _Locked(Exception):
@@ -140,16 +141,16 @@ class Journal:
         is never written to. Processes opening a new journal at the same moment wait for each
         other (SQLite refuses some lock upgrades at once rather than wait).
         """
-        give_up = time.monotonic() + OPEN_LOCKED_S
+        give_up = _monotonic() + OPEN_LOCKED_S
         while True:
             try:
                 return cls._open_once(path, migrate=migrate)
             except _Locked as exc:
-                if time.monotonic() > give_up:
+                if _monotonic() > give_up:
                     raise JournalError(
                         f"journal {path} stayed locked by another process for "
                         f"{OPEN_LOCKED_S:g}s ({exc}); try again") from None
-                time.sleep(0.02)
+                _sleep(0.02)
 
     @classmethod
     def _open_once(cls, path: str | os.PathLike[str], *, migrate: bool) -> Journal:
