@@ -63,18 +63,28 @@ async def start_listening(nursery: Any, fn: Any, config: Any, *, what: str,
                     f"{getattr(first, 'strerror', None) or first}") from eg
 
 
-WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+def is_wildcard(host: str) -> bool:
+    """True for a host that means every interface (nobody's address to dial)."""
+    return host in ("0.0.0.0", "::", "")
+
+
+def with_host(url: str, host: str) -> str:
+    """`url` with its host replaced (the port kept)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query,
+                                    parts.fragment))
 
 
 def listening_line(what: str, url: str, host: str) -> str:
     """The line a standalone server prints once it listens: the URL to dial from this machine
     first (scripts read that word), and for a wildcard host what other machines dial instead,
     since "0.0.0.0" is nobody's address."""
-    if host not in WILDCARD_HOSTS:
+    if not is_wildcard(host):
         return f"{what} listening on {url}"
-    parts = urllib.parse.urlsplit(url)
-    loopback = "[::1]" if host == "::" else "127.0.0.1"
-    local = parts._replace(netloc=f"{loopback}:{parts.port}").geturl()
-    remote = parts._replace(netloc=f"{socket.gethostname()}:{parts.port}").geturl()
+    local = with_host(url, "::1" if host == "::" else "127.0.0.1")
+    remote = with_host(url, socket.gethostname())
     return (f"{what} listening on {local} (on every interface: from other machines dial this "
             f"machine's name or address, e.g. {remote})")

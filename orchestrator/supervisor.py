@@ -23,7 +23,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import structlog
@@ -42,7 +41,7 @@ from orchestrator import scheduler as S
 from orchestrator.graph import GraphSpec
 from orchestrator.journal import Journal
 from orchestrator.progress import Progress
-from orchestrator.serving import ListenError, start_listening
+from orchestrator.serving import ListenError, is_wildcard, start_listening, with_host
 from orchestrator.workers import MAX_LOCAL_WORKERS, LocalProcesses, WorkerRec, WorkerTable
 
 log = get_logger("orchestrator.supervisor")
@@ -95,19 +94,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def is_wildcard(host: str) -> bool:
-    return host in ("0.0.0.0", "::", "")
-
-
-def with_host(url: str, host: str) -> str:
-    """`url` with its host replaced (the port kept)."""
-    parts = urlsplit(url)
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class Supervisor:
