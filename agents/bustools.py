@@ -15,10 +15,14 @@ from typing import Any
 import attrs
 
 from agents.protocol import ORCHESTRATOR_ID, task_endpoint
-from agents.tools import ToolError
+from agents.tools import ToolError, clip
 from bus.errors import BusError, BusNoRouteError, BusTimeoutError
+from bus.logs import get_logger
+
+log = get_logger("agents.bus")
 
 INBOX_SIZE = 256  # per task; older messages are dropped (and counted) beyond it
+TEXT_LOG = 200  # characters of a message, question or answer in its log line
 
 
 class ToolFailure(ToolError):
@@ -76,10 +80,12 @@ class BusTools:
             raise ToolFailure(f"task {to!r} did not acknowledge the message in time") from None
         except BusError as exc:
             raise ToolFailure(f"sending to {to!r} failed: {exc}") from None
+        log.info("message.sent", to=to, text=clip(text, TEXT_LOG))
         return f"delivered to {to}"
 
     async def ask(self, task: str, question: str, timeout_s: float | None = None) -> str:
         wait = self._timeout(_seconds(timeout_s, self.ask_timeout_s))
+        t0 = time.monotonic()
         try:
             reply = await self.bus.request(
                 task_endpoint(task), {"t": "ask", "from": self.task_id, "question": question,
@@ -93,7 +99,10 @@ class BusTools:
             raise ToolFailure(f"asking {task!r} failed: {exc}") from None
         if not isinstance(reply, dict) or not isinstance(reply.get("answer"), str):
             raise ToolFailure(f"task {task!r} sent a malformed answer")
-        return str(reply["answer"])
+        answer = str(reply["answer"])
+        log.info("ask", task=task, question=clip(question, TEXT_LOG),
+                 answer=clip(answer, TEXT_LOG), seconds=round(time.monotonic() - t0, 3))
+        return answer
 
     async def publish(self, topic: str, text: str) -> str:
         try:
@@ -101,6 +110,7 @@ class BusTools:
                                            "text": text})
         except BusError as exc:
             raise ToolFailure(f"publishing to {topic!r} failed: {exc}") from None
+        log.info("topic.published", topic=topic, text=clip(text, TEXT_LOG))
         return f"published to {topic}"
 
     async def read_messages(self) -> str:
@@ -124,6 +134,7 @@ class BusTools:
             raise ToolFailure(f"spawn failed: {exc}") from None
         if not isinstance(reply, dict) or "child" not in reply:
             raise ToolFailure(f"spawn refused: {reply.get('error') if isinstance(reply, dict) else reply}")
+        log.info("spawn", child=str(reply["child"]), agent=agent, prompt=clip(prompt, TEXT_LOG))
         return str(reply["child"])
 
     async def wait(self, children: list[str], timeout_s: float | None = None) -> str:
@@ -144,7 +155,17 @@ class BusTools:
             raise ToolFailure(f"wait failed: {exc}") from None
         if not isinstance(reply, dict) or "results" not in reply:
             raise ToolFailure(str(reply.get("error") if isinstance(reply, dict) else reply))
+        log.info("wait", children=list(children), seconds=round(time.monotonic() - t0, 3),
+                 **_states(reply["results"]))
         return json.dumps(reply)
+
+
+def _states(results: Any) -> dict[str, Any]:
+    """How the waited-for children ended, for the wait's log line: {"states": {id: state}}."""
+    if isinstance(results, dict):
+        return {"states": {str(k): v.get("state") if isinstance(v, dict) else None
+                           for k, v in results.items()}}
+    return {}
 
 
 def _seconds(timeout_s: float | None, default: float) -> float:

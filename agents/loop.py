@@ -16,6 +16,7 @@ import structlog
 import trio
 
 from agents.protocol import AgentSpec, ModelRef, TurnRecord
+from agents.tools import clip
 from bus.logs import get_logger
 
 log = get_logger("agents.loop")
@@ -179,11 +180,6 @@ TOOL_LOG_ARGS = 300  # characters of a failed call's arguments in its tool.error
 TOOL_LOG_TAIL = 500  # characters of the end of its output
 
 
-def _clip(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
-
-
 async def _run_calls(calls: list[Any], registry: Any) -> list[dict[str, Any]]:
     """Run one turn's function calls concurrently; results keep the calls' order."""
     results: list[dict[str, Any] | None] = [None] * len(calls)
@@ -197,7 +193,7 @@ async def _run_calls(calls: list[Any], registry: Any) -> list[dict[str, Any]]:
             # what it was asked and the end of what it printed: what a user debugging the
             # run needs, without the whole output (the model saw it; the journal has tokens)
             log.warning("tool.error", tool=call.name, error=res.error,
-                        arguments=_clip(call.arguments, TOOL_LOG_ARGS),
+                        arguments=clip(call.arguments, TOOL_LOG_ARGS),
                         **({"output_tail": res.output[-TOOL_LOG_TAIL:]} if res.output else {}))
         results[i] = {"type": "function_call_output", "call_id": call.call_id, "output": out}
 

@@ -56,7 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "run", help="run a task graph (the main job)",
         description="Validate FILE, start the bus, the embedded sim model and local workers, "
-        "and run the graph to the end. Ctrl-C cancels the run cleanly.",
+        "and run the graph to the end. Ctrl-C cancels the run cleanly. Progress and the "
+        "summary go to stderr; the answer of each final task (one no other task needs) goes "
+        "to stdout under a '== TASK ==' line.",
         epilog="exit codes: 0 all tasks succeeded, 1 a task failed, 2 bad input, 3 internal "
         "error, 130 cancelled")
     p.add_argument("file", metavar="FILE", help="the task graph (TOML)")
@@ -66,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "resume", help="finish a run after the orchestrator was killed",
         description="Resume RUN from the journal: tasks that finished are not run again; "
         "attempts that were in flight are run again. The graph comes from the journal, not "
-        "a file; a run whose orchestrator is still alive is refused.")
+        "a file; a run whose orchestrator is still alive is refused. Output as for run.")
     r.add_argument("run", metavar="RUN", help="run id, unique prefix, or 'latest'")
     _common(r)
     r.set_defaults(func=run_resume)

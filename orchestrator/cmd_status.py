@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from orchestrator.cli import EXIT_BAD_INPUT, EXIT_OK
-from orchestrator.cmd_cancel import wrap
+from orchestrator.cmd_cancel import unknown_name, wrap
 from orchestrator.journal import Journal, JournalError
 from orchestrator.runs import journal_path
 
@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         epilog="examples:\n  orchestrator status                 the newest run\n"
         "  orchestrator status 20260301-1203   a run by a unique prefix of its id\n"
         "  orchestrator status --json | jq '.tasks[] | {task_id, state}'\n"
-        "  orchestrator status --runs          every run, newest first\n\n"
+        "  orchestrator status --runs          every run, newest first\n"
+        "  orchestrator status latest --task review   one task: its attempts, answer, outputs\n\n"
         "exit codes: 0 shown, 2 no such run or no journal (bad input)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", default="latest", metavar="RUN",
@@ -39,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--attempts", "-a", action="store_true",
                    help="list every attempt under its task (worker, times, tokens, error, "
                    "and where a cancelled, failed or timed-out attempt's session stopped)")
+    p.add_argument("--task", "-t", metavar="TASK",
+                   help="show this task in full instead: its children and every attempt, its "
+                   "error whole, its answer and the names of its outputs")
     p.add_argument("--runs", action="store_true", help="list every run instead, newest first")
     p.add_argument("--utc", action="store_true", help="show times in UTC (default: local time)")
     p.add_argument("--state-dir", default=os.environ.get("SWITCHBOARD_HOME", ".switchboard"),
@@ -88,7 +92,7 @@ def load_status(journal: Journal, ref: str | None, *, now: float) -> Any:
 def run(args: argparse.Namespace) -> int:
     import datetime
 
-    from orchestrator.status import render_runs, render_text, to_json
+    from orchestrator.status import render_runs, render_task, render_text, subtree, to_json
 
     path = journal_path(pathlib.Path(args.state_dir))
     try:
@@ -111,9 +115,17 @@ def run(args: argparse.Namespace) -> int:
             return _err(str(exc))
     finally:
         journal.close()
+    if args.task is not None and not subtree(st, args.task):
+        return _err(str(unknown_name("task", args.task, [t.task_id for t in st.tasks])))
     try:
         if args.json:
-            print(json.dumps(to_json(st), indent=2, ensure_ascii=False))
+            out = to_json(st)
+            if args.task is not None:
+                keep = {t.task_id for t in subtree(st, args.task)}
+                out["tasks"] = [t for t in out["tasks"] if t["task_id"] in keep]
+            print(json.dumps(out, indent=2, ensure_ascii=False))
+        elif args.task is not None:
+            print(render_task(st, args.task, tz=tz))
         else:
             print(render_text(st, tz=tz, attempts=args.attempts))
     except BrokenPipeError:  # `status | head`

@@ -162,6 +162,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         ended = _ended(journal, run_id)
         if ended is not None:  # a signal as the run finished: the journaled outcome stands
             print_summary(ended["summary"] or {}, ended["status"], graph=graph)
+            print_answers(journal, run_id, graph)
             return _exit_code(ended["status"])
         if any(isinstance(e, KeyboardInterrupt) for e in found):
             journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted")
@@ -186,6 +187,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         log_f.close()
         lock.close()
     print_summary(outcome.summary, outcome.status, graph=graph)
+    print_answers(journal, run_id, graph)
     if outcome.fatal:
         _err(outcome.fatal)
         return EXIT_INTERNAL
@@ -211,6 +213,37 @@ def print_summary(summary: dict[str, Any], status: str, *, graph: Any) -> None:
     agent (its sub-agents included) and, under it, its spawned sub-agents' share."""
     for line in summary_lines(summary, status):
         print(line, file=sys.stderr)
+
+
+def final_answers(journal: Any, run_id: str, graph: Any) -> list[tuple[str, str]]:
+    """(task id, answer text) of the graph's final tasks (those no other task needs) that
+    succeeded, in file order: what the run produced."""
+    needed = {n for t in graph.tasks for n in t.needs}
+    rows = {r["task_id"]: r for r in journal.task_rows(run_id)}
+    out = []
+    for t in graph.tasks:
+        r = rows.get(t.id)
+        if t.id not in needed and r is not None and r["state"] == "succeeded":
+            result = r.get("result") if isinstance(r.get("result"), dict) else {}
+            out.append((t.id, str(result.get("text") or "")))
+    return out
+
+
+def print_answers(journal: Any, run_id: str, graph: Any) -> None:
+    """The run's product on stdout (progress and summary are on stderr): each final task's
+    answer under a `== TASK ==` line, so `orchestrator run g.toml > answers.txt` keeps it."""
+    try:
+        answers = final_answers(journal, run_id, graph)
+    except Exception as exc:  # noqa: BLE001 - the run's outcome stands; say why none show
+        _err(f"could not read the final answers from the journal: {exc}; "
+             f"`orchestrator status {run_id} --task TASK` shows one")
+        return
+    try:
+        for tid, text in answers:
+            sys.stdout.write(f"== {tid} ==\n{text}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `orchestrator run g.toml | head`
+        pass
 
 
 def summary_lines(summary: dict[str, Any], status: str) -> list[str]:

@@ -106,6 +106,7 @@ class TaskStatus:
     children: tuple[str, ...]
     depth: int
     attempt_list: tuple[AttemptStatus, ...]
+    result: Mapping[str, Any] | None = None  # {"text", "outputs"} once it succeeded
 
     def duration(self, now: float) -> float | None:
         """Seconds from the first start to the end (to `now` while open), or None."""
@@ -220,7 +221,8 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
             started=min(starts) if starts else None, ended=ended, error=error,
             reason=r.get("reason") or None, usage=usage,
             total=usage + _sum(k.total for k in kids), children=tuple(k.task_id for k in kids),
-            depth=depth, attempt_list=tuple(own))
+            depth=depth, attempt_list=tuple(own),
+            result=r.get("result") if isinstance(r.get("result"), Mapping) else None)
         built[tid] = ts
         return ts
 
@@ -346,14 +348,41 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
             "`orchestrator resume` applies it)" if gone else
             "the orchestrator picks requests up within a second while it runs)"))
     lines.append("")
+    rows, any_split = _rows(st.tasks, st.now, tz=tz, attempts=attempts, error_width=error_width)
+    rows.append(["total", "", "", "", "", "", "", *_usage_cells(st.usage), ""])
+    lines.extend(_table(HEADER, rows, right=_RIGHT))
+    if any_split or any(t.children for t in st.tasks):
+        lines.append("")
+        lines.append("A parent's tokens and cost include its children's" + (
+            "; (own) is the parent's share." if any_split else "."))
+    # The table's column cuts an error where its cause often starts (after a URL, say): the
+    # failed tasks' errors whole, once each.
+    lines.extend(_errors_in_full([t for t in st.tasks if t.state == "failed" and t.error
+                                  and len(t.error) > error_width]))
+    return "\n".join(lines)
+
+
+_RIGHT = {2, 6, 7, 8, 9, 10}  # right-aligned columns of HEADER
+
+
+def _errors_in_full(failed: Sequence[TaskStatus]) -> list[str]:
+    if not failed:
+        return []
+    return ["", "errors in full:",
+            *(f"  {t.task_id}: {' '.join((t.error or '').split())}" for t in failed)]
+
+
+def _rows(tasks: Sequence[TaskStatus], now: float, *, tz: _dt.tzinfo | None, attempts: bool,
+          error_width: int) -> tuple[list[list[str]], bool]:
+    """The table's rows for `tasks` (and their attempts), and whether any has an (own) row."""
     rows: list[list[str]] = []
     any_split = False
-    for t in st.tasks:
+    for t in tasks:
         indent = "  " * t.depth
         err = t.error or (t.reason if t.state in ("cancelled", "not_run") else None)
         rows.append([indent + t.task_id, t.state, str(t.attempts) if t.attempts else "-",
                      t.worker or "-", fmt_clock(t.started, tz), fmt_clock(t.ended, tz),
-                     fmt_duration(t.duration(st.now)), *_usage_cells(t.total),
+                     fmt_duration(t.duration(now)), *_usage_cells(t.total),
                      _clip(err, error_width)])
         if t.children and not t.usage.empty:
             any_split = True
@@ -362,7 +391,7 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
         if attempts:
             for a in t.attempt_list:
                 end = a.ended if a.ended is not None else (None if a.state in TERMINAL
-                                                           else st.now)
+                                                           else now)
                 took = None if a.started is None or end is None else max(end - a.started, 0.0)
                 err = a.error
                 if a.stopped_at:  # where the session stopped, as its worker reported it
@@ -372,20 +401,56 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
                              fmt_clock(a.started, tz), fmt_clock(a.ended, tz),
                              fmt_duration(took), *_usage_cells(a.usage),
                              _clip(err, error_width)])
-    rows.append(["total", "", "", "", "", "", "", *_usage_cells(st.usage), ""])
-    lines.extend(_table(HEADER, rows, right={2, 6, 7, 8, 9, 10}))
-    if any_split or any(t.children for t in st.tasks):
-        lines.append("")
-        lines.append("A parent's tokens and cost include its children's" + (
-            "; (own) is the parent's share." if any_split else "."))
-    # The table's column cuts an error where its cause often starts (after a URL, say): the
-    # failed tasks' errors whole, once each.
-    failed = [t for t in st.tasks if t.state == "failed" and t.error
-              and len(t.error) > error_width]
-    if failed:
-        lines.append("")
-        lines.append("errors in full:")
-        lines.extend(f"  {t.task_id}: {' '.join((t.error or '').split())}" for t in failed)
+    return rows, any_split
+
+
+def subtree(st: RunStatus, task_id: str) -> list[TaskStatus]:
+    """The task `task_id` and its descendants, in tree order ([] if the run has no such task)."""
+    for i, t in enumerate(st.tasks):
+        if t.task_id == task_id:
+            out = [t]
+            for c in st.tasks[i + 1:]:
+                if c.depth <= t.depth:
+                    break
+                out.append(c)
+            return out
+    return []
+
+
+def render_task(st: RunStatus, task_id: str, *, tz: _dt.tzinfo | None = None,
+                error_width: int = ERROR_WIDTH) -> str:
+    """One task in full: its row, its children's and every attempt; its error whole; its
+    answer and the names of its outputs (what downstream prompts can reference)."""
+    tasks = subtree(st, task_id)
+    t = tasks[0]
+    head = f"task {t.task_id} (agent {t.agent}) in run {st.run_id}: {t.state}"
+    if t.reason and t.state in ("cancelled", "not_run"):
+        head += f" ({t.reason})"
+    lines = [head, ""]
+    rows, any_split = _rows(tasks, st.now, tz=tz, attempts=True, error_width=error_width)
+    lines.extend(_table(HEADER, rows, right=_RIGHT))
+    if any_split:
+        lines.extend(["", "A parent's tokens and cost include its children's; (own) is the "
+                      "parent's share."])
+    cut = [(f"{c.task_id} #{a.attempt}", a.error) for c in tasks for a in c.attempt_list
+           if a.error and len(a.error) > error_width]
+    if cut:  # here every cut error is shown whole: the attempts' are the causes
+        lines.extend(["", "errors in full:", *(f"  {who}: {' '.join(str(e).split())}"
+                                               for who, e in cut)])
+    lines.append("")
+    if t.result is None:
+        lines.append(f"answer: none ({t.state})")
+        return "\n".join(lines)
+    text = str(t.result.get("text") or "")
+    lines.append("answer:" if text else "answer: (empty)")
+    lines.extend(f"  {line}" for line in text.splitlines())
+    outputs = t.result.get("outputs")
+    if isinstance(outputs, Mapping) and outputs:
+        lines.append(f"outputs: {', '.join(map(str, outputs))} "
+                     f"(downstream prompts use {{{{ {t.task_id}.outputs.KEY }}}})")
+    elif isinstance(outputs, list):
+        lines.append(f"outputs: a list of {len(outputs)}, one per child, in item order "
+                     f"({{{{ {t.task_id}.outputs }}}})")
     return "\n".join(lines)
 
 
@@ -404,6 +469,7 @@ def to_json(st: RunStatus) -> dict[str, Any]:
             "duration_s": None if (d := t.duration(st.now)) is None else round(d, 3),
             "error": t.error, "reason": t.reason, "usage": t.usage.to_dict(),
             "total_usage": t.total.to_dict(), "children": list(t.children), "depth": t.depth,
+            "result": None if t.result is None else dict(t.result),
             "attempt_list": [{
                 "attempt": a.attempt, "state": a.state, "worker": a.worker_id,
                 "started": a.started, "ended": a.ended, "error": a.error,

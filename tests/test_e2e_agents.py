@@ -196,6 +196,18 @@ async def test_ask_across_workers_spawn_wait_and_accounting_sums_across_levels(t
     assert answered[0]["asker"] == "reviewer"
     tool_errors = [e for e in log if e.get("event") == "tool.error"]
     assert len(tool_errors) == 1 and "no running task named 'nobody'" in tool_errors[0]["error"]
+    # at info, the inter-agent steps are in the asking task's lines: the ask with its answer,
+    # the spawn with the child's id, the wait with how the children ended
+    asked = [e for e in log if e.get("event") == "ask"]
+    assert [(e["task_id"], e["task"], e["question"], e["answer"]) for e in asked] == [
+        ("reviewer", "coder", "What data structure?", "I used a dict.")]
+    assert [e["level"] for e in asked] == ["info"]
+    spawned = [e for e in log if e.get("event") == "spawn"]
+    assert [(e["task_id"], e["child"], e["agent"]) for e in spawned] == [
+        ("boss", "boss/1", "helper")]
+    waited = [e for e in log if e.get("event") == "wait"]
+    assert [(e["task_id"], e["states"]) for e in waited] == [
+        ("boss", {"boss/1": "succeeded"})]
     # spawn + wait: boss/1 is boss's dynamic child, with its own (escaped) workspace
     assert attempts["boss/1"]["state"] == "succeeded"
     assert attempts["boss"]["result"]["outputs"] == {"boss": "done"}

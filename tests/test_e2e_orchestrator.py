@@ -118,24 +118,30 @@ class Run:
             self.graph.write_text(text)
         self.proc: trio.Process | None = None
         self.err_path = tmp / "run.stderr"
+        self.out_path = tmp / "run.stdout"
         self.code: int | None = None
 
     async def start(self, *args: str, cmd: tuple[str, ...] | None = None) -> None:
         argv = cmd or ("run", str(self.graph))
         self.err = open(self.err_path, "ab")  # noqa: SIM115, ASYNC230 - closed in wait()
+        self.out = open(self.out_path, "ab")  # noqa: SIM115, ASYNC230 - closed in wait()
         self.proc = await trio.lowlevel.open_process(
             _orch(*argv, "--state-dir", str(self.state), "--progress", "plain",
                   "--lease-ttl", "2", *SIM, *args),
-            env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.err)
+            env=_env(), stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err)
 
     async def wait(self) -> int:
         assert self.proc is not None
         self.code = await self.proc.wait()
         self.err.close()
+        self.out.close()
         return self.code
 
     def stderr(self) -> str:
         return self.err_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
 
     def journal(self) -> Journal | None:
         try:
@@ -940,3 +946,42 @@ async def test_ctrl_c_after_every_task_ended_keeps_the_runs_outcome(run):
         code = await run.wait()
     assert code == 0, run.stderr()
     assert run.run_row()["status"] == "succeeded", run.run_row()
+
+
+ANSWERS = """
+[run]
+failure_policy = "continue"
+timeout = "20s"
+[agents.plan]
+script = [{text = '{"parts": 2}'}]
+[agents.ok]
+script = [{text = "x is\\nwritten"}]
+[agents.broken]
+script = [{fail = "the model broke"}]
+[[tasks]]
+id = "plan"
+agent = "plan"
+[[tasks]]
+id = "x"
+agent = "ok"
+needs = ["plan"]
+[[tasks]]
+id = "y"
+agent = "broken"
+needs = ["plan"]
+[[tasks]]
+id = "z"
+agent = "ok"
+"""
+
+
+async def test_run_prints_the_final_tasks_answers_on_stdout_and_the_rest_on_stderr(run):
+    """The run's product: each final task's answer (one no task needs), in file order, on
+    stdout; a final task that failed has none. Progress and summary stay on stderr."""
+    run.graph.write_text(ANSWERS)
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "1")
+        code = await run.wait()
+    assert code == 1, run.stderr()  # y failed
+    assert run.stdout() == "== x ==\nx is\nwritten\n== z ==\nx is\nwritten\n"
+    assert "== " not in run.stderr() and "failed y: " in run.stderr()

@@ -418,3 +418,48 @@ def test_a_failed_tasks_error_cut_in_the_table_is_shown_whole_below_it(state):
     assert "File Not Found" not in table  # cut at ERROR_WIDTH in its row
     assert below.splitlines() == [f"  plan: {long}"]
     assert "errors in full" not in ST.render_text(st, tz=datetime.UTC)  # short ones: no list
+
+
+def test_task_view_shows_its_subtree_every_attempt_and_its_answer(state, capsys):
+    assert main(["status", "--state-dir", str(state[0]), "--utc", "--task", "code[1]"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"task code[1] (agent coder) in run {RUN}: succeeded"
+    rows = [ln.split() for ln in lines if ln.startswith(" ") or ln.startswith("code")]
+    # the task, its (own) share, its attempt, its spawned child and the child's attempt
+    assert [r[0] for r in rows if r and r[0] != "answer:"][:5] == [
+        "code[1]", "(own)", "#1", "code[1]/1", "#1"]
+    assert out.endswith("answer:\n  b done\n")
+    assert "code[0]" not in out and "review" not in out  # nothing outside the subtree
+
+
+def test_task_view_names_outputs_and_says_why_there_is_no_answer(state, capsys):
+    st = load(state[0], now=T0 + 10)
+    plan = ST.render_task(st, "plan", tz=datetime.UTC)
+    assert plan.splitlines()[-2:] == [
+        '  {"files": ["a.py", "b.py"]}',
+        "outputs: files (downstream prompts use {{ plan.outputs.KEY }})"]
+    review = ST.render_task(st, "review", tz=datetime.UTC)
+    assert review.splitlines()[-1] == "answer: none (running)"
+    # a cut attempt error is shown whole, whatever the task's state
+    long = "timed out after 1s " + "while the shell ran a very long command " * 4
+    a1, a2 = by_id(st)["code[0]"].attempt_list
+    tasks = [attrs.evolve(t, attempt_list=(attrs.evolve(a1, error=long), a2))
+             if t.task_id == "code[0]" else t for t in st.tasks]
+    out = ST.render_task(attrs.evolve(st, tasks=tuple(tasks)), "code[0]", tz=datetime.UTC)
+    assert f"  code[0] #1: {long.strip()}" in out.splitlines()
+
+
+def test_task_view_of_an_unknown_task_is_bad_input_with_a_suggestion(state, capsys):
+    assert main(["status", "--state-dir", str(state[0]), "--task", "code[2]"]) == 2
+    err = capsys.readouterr().err
+    assert "run has no task 'code[2]'; did you mean" in err and "code[1]/1" in err
+
+
+def test_task_json_is_the_subtree_with_results(state, capsys):
+    assert main(["status", "--state-dir", str(state[0]), "--json", "--task", "code"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    tasks = {t["task_id"]: t for t in doc["tasks"]}
+    assert list(tasks) == ["code", "code[0]", "code[1]", "code[1]/1"]
+    assert tasks["code[1]/1"]["result"] == {"text": "ok", "outputs": {}}
+    assert tasks["code"]["result"]["outputs"] == [{}, {}]

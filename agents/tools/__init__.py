@@ -8,6 +8,7 @@ from agents.tools.registry import (
     ToolResult,
     ToolSpecError,
     build_registry,
+    clip,
     validate_tool_spec,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "ToolResult",
     "ToolSpecError",
     "build_registry",
+    "clip",
     "validate_tool_spec",
 ]

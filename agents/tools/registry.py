@@ -34,6 +34,13 @@ class ToolSpecError(Exception):
     """A tool named in the graph file (or registered by code) cannot be provided: the graph author's or caller's fault."""
 
 
+def clip(value: Any, limit: int) -> str:
+    """`value` (text, or anything as JSON) cut to `limit` characters for a log line, saying how
+    long it was when cut."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 class ToolError(Exception):
     """Raised by a tool to report a problem the model caused or can fix; becomes ToolResult(ok=False, error=str(exc)).
 
