@@ -20,6 +20,8 @@ continues from the last completed response (`turn([])` asks again without adding
 from __future__ import annotations
 
 import collections
+import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,7 +57,9 @@ from modellink.turns import (
     context_item,
     error_from_event,
     error_from_http,
+    parse_retry_after,
     read_response,
+    transient,
 )
 
 __all__ = [
@@ -73,6 +77,12 @@ CANCEL_SEND_TIMEOUT_S = 2.0
 # Frames are sent shielded (a send cut in half would corrupt the stream), but never for longer.
 SEND_TIMEOUT_S = 30.0
 USER_AGENT = "switchboard-modellink/0.1"
+# A turn the endpoint refused for now (429, 5xx but 501, rate_limit_exceeded, server_error) is
+# sent again after RETRY_BASE_S * 2**n (n = retries so far, times 0.75-1.25, at most
+# RETRY_MAX_S), or after the server's Retry-After; one asking for more than RETRY_MAX_S fails
+# the turn at once.
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 60.0
 
 # Client side: up to 64 whole received events wait for us; beyond that the WebSocket reader stops
 # and TCP pushes back on the server. Events are small (deltas), responses are read at once.
@@ -103,6 +113,9 @@ class ModelEndpoint:
     # A closed session hands its healthy WebSocket (or kept-alive HTTP connection) to the
     # run's pool and the next session to the same endpoint takes it instead of connecting.
     reuse_connections: bool = True
+    # How many times a turn is sent again after a rate limit or a server error (as OpenAI's
+    # SDK, 2), before the error reaches the caller
+    retries: int = 2
 
     @property
     def origin(self) -> Origin:
@@ -120,6 +133,7 @@ class SessionStats:
     reused: int  # connections taken from the pool instead of opened
     resends: int  # turns that had to resend the full context
     cancelled_turns: int
+    retries: int  # turns sent again after a rate limit or a server error
 
 
 class _LinkLost(Exception):
@@ -365,10 +379,11 @@ class ModelSession:
         self._lent_from: _WsPool | None = None  # the pool counting self._link as held
         self._http: HttpConnection | None = None
         self._busy = False
+        self._refused: ModelRequestError | None = None  # why the first dial failed, for now
         self._tx = 0  # this turn's bytes
         self._rx = 0
         self._stats = {"turns": 0, "bytes_sent": 0, "bytes_received": 0, "connects": 0,
-                       "reused": 0, "resends": 0, "cancelled_turns": 0}
+                       "reused": 0, "resends": 0, "cancelled_turns": 0, "retries": 0}
         self._pool_key = (self._origin.ws_url("/responses"), self._encoding,
                           endpoint.api_key) if endpoint.reuse_connections else None
         self._http_key = (endpoint.base_url, endpoint.api_key) \
@@ -401,9 +416,22 @@ class ModelSession:
         self._busy = True
         self._tx = self._rx = 0
         try:
-            if self.endpoint.transport == "ws":
-                return await self._turn_ws(new_items)
-            return await self._turn_http(new_items)
+            n, added = 0, False
+            if self._refused is not None:  # the session's first dial was refused for now
+                refused, self._refused = self._refused, None
+                await self._pause(refused, n)
+                n += 1
+            while True:
+                try:
+                    if self.endpoint.transport == "ws":
+                        return await self._turn_ws([] if added else new_items)
+                    return await self._turn_http([] if added else new_items)
+                except ModelRequestError as exc:
+                    added = True  # the book has the new items: a retry sends them again
+                    if self._retry_wait(exc, n) is None:
+                        raise
+                    await self._pause(exc, n)
+                    n += 1
         except trio.Cancelled:
             self._stats["cancelled_turns"] += 1
             raise
@@ -411,6 +439,25 @@ class ModelSession:
             self._busy = False
             self._stats["bytes_sent"] += self._tx
             self._stats["bytes_received"] += self._rx
+
+    async def _pause(self, exc: ModelRequestError, n: int) -> None:
+        """Wait before the (n+1)-th retry after `exc`, which _retry_wait allows."""
+        wait = self._retry_wait(exc, n)
+        assert wait is not None
+        log.warning("model.retry", error=str(exc), retry=f"{n + 1} of {self.endpoint.retries}",
+                    in_s=round(wait, 3), retry_after_s=exc.retry_after_s)
+        self._stats["retries"] += 1
+        await trio.sleep(wait)
+
+    def _retry_wait(self, exc: ModelRequestError, n: int) -> float | None:
+        """Seconds to wait before sending the turn again after `exc` (the n-th retry so far),
+        or None if it is not to be sent again (the error is not transient, retries are used
+        up, or the server asks for a wait longer than RETRY_MAX_S: the error says how long)."""
+        if not transient(exc) or n >= self.endpoint.retries:
+            return None
+        if exc.retry_after_s is not None:
+            return exc.retry_after_s if exc.retry_after_s <= RETRY_MAX_S else None
+        return min(RETRY_BASE_S * 2 ** n * random.uniform(0.75, 1.25), RETRY_MAX_S)
 
     async def aclose(self) -> None:
         """Close the link, or give it to the pool when it is healthy and nothing is in flight
@@ -546,6 +593,14 @@ class ModelSession:
             if status in (401, 403):
                 raise ModelAuthError(f"the model endpoint {url} refused the credentials "
                                      f"({status}); check the API key") from None
+            if status in (429, 502, 503, 504):  # busy for now: the turn is tried again
+                said = dict(exc.headers or ())
+                raise ModelServerError(
+                    f"refused the WebSocket upgrade: {body_excerpt(exc.body or b'')}",
+                    status=status,
+                    request=f"GET {url}", retry_after_s=parse_retry_after(
+                        said.get(b"retry-after-ms"), said.get(b"retry-after"),
+                        now=time.time())) from None
             raise ModelConnectionError(
                 f"the model endpoint {url} refused the WebSocket upgrade with HTTP {status}; "
                 "if it has no WebSocket mode use transport \"http\"") from None
@@ -721,7 +776,12 @@ class ModelSession:
             if head.status != 200:
                 chat_url = self._origin.url("/chat/completions") if path == "/responses" \
                     else None
-                raise error_from_http(request, head.status, data, chat_url=chat_url)
+                err = error_from_http(request, head.status, data, chat_url=chat_url)
+                if isinstance(err, ModelRequestError):
+                    err.retry_after_s = parse_retry_after(
+                        head.header(b"retry-after-ms"), head.header(b"retry-after"),
+                        now=time.time())
+                raise err
             try:
                 obj = P.loads_json(data) if data else {}
             except P.ProtocolError:
@@ -778,7 +838,14 @@ async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | Non
                                    metadata=metadata, metadata_once=metadata_once)
             try:
                 if endpoint.transport == "ws":
-                    await session._ensure_ws()
+                    try:
+                        await session._ensure_ws()
+                    except ModelRequestError as exc:
+                        if session._retry_wait(exc, 0) is None:
+                            raise
+                        # busy for now (a 429 or 503 to the upgrade): the first turn waits
+                        # and dials again, as its first retry
+                        session._refused = exc
                 yield session
             finally:
                 with trio.CancelScope(shield=True):

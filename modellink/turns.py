@@ -35,13 +35,15 @@ class ModelRequestError(ModelError):
     """
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
-                 param: str | None = None, request: str | None = None) -> None:
+                 param: str | None = None, request: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
         self.request = request
+        self.retry_after_s = retry_after_s  # the server's Retry-After, when it sent one
 
     def __str__(self) -> str:
         where = f" (param {self.param})" if self.param else ""
@@ -285,6 +287,50 @@ def error_from_http(request: str, status: int, body: bytes, *,
         message += _not_found_hint(request, message, chat_url or "")
     return error_from_event({"error": {"message": message}}, http_status=status,
                             request=request)
+
+
+# Statuses and codes that say "this request, later": the model link tries the turn again
+# (ModelEndpoint.retries) before the error reaches the agent. 501 and the other 4xx would
+# fail the same way again; so would an exhausted quota, though OpenAI sends it as a 429.
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+TRANSIENT_CODES = frozenset({"rate_limit_exceeded", "server_error", "server_overloaded"})
+PERMANENT_CODES = frozenset({"insufficient_quota"})
+
+
+def transient(exc: BaseException) -> bool:
+    """True iff `exc` is a model error the same request may pass later (rate limit, overload,
+    a gateway error): what the model link retries within the turn."""
+    if not isinstance(exc, ModelRequestError) or exc.code in PERMANENT_CODES:
+        return False
+    if exc.status is not None:
+        return exc.status in TRANSIENT_STATUSES
+    return exc.code in TRANSIENT_CODES
+
+
+def parse_retry_after(ms: bytes | None, seconds: bytes | None, *, now: float) -> float | None:
+    """Seconds to wait from `retry-after-ms` (OpenAI's) or `retry-after` (seconds, or an HTTP
+    date; `now` is the wall clock to count from). None when absent or unreadable."""
+    try:
+        if ms is not None:
+            v = float(ms) / 1000
+            return v if 0 <= v < float("inf") else None
+    except ValueError:
+        pass
+    if seconds is None:
+        return None
+    text = seconds.decode("latin-1").strip()
+    try:
+        v = float(text)
+        return v if 0 <= v < float("inf") else None
+    except ValueError:
+        pass
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - now, 0.0)
 
 
 def _not_found_hint(request: str, message: str, chat_url: str) -> str:

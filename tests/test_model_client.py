@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import http.server
 import json
@@ -21,10 +22,12 @@ import trio.testing
 from bus.ws import WsClosed, serve_ws
 from modellink.chat import chat_messages, chat_tools, response_from_chat
 from modellink.client import (
+    RETRY_BASE_S,
     FunctionCall,
     ModelAuthError,
     ModelConnectionError,
     ModelEndpoint,
+    ModelError,
     ModelRequestError,
     ModelServerError,
     fetch_server_stats,
@@ -40,7 +43,9 @@ from modellink.turns import (
     context_item,
     error_from_event,
     error_from_http,
+    parse_retry_after,
     read_response,
+    transient,
 )
 
 # ------------------------------------------------------------------ no I/O
@@ -536,7 +541,7 @@ async def _fail(ws: Any, frame: Any) -> None:
     (_fail, ModelServerError, "overloaded"),
 ], ids=["garbled-event", "breaks-after-resend", "server-error-event"])
 async def test_a_broken_server_gives_the_error_that_says_whose_fault(
-        reply: Any, error: type[Exception], match: str):
+        reply: Any, error: type[Exception], match: str, autojump_clock: Any):
     frames: list[Any] = []
 
     async def record(ws: Any, frame: Any) -> None:
@@ -550,7 +555,10 @@ async def test_a_broken_server_gives_the_error_that_says_whose_fault(
                 with pytest.raises(error, match=match):
                     await s.turn([_user("hi")])
             nursery.cancel_scope.cancel()
-    assert len(frames) == (2 if reply is _hang_up else 1)
+    # a hang-up is resent once on a new connection; a server error is a transient refusal,
+    # tried again ModelEndpoint.retries times (after backoff) before it reaches the caller
+    assert len(frames) == {_hang_up: 2, _fail: 1 + ModelEndpoint(base_url="x").retries}.get(
+        reply, 1)
 
 
 # ------------------------------------------------------------------ TLS
@@ -790,6 +798,14 @@ async def _serve_answer(nursery: trio.Nursery, status: int, ctype: str, body: by
                         targets: list[bytes]) -> str:
     """An HTTP server over real sockets that answers every request with one fixed response
     (an HTML error page, a framework's JSON 404 ...); `targets` records the paths asked for."""
+    return await _serve_answers(nursery, [(status, [("Content-Type", ctype)], body)], targets)
+
+
+async def _serve_answers(nursery: trio.Nursery,
+                         answers: list[tuple[int, list[tuple[str, str]], bytes]],
+                         targets: list[bytes]) -> str:
+    """As _serve_answer, with the n-th request answered by answers[n] (the last one again
+    once they run out): (status, headers, body)."""
 
     async def handle(stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -800,8 +816,9 @@ async def _serve_answer(nursery: trio.Nursery, status: int, ctype: str, body: by
             elif isinstance(ev, h11.Request):
                 targets.append(ev.target)
             elif isinstance(ev, h11.EndOfMessage):
+                status, headers, body = answers[min(len(targets), len(answers)) - 1]
                 await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
-                    ("Content-Type", ctype), ("Content-Length", str(len(body))),
+                    *headers, ("Content-Length", str(len(body))),
                     ("Connection", "close")])) + conn.send(h11.Data(data=body))
                     + conn.send(h11.EndOfMessage()))
                 return
@@ -922,3 +939,144 @@ def test_a_404_from_the_responses_path_says_what_to_change(url, body, says, not_
     err = error_from_http(f"POST {url}/responses", 404, body,
                           chat_url=f"{url}/chat/completions")
     assert says in str(err) and not_says not in str(err), str(err)
+
+
+# ------------------------------------------------------------------ rate limits, overload
+
+JSON = [("Content-Type", "application/json")]
+DONE = json.dumps({"id": "resp_1", "object": "response", "status": "completed", "output": [
+    {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+     "content": [{"type": "output_text", "text": "at last", "annotations": []}]}],
+    "usage": {"input_tokens": 5, "output_tokens": 2}}).encode()
+
+
+def _err_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"type": "requests", "code": code, "message": message}}).encode()
+
+
+async def _http_turn(answers: list[tuple[int, list[tuple[str, str]], bytes]], **endpoint: Any
+                     ) -> tuple[list[bytes], float, Any]:
+    """One HTTP turn against `answers`: (paths asked, trio seconds it took, TurnResult or the
+    ModelError it raised)."""
+    targets: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        base = await _serve_answers(nursery, answers, targets)
+        async with open_model_session(ModelEndpoint(base_url=base, transport="http",
+                                                    encoding="json", **endpoint)) as s:
+            t0 = trio.current_time()
+            try:
+                out: Any = await s.turn([_user("hi")])
+            except ModelError as exc:
+                out = exc
+            took = trio.current_time() - t0
+        nursery.cancel_scope.cancel()
+    return targets, took, out
+
+
+async def test_a_rate_limited_turn_waits_as_the_server_says_and_is_sent_again(
+        autojump_clock: Any):
+    """A 429 with Retry-After, then a 503 without: the turn waits 7 s, then backs off, and the
+    third request's answer is the turn's; the caller never sees the refusals."""
+    targets, took, out = await _http_turn([
+        (429, [*JSON, ("Retry-After", "7")], _err_body("rate_limit_exceeded", "slow down")),
+        (503, [("Content-Type", "text/html")], b"<title>Service Unavailable</title>"),
+        (200, JSON, DONE)])
+    assert out.text == "at last" and len(targets) == 3
+    assert 7 + 0.75 * RETRY_BASE_S * 2 <= took <= 7 + 1.25 * RETRY_BASE_S * 2 + 1
+
+
+async def test_retry_after_ms_is_read_and_retries_can_be_turned_off(autojump_clock: Any):
+    targets, took, out = await _http_turn([
+        (429, [*JSON, ("retry-after-ms", "1500")], _err_body("rate_limit_exceeded", "wait")),
+        (200, JSON, DONE)])
+    assert out.text == "at last" and 1.5 <= took < 2.5
+    targets, took, out = await _http_turn(
+        [(429, JSON, _err_body("rate_limit_exceeded", "wait"))], retries=0)
+    assert isinstance(out, ModelRequestError) and out.status == 429 and len(targets) == 1
+
+
+@pytest.mark.parametrize(("status", "headers", "body", "why"), [
+    (429, JSON, _err_body("insufficient_quota", "You exceeded your current quota"),
+     "an exhausted quota does not pass later"),
+    (429, [*JSON, ("Retry-After", "3600")], _err_body("rate_limit_exceeded", "next hour"),
+     "a wait past RETRY_MAX_S fails now, saying so"),
+    (400, JSON, _err_body("invalid_value", "bad input"), "the request's own fault"),
+    (501, [("Content-Type", "text/html")], b"<title>Not Implemented</title>", "never will"),
+], ids=["quota", "long-retry-after", "400", "501"])
+async def test_refusals_that_would_come_again_fail_the_turn_at_once(
+        status: int, headers: list[tuple[str, str]], body: bytes, why: str,
+        autojump_clock: Any):
+    targets, took, out = await _http_turn([(status, headers, body), (200, JSON, DONE)])
+    assert isinstance(out, ModelRequestError) and out.status == status, why
+    assert len(targets) == 1 and took < 1, why
+    if status == 429 and out.code == "rate_limit_exceeded":
+        assert out.retry_after_s == 3600  # what the caller needs to decide
+
+
+async def test_a_websocket_turn_refused_for_now_is_sent_again_on_the_same_connection(
+        autojump_clock: Any):
+    """An error event (rate_limit_exceeded, no status) then the answer: two frames, one
+    connection, and the session's statistics count the retry."""
+    frames: list[Any] = []
+
+    async def reply(ws: Any, frame: Any) -> None:
+        frames.append(msgpack.unpackb(frame))
+        if len(frames) == 1:
+            await ws.send_message(msgpack.packb({"type": "error", "error": {
+                "type": "requests", "code": "rate_limit_exceeded", "message": "slow down"}}))
+        else:
+            await ws.send_message(msgpack.packb({"type": "response.completed", "response":
+                                                 json.loads(DONE)}))
+
+    async with trio.open_nursery() as nursery:
+        base = await _serve_ws_fake(nursery, reply)
+        async with open_model_session(ModelEndpoint(base_url=base)) as s:
+            out = await s.turn([_user("hi")])
+            stats = s.statistics()
+        nursery.cancel_scope.cancel()
+    assert out.text == "at last"
+    assert [f["input"] for f in frames] == [[_user("hi")]] * 2  # the same request again
+    assert (stats.connects, stats.retries) == (1, 1)
+
+
+async def test_a_websocket_upgrade_refused_with_503_is_tried_again(autojump_clock: Any):
+    seen: list[float] = []
+
+    async def handler(request: Any) -> None:
+        seen.append(trio.current_time())
+        if len(seen) == 1:
+            await request.reject(503, extra_headers=[(b"Retry-After", b"4")], body=b"busy")
+            return
+        ws = await request.accept()
+        with contextlib.suppress(WsClosed):
+            await ws.get_message()
+            await ws.send_message(msgpack.packb({"type": "response.completed", "response":
+                                                 json.loads(DONE)}))
+            await ws.get_message()
+
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+        async with open_model_session(ModelEndpoint(base_url=f"http://{host}:{port}/v1")) as s:
+            out = await s.turn([_user("hi")])
+        nursery.cancel_scope.cancel()
+    assert out.text == "at last" and len(seen) == 2 and seen[1] - seen[0] >= 4
+
+
+def test_retry_after_is_read_in_milliseconds_seconds_or_as_a_date():
+    assert parse_retry_after(b"250", b"9", now=0) == 0.25  # OpenAI's ms header wins
+    assert parse_retry_after(None, b" 12 ", now=0) == 12
+    assert parse_retry_after(None, b"Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470) == 10
+    assert parse_retry_after(None, b"Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490) == 0
+    for bad in (b"soon", b"-3", b"nan", b"inf"):
+        assert parse_retry_after(None, bad, now=0) is None, bad
+    assert parse_retry_after(b"x", None, now=0) is None
+
+
+def test_which_refusals_are_transient():
+    assert transient(ModelRequestError("x", status=429, code="rate_limit_exceeded"))
+    assert transient(ModelServerError("x", status=502))
+    assert transient(ModelServerError("x", code="server_error"))  # an error event, no status
+    assert not transient(ModelRequestError("x", status=429, code="insufficient_quota"))
+    assert not transient(ModelServerError("x", status=501))
+    assert not transient(ModelRequestError("x", status=400))
+    assert not transient(ModelConnectionError("reset"))
