@@ -44,6 +44,7 @@ from modellink import protocol as P
 from modellink.chat import chat_body, response_from_chat
 from modellink.httpclient import HttpConnection, HttpError, Origin
 from modellink.turns import (
+    TRANSIENT_STATUSES,
     ContextBook,
     FunctionCall,
     ModelAuthError,
@@ -593,17 +594,18 @@ class ModelSession:
             if status in (401, 403):
                 raise ModelAuthError(f"the model endpoint {url} refused the credentials "
                                      f"({status}); check the API key") from None
-            if status in (429, 502, 503, 504):  # busy for now: the turn is tried again
-                said = dict(exc.headers or ())
-                raise ModelServerError(
-                    f"refused the WebSocket upgrade: {body_excerpt(exc.body or b'')}",
-                    status=status,
-                    request=f"GET {url}", retry_after_s=parse_retry_after(
-                        said.get(b"retry-after-ms"), said.get(b"retry-after"),
-                        now=time.time())) from None
-            raise ModelConnectionError(
-                f"the model endpoint {url} refused the WebSocket upgrade with HTTP {status}; "
-                "if it has no WebSocket mode use transport \"http\"") from None
+            said = dict(exc.headers or ())
+            kind = ModelServerError if status is not None and status >= 500 else \
+                ModelRequestError
+            # 429/5xx: busy for now, the turn is tried again; any other 4xx would come again
+            # (no WebSocket at that path): the attempt is not retried either
+            hint = "" if status in TRANSIENT_STATUSES else (
+                "; if the server has no WebSocket mode use transport \"http\"")
+            raise kind(f"refused the WebSocket upgrade ({body_excerpt(exc.body or b'')}){hint}",
+                       status=status, request=f"GET {url}",
+                       retry_after_s=parse_retry_after(said.get(b"retry-after-ms"),
+                                                       said.get(b"retry-after"),
+                                                       now=time.time())) from None
         except (WsHandshakeError, WsConnectTimeout, OSError, trio.BrokenResourceError) as exc:
             raise ModelConnectionError(
                 f"cannot open the model WebSocket {url}: {connect_failure(exc)}") from None

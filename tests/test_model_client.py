@@ -1080,3 +1080,29 @@ def test_which_refusals_are_transient():
     assert not transient(ModelServerError("x", status=501))
     assert not transient(ModelRequestError("x", status=400))
     assert not transient(ModelConnectionError("reset"))
+
+
+async def test_a_websocket_upgrade_refused_with_404_is_the_requests_fault_and_not_tried_again(
+        autojump_clock: Any):
+    """A server with no WebSocket at that path: one dial, and an error the worker will not
+    retry either (a 4xx), which says to use the HTTP transport."""
+    seen: list[float] = []
+
+    async def handler(request: Any) -> None:
+        seen.append(trio.current_time())
+        await request.reject(404, body=b"Not Found")
+
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+        with pytest.raises(ModelRequestError) as caught:
+            async with open_model_session(ModelEndpoint(base_url=f"http://{host}:{port}/v1")):
+                pass
+        nursery.cancel_scope.cancel()
+    err = caught.value
+    assert type(err) is ModelRequestError and err.status == 404 and len(seen) == 1
+    assert str(err) == (f"GET ws://{host}:{port}/v1/responses: error [404]: refused the "
+                        "WebSocket upgrade (Not Found); if the server has no WebSocket mode "
+                        'use transport "http"')
+    from agents.worker import retryable
+
+    assert not retryable(err)
