@@ -66,6 +66,9 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             _err(str(exc))
             return EXIT_BAD_INPUT
 
+    if graph is not None and _keys_missing(graph, args):
+        return EXIT_BAD_INPUT
+
     state = pathlib.Path(args.state_dir)
     if resume_run is not None and not (state / "journal.sqlite").is_file():
         # nothing to resume here: do not leave an empty journal behind
@@ -101,6 +104,8 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
         except GraphError as exc:
             print(exc.render(), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if _keys_missing(graph, args):
             return EXIT_BAD_INPUT
 
     lock: Any = None
@@ -146,7 +151,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
                                                if grows else "")
         print(f"{verb} {run_id}: {count}; logs: orchestrator logs {run_id}", file=sys.stderr)
         if args.workers > 0:
-            for line in graph.unset_keys(os.environ) + graph.unimportable_tools():
+            for line in graph.unimportable_tools():
                 print(f"warning: {line}", file=sys.stderr)
     except KeyboardInterrupt:
         if lock is not None:  # only the run's holder may end it: not a refused resume
@@ -192,6 +197,20 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         _err(outcome.fatal)
         return EXIT_INTERNAL
     return _exit_code(outcome.status)
+
+
+def _keys_missing(graph: Any, args: argparse.Namespace) -> bool:
+    """Say so and return True if local workers would start without a model key the graph's
+    agents need (every task of those agents would fail at its first turn). With --workers 0
+    the workers are remote, with their own environment: nothing to check here."""
+    missing = graph.unset_keys(os.environ) if args.workers > 0 else []
+    for line in missing:
+        _err(line)
+    if missing:
+        print(f"nothing was started: the {args.workers} local workers would fail those agents' "
+              "tasks at their first model turn (use --workers 0 if only remote workers, which "
+              "have the key, are to run them)", file=sys.stderr)
+    return bool(missing)
 
 
 def _exit_code(status: str) -> int:

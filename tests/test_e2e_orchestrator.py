@@ -268,6 +268,23 @@ def test_a_bad_graph_never_starts_a_run_exit_2_and_no_state(tmp_path):
     assert not state.exists()  # no state dir, so no journal and no run row
 
 
+def test_local_workers_without_the_models_key_start_nothing_exit_2(tmp_path):
+    """A graph whose agents read a key the local workers would not have: refused before any
+    run row (each of their tasks would fail at its first turn)."""
+    g = tmp_path / "g.toml"
+    g.write_text('[model]\nprovider = "openai"\n[agents.a]\n'
+                 '[[tasks]]\nid = "t"\nagent = "a"\nprompt = "hi"\n')
+    state = tmp_path / "state"
+    env = {k: v for k, v in _env().items() if k != "OPENAI_API_KEY"}
+    p = subprocess.run(_orch("run", str(g), "--state-dir", str(state)), env=env,
+                       capture_output=True, timeout=60, check=False)
+    assert p.returncode == 2, p.stderr
+    err = p.stderr.decode()
+    assert err.startswith("error: $OPENAI_API_KEY is not set here, and agent a reads")
+    assert "nothing was started" in err and "--workers 0" in err
+    assert not state.exists()
+
+
 def test_a_port_in_use_exits_3_with_one_line_and_the_run_row_failed(tmp_path):
     g = tmp_path / "g.toml"
     g.write_text(graph(1, tokens=1))
