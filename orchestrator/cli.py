@@ -38,6 +38,16 @@ EPILOG = (
 )
 
 
+def _version() -> str:
+    """The installed distribution's version (a source tree run without installing: unknown)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{version('switchboard')} (switchboard)"
+    except PackageNotFoundError:
+        return "(switchboard, not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orchestrator",
@@ -46,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="print full tracebacks for internal errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _name, modname in COMMANDS:
         try:

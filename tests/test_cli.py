@@ -65,6 +65,15 @@ def test_every_command_has_informative_help(capsys):
         assert len(body.split()) >= 8, f"{name} --help has no description: {body!r}"
 
 
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"orchestrator {version('switchboard')} (switchboard)\n"
+
+
 def test_no_command_prints_help_and_exits_2(capsys):
     assert main([]) == cli.EXIT_BAD_INPUT
     assert "usage: orchestrator" in capsys.readouterr().out
