@@ -420,7 +420,8 @@ class ModelSession:
             n, added = 0, False
             if self._refused is not None:  # the session's first dial was refused for now
                 refused, self._refused = self._refused, None
-                await self._pause(refused, n)
+                if not await self._pause(refused, n):
+                    raise refused
                 n += 1
             while True:
                 try:
@@ -429,9 +430,8 @@ class ModelSession:
                     return await self._turn_http([] if added else new_items)
                 except ModelRequestError as exc:
                     added = True  # the book has the new items: a retry sends them again
-                    if self._retry_wait(exc, n) is None:
+                    if not await self._pause(exc, n):
                         raise
-                    await self._pause(exc, n)
                     n += 1
         except trio.Cancelled:
             self._stats["cancelled_turns"] += 1
@@ -441,14 +441,17 @@ class ModelSession:
             self._stats["bytes_sent"] += self._tx
             self._stats["bytes_received"] += self._rx
 
-    async def _pause(self, exc: ModelRequestError, n: int) -> None:
-        """Wait before the (n+1)-th retry after `exc`, which _retry_wait allows."""
+    async def _pause(self, exc: ModelRequestError, n: int) -> bool:
+        """Wait before the (n+1)-th retry after `exc` and return True, or return False at once
+        if _retry_wait allows none."""
         wait = self._retry_wait(exc, n)
-        assert wait is not None
+        if wait is None:
+            return False
         log.warning("model.retry", error=str(exc), retry=f"{n + 1} of {self.endpoint.retries}",
                     in_s=round(wait, 3), retry_after_s=exc.retry_after_s)
         self._stats["retries"] += 1
         await trio.sleep(wait)
+        return True
 
     def _retry_wait(self, exc: ModelRequestError, n: int) -> float | None:
         """Seconds to wait before sending the turn again after `exc` (the n-th retry so far),

@@ -357,7 +357,8 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
             "; (own) is the parent's share." if any_split else "."))
     # The table's column cuts an error where its cause often starts (after a URL, say): the
     # failed tasks' errors whole, once each.
-    lines.extend(_errors_in_full([t for t in st.tasks if t.state == "failed" and t.error
+    lines.extend(_errors_in_full([(t.task_id, t.error) for t in st.tasks
+                                  if t.state == "failed" and t.error
                                   and len(t.error) > error_width]))
     return "\n".join(lines)
 
@@ -365,11 +366,11 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
 _RIGHT = {2, 6, 7, 8, 9, 10}  # right-aligned columns of HEADER
 
 
-def _errors_in_full(failed: Sequence[TaskStatus]) -> list[str]:
-    if not failed:
+def _errors_in_full(errors: Sequence[tuple[str, str]]) -> list[str]:
+    """Lines showing each (whose, error) whole, on one line each; none for no errors."""
+    if not errors:
         return []
-    return ["", "errors in full:",
-            *(f"  {t.task_id}: {' '.join((t.error or '').split())}" for t in failed)]
+    return ["", "errors in full:", *(f"  {who}: {' '.join(e.split())}" for who, e in errors)]
 
 
 def _rows(tasks: Sequence[TaskStatus], now: float, *, tz: _dt.tzinfo | None, attempts: bool,
@@ -432,11 +433,10 @@ def render_task(st: RunStatus, task_id: str, *, tz: _dt.tzinfo | None = None,
     if any_split:
         lines.extend(["", "A parent's tokens and cost include its children's; (own) is the "
                       "parent's share."])
-    cut = [(f"{c.task_id} #{a.attempt}", a.error) for c in tasks for a in c.attempt_list
-           if a.error and len(a.error) > error_width]
-    if cut:  # here every cut error is shown whole: the attempts' are the causes
-        lines.extend(["", "errors in full:", *(f"  {who}: {' '.join(str(e).split())}"
-                                               for who, e in cut)])
+    # here every cut error is shown whole: the attempts' are the causes
+    lines.extend(_errors_in_full([(f"{c.task_id} #{a.attempt}", a.error) for c in tasks
+                                  for a in c.attempt_list
+                                  if a.error and len(a.error) > error_width]))
     lines.append("")
     if t.result is None:
         lines.append(f"answer: none ({t.state})")
