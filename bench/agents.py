@@ -2,14 +2,19 @@
 model), a worker process, the agent loop, the shell tool, the model link.
 
 1. Rollout: one task whose agent makes TURNS tool-calling turns and then answers. Each call runs
-   the shell tool (`true; seq 1000 1200`: the command `true` plus ~1,000 tokens of output, so
-   the context grows by ~1,000 tokens a turn). Two modes, measured in the same run, sim model
-   time zero (`--sim-zero`):
+   the shell tool: the command `true`, as the issue specifies, then the numbers 1000 to 1200,
+   one per line (~1,000 tokens of output, so the context grows by ~1,000 tokens a turn, as in
+   OpenAI's published scenario), printed by the same shell with its builtins. Two modes,
+   measured in the same run, sim model time zero (`--sim-zero`):
      ws    WebSocket + connection cache (msgpack): each turn sends only the new items
      http  HTTP, full context every turn (JSON)
    The figure is the attempt's time as the orchestrator journals it (lease sent -> result
    journaled), so it covers bus hops, the worker, the loop, the shell and the model link, and
    not process start-up. `e2e_speedup_zero_model_50_turns_full_stack` = http / ws.
+   The same rollouts with the output printed by `seq 1000 1200` instead (byte for byte the
+   same output, from a second process: its fork and exec, ~0.8 ms here, is added to every
+   turn of both modes) are run alongside and reported as `..._seq_tool`: the ratio falls as
+   any fixed per-turn cost (a slower tool, a real model) grows, and this shows by how much.
 
 2. Cancel: AGENTS agents (half mid model response: a 10^5-token answer at 1 ms/token; half
    mid tool: `sleep 60` in the shell), on 4 worker processes, against a sim model server in
@@ -47,7 +52,13 @@ sys.path.insert(0, str(REPO))
 
 from orchestrator.journal import Journal  # noqa: E402
 
-TOOL_CMD = "true; seq 1000 1200"  # ~1,000 tokens of output
+# ~1,000 tokens of output, the same bytes both ways: the shell's own builtins (the headline),
+# or a second process, `seq` (the sensitivity figure)
+TOOL_CMDS = {
+    "builtin": "true; i=1000; while [ $i -le 1200 ]; do echo $i; i=$((i+1)); done",
+    "seq": "true; seq 1000 1200",
+}
+TOOL_CMD = TOOL_CMDS["builtin"]
 
 
 def _env() -> dict[str, str]:
@@ -69,10 +80,10 @@ def _run_id(err: pathlib.Path) -> str | None:
 # ------------------------------------------------------------------ rollout
 
 
-def rollout_graph(turns: int, mode: str) -> str:
+def rollout_graph(turns: int, mode: str, cmd: str = TOOL_CMD) -> str:
     model = ('transport = "ws"\nencoding = "msgpack"' if mode == "ws"
              else 'transport = "http"\nencoding = "json"')
-    step = json.dumps({"call": {"name": "shell", "arguments": {"cmd": TOOL_CMD}}})
+    step = json.dumps({"call": {"name": "shell", "arguments": {"cmd": cmd}}})
     steps = ",\n  ".join([step] * turns + [json.dumps({"text": "done"})])
     # TOML inline tables from JSON: keys as bare words, values as JSON strings
     steps = steps.replace('{"call": {"name": "shell", "arguments": {"cmd": ',
@@ -102,10 +113,11 @@ prompt = "Start. ({mode})"
 """
 
 
-def run_rollout(tmp: pathlib.Path, turns: int, mode: str) -> dict[str, Any]:
+def run_rollout(tmp: pathlib.Path, turns: int, mode: str,
+                cmd: str = TOOL_CMD) -> dict[str, Any]:
     d = pathlib.Path(tempfile.mkdtemp(prefix=f"rollout-{mode}-", dir=tmp))
     graph = d / "graph.toml"
-    graph.write_text(rollout_graph(turns, mode))
+    graph.write_text(rollout_graph(turns, mode, cmd))
     err = d / "err"
     t0 = time.perf_counter()
     with err.open("wb") as f:
@@ -255,21 +267,25 @@ def main() -> None:
     args = ap.parse_args()
     reps = 1 if args.quick else 3
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-agents-"))
-    print(f"# {args.turns}-turn rollout, shell `{TOOL_CMD}` (~1,000 tokens out) per turn, "
-          "sim model time zero; time = attempt as journaled (lease -> result)")
-    rolls: dict[str, list[dict[str, Any]]] = {"ws": [], "http": []}
+    for tool, cmd in TOOL_CMDS.items():
+        print(f"# {args.turns}-turn rollout ({tool}), shell `{cmd}` (~1,000 tokens out) per "
+              "turn, sim model time zero; time = attempt as journaled (lease -> result)")
+    rolls: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(reps):
-        for mode in ("ws", "http"):
-            r = run_rollout(tmp, args.turns, mode)
-            rolls[mode].append(r)
-            print(f"rollout {mode:4s}: {r['attempt_s']:.3f} s for {r['turns']} turns "
-                  f"(run wall {r['run_wall_s']:.2f} s, model {r['model_s']:.3f} s, tools "
-                  f"{r['tools_s']:.3f} s, input tokens {r['input_tokens']}, "
-                  f"bytes sent {r['bytes_sent']})", flush=True)
-    ws = statistics.median(r["attempt_s"] for r in rolls["ws"])
-    http = statistics.median(r["attempt_s"] for r in rolls["http"])
+        for tool, cmd in TOOL_CMDS.items():
+            for mode in ("ws", "http"):
+                r = run_rollout(tmp, args.turns, mode, cmd)
+                rolls.setdefault((tool, mode), []).append(r)
+                print(f"rollout {tool:7s} {mode:4s}: {r['attempt_s']:.3f} s for {r['turns']} "
+                      f"turns (run wall {r['run_wall_s']:.2f} s, model {r['model_s']:.3f} s, "
+                      f"tools {r['tools_s']:.3f} s, input tokens {r['input_tokens']}, "
+                      f"bytes sent {r['bytes_sent']})", flush=True)
+    medians = {k: statistics.median(r["attempt_s"] for r in v) for k, v in rolls.items()}
+    ws, http = medians[("builtin", "ws")], medians[("builtin", "http")]
     speedup = http / ws
-    print(f"rollout speedup (http / ws): {speedup:.2f}x")
+    seq_speedup = medians[("seq", "http")] / medians[("seq", "ws")]
+    print(f"rollout speedup (http / ws): {speedup:.2f}x; with `seq` printing the output: "
+          f"{seq_speedup:.2f}x")
 
     port = _free_port()
     model_url = f"http://127.0.0.1:{port}/v1"
@@ -305,6 +321,9 @@ def main() -> None:
     print(json.dumps({
         "e2e_speedup_zero_model_50_turns_full_stack": round(speedup, 2),
         "rollout_ws_s": round(ws, 3), "rollout_http_s": round(http, 3),
+        "e2e_speedup_zero_model_50_turns_full_stack_seq_tool": round(seq_speedup, 2),
+        "rollout_ws_s_seq_tool": round(medians[("seq", "ws")], 3),
+        "rollout_http_s_seq_tool": round(medians[("seq", "http")], 3),
         "turns": args.turns,
         "cancel_all_ms_100_agents": round(cancel_ms, 1),
         "cancel_all_ms_100_agents_sigint": round(sigint_ms, 1),
