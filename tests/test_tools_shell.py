@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -439,6 +440,14 @@ def _spare_pid(spares: SpareShells) -> int:
     return spares._spare.popen.pid
 
 
+async def _next_spare_pid(spares: SpareShells) -> int:
+    """The spare a command's end started (in a thread), once it is waiting."""
+    with trio.fail_after(5):
+        while not spares.ready():  # noqa: ASYNC110 - a start in a worker thread
+            await trio.sleep(0.001)
+    return _spare_pid(spares)
+
+
 @pytest.mark.parametrize("cmd", SAME_AS_SH_C)
 async def test_a_spare_shell_runs_a_command_exactly_as_sh_c_does(tmp_path, cmd):
     env = {"PATH": "/usr/bin:/bin"}
@@ -448,18 +457,18 @@ async def test_a_spare_shell_runs_a_command_exactly_as_sh_c_does(tmp_path, cmd):
     spare = _spare_pid(spares)
     try:
         warm = await run_shell(cmd, cwd=tmp_path, env=env, timeout_s=5, spares=spares)
-        assert _spare_pid(spares) != spare, "the spare took the command; a new one waits"
+        assert await _next_spare_pid(spares) != spare, "the spare took the command; a new one"
     finally:
         spares.close()
     assert (warm.returncode, warm.output) == (plain.returncode, plain.output)
 
 
-async def test_the_command_runs_in_the_spare_and_the_next_spare_starts_meanwhile(tmp_path):
+async def test_the_command_runs_in_the_spare_and_the_next_spare_starts_after_it(tmp_path):
     env = {"PATH": "/usr/bin:/bin"}
     spares = SpareShells(str(tmp_path), env)
     try:
         first = await run_shell("echo $$", cwd=tmp_path, env=env, timeout_s=5, spares=spares)
-        waiting = _spare_pid(spares)  # started while the first command ran
+        waiting = await _next_spare_pid(spares)  # started when the first command ended
         assert int(first.output) != waiting
         second = await run_shell("echo $$; pwd", cwd=tmp_path, env=env, timeout_s=5,
                                  spares=spares)
@@ -554,13 +563,70 @@ async def test_closing_the_registry_ends_the_shells_spare(tmp_path):
     assert alive(spare) is False  # that one ran the command; the next is waiting
     tool = registry._tools["shell"]
     assert tool.close is not None
-    waiting = [p for p in (int(x) for x in os.listdir("/proc") if x.isdigit())
-               if p != os.getpid() and _is_spare_of(p, os.getpid())]
+    with trio.fail_after(5):
+        while not (waiting := _spares_of_this_process()):  # noqa: ASYNC110 - in a thread
+            await trio.sleep(0.001)
     assert len(waiting) == 1
     registry.close()
     with trio.fail_after(5):
         while alive(waiting[0]):  # noqa: ASYNC110 - let go of: it exits at EOF
             await trio.sleep(0.01)
+
+
+def _spares_of_this_process() -> list[int]:
+    return [p for p in (int(x) for x in os.listdir("/proc") if x.isdigit())
+            if p != os.getpid() and _is_spare_of(p, os.getpid())]
+
+
+async def test_a_command_returns_without_waiting_for_the_next_spare(tmp_path):
+    """The next spare starts in a thread: a command's result goes back while it starts."""
+    env = {"PATH": "/usr/bin:/bin"}
+    spares = SpareShells(str(tmp_path), env)
+    release = threading.Event()
+    real_start = spares._start
+
+    def slow_start():  # the real start, held until the command has returned
+        assert release.wait(10), "the command did not return while the spare was starting"
+        return real_start()
+
+    spares._start = slow_start  # type: ignore[method-assign]
+    try:
+        out = await run_shell("echo $$", cwd=tmp_path, env=env, timeout_s=5, spares=spares)
+        assert out.returncode == 0 and not spares.ready()
+        release.set()
+        assert await _next_spare_pid(spares) != int(out.output)
+    finally:
+        release.set()
+        spares.close()
+
+
+async def test_a_spare_still_starting_when_the_tool_closes_is_let_go_of(tmp_path):
+    env = {"PATH": "/usr/bin:/bin"}
+    spares = SpareShells(str(tmp_path), env)
+    release = threading.Event()
+    started: list[int] = []
+    real_start = spares._start
+
+    def held_start():
+        release.wait(10)
+        spare = real_start()
+        if spare is not None:
+            started.append(spare.popen.pid)
+        return spare
+
+    spares._start = held_start  # type: ignore[method-assign]
+    spares.refill_soon()
+    spares.close()  # the session ends while the spare is still starting
+    release.set()
+    with trio.fail_after(5):
+        while not started:  # noqa: ASYNC110 - the thread's start
+            await trio.sleep(0.001)
+        while alive(started[0]):  # noqa: ASYNC110 - let go of at once: it exits at EOF
+            await trio.sleep(0.01)
+    assert not spares.ready()
+    spares.refill_soon()  # a closed tool starts no more
+    spares.refill()
+    assert not spares.ready()
 
 
 def _is_spare_of(pid: int, parent: int) -> bool:

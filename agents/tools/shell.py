@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from typing import Any
@@ -351,52 +352,109 @@ def _let_go(out: int, cmd: int, popen: subprocess.Popen[bytes]) -> None:
 
 
 # Spare shells let go of: our children until reaped. Each has been told to exit (EOF on its
-# stdin), so each is reaped within moments: here, when another is let go of or started.
+# stdin), so each is reaped within moments: here, when another is let go of or started. Spares
+# start in worker threads too (SpareShells.refill_soon), hence the lock.
 _retired: list[subprocess.Popen[bytes]] = []
+_retired_lock = threading.Lock()
 
 
 def _retire(popen: subprocess.Popen[bytes] | None = None) -> None:
-    if popen is not None:
-        _retired.append(popen)
-    _retired[:] = [p for p in _retired if p.poll() is None]
+    with _retired_lock:
+        if popen is not None:
+            _retired.append(popen)
+        _retired[:] = [p for p in _retired if p.poll() is None]
 
 
 class SpareShells:
     """At most one spare shell for commands in `cwd` with `env` (one tool of one session).
 
     Starting /bin/sh costs ~1 ms of wall time (fork, exec, dynamic loading); a spare started
-    while the previous command runs takes that off the next command's path. A spare is idle in
-    `read`, holds nothing, and exits when let go of or when its owner dies (its stdin closes).
+    before the next command arrives takes that off its path. A spare is idle in `read`, holds
+    nothing, and exits when let go of or when its owner dies (its stdin closes).
+
+    Used from the event loop; only a start begun by refill_soon runs in a worker thread, so
+    the state it touches is behind a lock.
     """
 
     def __init__(self, cwd: str, env: dict[str, str]) -> None:
         self.cwd, self.env = cwd, env
+        self._lock = threading.Lock()
         self._spare: _Spare | None = None
+        self._starting = False  # a refill_soon thread is starting one
+        self._closed = False
 
     def take(self, cmd: str) -> tuple[_Leader, int] | None:
         """The spare started on `cmd` (see _Spare.hand), or None to start a shell for it."""
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return None
         data = os.fsencode(cmd)
-        if len(data) > SPARE_MAX_COMMAND_BYTES or b"\0" in data:
-            self._spare = spare  # `sh -c` runs it, or refuses it as before; keep the spare
-            return None
+        with self._lock:
+            spare = self._spare
+            if spare is None:
+                return None
+            if len(data) > SPARE_MAX_COMMAND_BYTES or b"\0" in data:
+                return None  # `sh -c` runs it, or refuses it as before; keep the spare
+            self._spare = None
         return spare.hand(data, self.cwd)
 
     def refill(self) -> None:
-        """Start a spare unless one is waiting. Never raises: without one (out of processes
-        or descriptors) the next command starts its own shell, and reports the error."""
-        if self._spare is None:
-            if _retired:
-                _retire()
-            try:
-                self._spare = _Spare(self.cwd, self.env)
-            except (OSError, subprocess.SubprocessError):
-                pass
+        """Start a spare now unless one is waiting or starting. Blocks the caller until the
+        shell has exec'd (~0.3 ms). Never raises: without one (out of processes or
+        descriptors) the next command starts its own shell, and reports the error."""
+        with self._lock:
+            if self._spare is not None or self._starting or self._closed:
+                return
+            self._starting = True
+        self._install(self._start())
+
+    def refill_soon(self) -> None:
+        """Start a spare in a worker thread, unless one is waiting or starting, and return at
+        once. The thread's fork and exec (~0.3 ms, the GIL released) then overlap with what
+        the event loop does next (a command's result going back to the model) instead of
+        delaying it; a command that comes before the spare is ready starts its own shell."""
+        with self._lock:
+            if self._spare is not None or self._starting or self._closed:
+                return
+            self._starting = True
+        try:
+            trio.lowlevel.start_thread_soon(self._start, self._delivered)
+        except BaseException:
+            with self._lock:
+                self._starting = False
+            raise
+
+    def _start(self) -> _Spare | None:
+        if _retired:
+            _retire()
+        try:
+            return _Spare(self.cwd, self.env)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    def _delivered(self, result: Any) -> None:  # an outcome.Outcome of _start
+        """In the thread: keep what it started (deliver callbacks must not raise)."""
+        try:
+            spare = result.unwrap()
+        except Exception:  # a bug in _start: no spare; the next command starts its own shell
+            spare = None
+        self._install(spare)
+
+    def _install(self, spare: _Spare | None) -> None:
+        with self._lock:
+            self._starting = False
+            if spare is not None and self._spare is None and not self._closed:
+                self._spare, spare = spare, None
+        if spare is not None:  # closed meanwhile (the session ended): let it go at once
+            spare.close()
+
+    def ready(self) -> bool:
+        """True iff a spare is waiting (tests; a start in a thread may still be under way)."""
+        with self._lock:
+            return self._spare is not None
 
     def close(self) -> None:
-        spare, self._spare = self._spare, None
+        """Let the waiting spare go; one still starting is let go of when it has started."""
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
         if spare is not None:
             spare.close()
 
@@ -673,7 +731,7 @@ async def run_shell(
     """Run `/bin/sh -c cmd` in `cwd` with exactly `env`, stdout and stderr captured together.
 
     With `spares` (made for this `cwd` and `env`), the command goes to its waiting spare shell
-    if there is one, and the next spare starts while the command runs.
+    if there is one, and the next spare starts (in a thread) once the command has ended.
 
     On timeout the process group gets SIGTERM, then SIGKILL after `kill_grace_s`. When the
     command's shell exits, processes it left in the background are ended the same way. Raises
@@ -685,8 +743,6 @@ async def run_shell(
     proc, fd = started if started is not None else _spawn(cmd, os.fspath(cwd), env)
     pgid = proc.pid  # start_new_session: the shell leads a new session and process group
     GUARDIAN.watch(pgid)  # ends the group if this process dies before the finally below
-    if spares is not None:
-        spares.refill()  # the next command's shell starts while this one runs
     out = _Output(fd, max_output_bytes)
     timed_out = False
     note: str | None = None
@@ -722,6 +778,11 @@ async def run_shell(
             out.close()
             proc.close()
             GUARDIAN.forget(pgid)
+    if spares is not None:
+        # The next command's shell, started in a thread while this result goes back to the
+        # model. Started here, not while the command runs: a command quicker than the start
+        # (~0.3 ms) then waited for it, and the three processes shared two cores.
+        spares.refill_soon()
     text, binary, cut = out.cap.render()
     return ShellOutcome(returncode=proc.returncode, output=text, total_bytes=out.cap.total,
                         truncated_bytes=cut, binary=binary, timed_out=timed_out, note=note)
