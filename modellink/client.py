@@ -622,13 +622,14 @@ class ModelSession:
 
     async def _send(self, link: _WsLink, event: dict[str, Any], timeout_s: float) -> None:
         frame = P.encode_event(event, self._encoding)
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(timeout_s) as scope:
-                try:
-                    await link.conn.send_message(frame)
-                except WsClosed as exc:
-                    link.dead = True
-                    raise _LinkLost(f"closed ({_close_reason(exc)})") from None
+        # Shielded: a frame cut off by a cancel would break the link that a cancelled turn
+        # still sends response.cancel on. One scope: the shield, and the send's own deadline.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s) as scope:
+            try:
+                await link.conn.send_message(frame)
+            except WsClosed as exc:
+                link.dead = True
+                raise _LinkLost(f"closed ({_close_reason(exc)})") from None
         if scope.cancelled_caught:
             link.dead = True
             raise _LinkLost(f"a frame could not be sent within {timeout_s}s")
