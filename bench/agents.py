@@ -12,8 +12,8 @@ model), a worker process, the agent loop, the shell tool, the model link.
    journaled), so it covers bus hops, the worker, the loop, the shell and the model link, and
    not process start-up. `e2e_speedup_zero_model_50_turns_full_stack` = http / ws.
    The same rollouts with the output printed by `seq 1000 1200` instead (byte for byte the
-   same output, from a second process: its fork and exec, ~0.8 ms here, is added to every
-   turn of both modes) are run alongside and reported as `..._seq_tool`: the ratio falls as
+   same output, from a second process: its fork and exec make every turn of both modes
+   ~0.4-0.5 ms longer here) run alongside and are reported as `..._seq_tool`: the ratio falls as
    any fixed per-turn cost (a slower tool, a real model) grows, and this shows by how much.
 
 2. Cancel: AGENTS agents (half mid model response: a 10^5-token answer at 1 ms/token; half
