@@ -47,13 +47,15 @@ class LoopState:
     """Where the loop is; read after a cancel to record where it stopped."""
 
     turn: int = 0
-    phase: str = "starting"  # starting | model | tools | done
+    phase: str = "starting"  # starting | model | tools | max_turns | done
     running_tools: tuple[str, ...] = ()
     turns: list[TurnRecord] = attrs.field(factory=list)
 
     def where(self) -> str:
         if self.phase == "tools":
             return f"turn {self.turn}: running tools {', '.join(self.running_tools)}"
+        if self.phase == "max_turns":
+            return f"turn {self.turn}: max_turns reached, no final answer"
         return f"turn {self.turn}: {self.phase}"
 
 
@@ -170,7 +172,7 @@ async def _turns(agent: AgentSpec, prompt: str, session: Any, registry: Any,
                 return _outcome(state, "failed", text=result.text,
                                 error=f"model response ended {result.status} at turn {turn}")
             return _outcome(state, "succeeded", text=result.text)
-    state.phase = "done"
+    state.phase = "max_turns"
     return _outcome(state, "failed",
                     error=f"no final answer after max_turns={agent.max_turns} turns; "
                           "raise max_turns for this agent or tighten its instructions")

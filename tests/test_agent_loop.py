@@ -174,10 +174,12 @@ async def test_max_turns_ends_the_loop_with_a_failure_that_says_what_to_change(t
     script = [_call("shell", cmd="true")] * 5 + [{"text": "never"}]
     with trio.fail_after(GUARD_S):
         async with sim_server(tmp_path) as env:
-            out, _ = await _run(env, _agent(script, ["shell"], max_turns=3))
+            state = LoopState()
+            out, _ = await _run(env, _agent(script, ["shell"], max_turns=3), state=state)
     assert out.status == "failed"
     assert "max_turns=3" in out.error and "raise max_turns" in out.error
     assert len(out.turns) == 3
+    assert state.where() == "turn 3: max_turns reached, no final answer"  # not "done"
 
 
 async def test_deadline_stops_a_long_response_and_the_server_stops_generating(tmp_path):
