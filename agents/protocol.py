@@ -34,6 +34,10 @@ class WorkerProtocolError(ValueError):
 # ---------------------------------------------------------------- values
 
 
+TURN_RETRIES_DEFAULT = 2  # as OpenAI's SDK
+TURN_RETRIES_MAX = 20
+
+
 @attrs.frozen(kw_only=True)
 class ModelRef:
     """Where an agent's model lives. base_url None means the orchestrator's embedded sim."""
@@ -47,6 +51,9 @@ class ModelRef:
     # True iff the endpoint is a sim model (embedded, or `orchestrator model-server`): only a
     # sim is sent the agent's script (a real provider would refuse or bill the metadata)
     sim: bool = True
+    # How many times one model turn is sent again after a rate limit or a server error
+    # (429/5xx, Retry-After honoured) before the attempt fails: ModelEndpoint.retries
+    turn_retries: int = TURN_RETRIES_DEFAULT
 
 
 @attrs.frozen(kw_only=True)
@@ -228,7 +235,11 @@ def _agent_from_wire(d: Any) -> AgentSpec:
         api_key_env=_opt(m, "api_key_env", str, "agent.model", None),
         store=bool(m.get("store", False)),
         sim=bool(m.get("sim", m.get("base_url") is None)),
+        turn_retries=_opt(m, "turn_retries", int, "agent.model", TURN_RETRIES_DEFAULT),
     )
+    if not 0 <= model.turn_retries <= TURN_RETRIES_MAX:
+        raise WorkerProtocolError(f"agent.model: field 'turn_retries' must be 0 to "
+                                  f"{TURN_RETRIES_MAX}, got {model.turn_retries}")
     script = d.get("script")
     answers = d.get("answers")
     return AgentSpec(

@@ -355,7 +355,7 @@ class Worker:
         if base is None:
             raise ValueError("no model endpoint: the lease names none and the agent has no url")
         return ModelEndpoint(base_url=base, model=m.model, transport=m.transport,
-                             encoding=m.encoding, api_key=api_key)
+                             encoding=m.encoding, api_key=api_key, retries=m.turn_retries)
 
     async def _run_attempt(self, r: _Running) -> None:
         lease = r.lease

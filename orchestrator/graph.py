@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from agents.protocol import AgentSpec, ModelRef
+from agents.protocol import TURN_RETRIES_DEFAULT, TURN_RETRIES_MAX, AgentSpec, ModelRef
 from orchestrator.durations import ALLOWED as DURATION_ALLOWED
 from orchestrator.durations import DurationError, parse_duration
 
@@ -313,7 +313,7 @@ class _Lines:
 
 RUN_KEYS = {"name", "max_concurrent", "failure_policy", "retries", "timeout", "backoff",
             "backoff_max", "jitter", "max_spawn_depth", "max_spawned"}
-MODEL_KEYS = {"provider", "url", "model", "transport", "encoding", "api_key_env"}
+MODEL_KEYS = {"provider", "url", "model", "transport", "encoding", "api_key_env", "turn_retries"}
 AGENT_KEYS = {"instructions", "model", "tools", "max_turns", "script", "answers", "subscribe",
               "shell_timeout"}
 TASK_KEYS = {"id", "agent", "prompt", "needs", "retries", "timeout", "fan_out"}
@@ -503,8 +503,9 @@ class _Parser:
                         + f"known providers: {', '.join(PROVIDERS)}")
                 self.problem(self.lines.of(sec, "provider"),
                              f"{where}: unknown provider {prov!r}", hint)
-            else:
-                vals = dict(PROVIDERS[prov])
+            else:  # another endpoint; the retry policy is the run's unless set here
+                vals = {**PROVIDERS[prov], "turn_retries": base.get("turn_retries",
+                                                                    TURN_RETRIES_DEFAULT)}
         for key in ("url", "model", "api_key_env"):
             if key in t:
                 vals[key] = self.get(t, key, str, sec, where, vals[key], what="a string")
@@ -529,6 +530,16 @@ class _Parser:
                          "the run would use the embedded sim model)",
                          'add url = "http://HOST:PORT/v1" (the server\'s base URL) and '
                          'model = "the name it serves"')
+        if "turn_retries" in t:
+            n = self.get(t, "turn_retries", int, sec, where, None, what="an integer")
+            if isinstance(n, int) and not 0 <= n <= TURN_RETRIES_MAX:
+                self.problem(self.lines.of(sec, "turn_retries"),
+                             f"{where}: turn_retries must be 0 to {TURN_RETRIES_MAX}, not {n}",
+                             "turn_retries is how many times one model turn is sent again "
+                             "after a rate limit or server error; write for example "
+                             "turn_retries = 5 (0: fail the attempt at the first one)")
+            elif isinstance(n, int):
+                vals["turn_retries"] = n
         key_env = vals["api_key_env"]
         if "api_key_env" in t and isinstance(key_env, str) and not _ENV_NAME.match(key_env):
             # not echoed: what is there may be the key itself
@@ -551,7 +562,8 @@ class _Parser:
                 vals["api_key_env"] = None
         return ModelRef(base_url=vals["url"], model=vals["model"], transport=vals["transport"],
                         encoding=vals["encoding"], api_key_env=vals["api_key_env"],
-                        sim=vals["sim"])
+                        sim=vals["sim"],
+                        turn_retries=vals.get("turn_retries", TURN_RETRIES_DEFAULT))
 
     def parse_agents(self, t: Any, model: ModelRef) -> dict[str, AgentSpec]:
         out: dict[str, AgentSpec] = {}
@@ -578,7 +590,8 @@ class _Parser:
                 else:
                     base = {"url": model.base_url, "model": model.model,
                             "transport": model.transport, "encoding": model.encoding,
-                            "api_key_env": model.api_key_env, "sim": model.sim}
+                            "api_key_env": model.api_key_env, "sim": model.sim,
+                            "turn_retries": model.turn_retries}
                     m = self.parse_model(mv, sec + ("model",), f"{where} model", base=base)
             tools = self.get(a, "tools", list, sec, where, [], what="a list of tool names")
             for tool in tools:

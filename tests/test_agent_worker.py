@@ -91,7 +91,8 @@ class Harness:
                     timeout_s: float | None = 10.0, reachable: bool = True) -> None:
         await self.orch.send(P.worker_endpoint("w1"), P.to_wire(P.Lease(
             run_id="run1", task_id=task_id, attempt=attempt, agent=agent, prompt="go",
-            timeout_s=timeout_s, model_base_url=self.model_url, reachable=reachable)))
+            timeout_s=timeout_s, model_base_url=agent.model.base_url or self.model_url,
+            reachable=reachable)))  # as the supervisor fills it in
 
     async def result(self) -> P.Result:
         async for msg in self.orch:
@@ -225,6 +226,42 @@ async def test_the_model_token_goes_to_sim_endpoints_only_and_keys_are_trimmed(
     assert keyed.status == "succeeded", keyed.error
     assert broken.status == "failed" and not broken.retryable
     assert "control character" in (broken.error or "") and "secret" not in (broken.error or "")
+
+
+async def test_an_agents_turn_retries_decide_how_often_a_rate_limited_turn_is_sent(tmp_path):
+    """turn_retries (graph [model] -> lease -> worker -> ModelEndpoint.retries): three 429s
+    fail a turn allowed two retries and pass one allowed three, without a task retry."""
+    from test_model_client import DONE, JSON, _err_body, _serve_answers
+
+    limited = (429, [*JSON, ("retry-after-ms", "1")], _err_body("rate_limit_exceeded", "wait"))
+    targets: list[bytes] = []
+    with trio.fail_after(GUARD_S):
+        async with harness(tmp_path) as h, trio.open_nursery() as nursery:
+            base = await _serve_answers(nursery, [limited] * 3 + [(200, JSON, DONE)], targets)
+            model = P.ModelRef(base_url=base, model="m", transport="http", encoding="json",
+                               sim=False, turn_retries=2)
+            await h.lease("two", _agent("a", [], [], model=model))
+            two = await h.result()
+            sent_for_two = len(targets)
+            targets.clear()  # the server's answers start over
+            await h.lease("three", _agent("a", [], [], model=attrs.evolve(model,
+                                                                          turn_retries=3)))
+            three = await h.result()
+            nursery.cancel_scope.cancel()
+    assert two.status == "failed" and "429" in (two.error or "") and sent_for_two == 3
+    assert three.status == "succeeded" and three.text == "at last" and len(targets) == 4
+
+
+def test_turn_retries_travel_in_the_lease_and_a_bad_value_is_refused():
+    agent = _agent("a", [], [], model=P.ModelRef(turn_retries=7))
+    lease = P.Lease(run_id="r", task_id="t", attempt=1, agent=agent, prompt="p", timeout_s=None,
+                    model_base_url=None)
+    assert P.parse_message(P.to_wire(lease)).agent.model.turn_retries == 7
+    for bad in (-1, P.TURN_RETRIES_MAX + 1):
+        wire = P.to_wire(lease)
+        wire["agent"]["model"]["turn_retries"] = bad
+        with pytest.raises(P.WorkerProtocolError, match="turn_retries"):
+            P.parse_message(wire)
 
 
 async def test_only_a_sim_endpoint_is_sent_the_agents_script(tmp_path):

@@ -473,3 +473,22 @@ def test_an_unknown_table_is_reported_at_its_header_not_at_line_1():
     assert where["unknown key 'more' in the file"] == line_of(text, "[more.sub]")
     urll = [p for p in ps if "'urll'" in p.message]
     assert urll and urll[0].line == line_of(text, "model.urll"), [p.render() for p in ps]
+
+
+def test_turn_retries_is_set_per_run_and_kept_by_agents_on_other_endpoints():
+    g = GraphSpec.from_text('[model]\nprovider = "openai"\nturn_retries = 6\n'
+                            '[agents.a]\n[agents.b]\nmodel = { provider = "ollama" }\n'
+                            '[agents.c]\nmodel = { provider = "ollama", turn_retries = 0 }\n'
+                            + TASK_A, "g.toml")
+    assert [g.agents[n].model.turn_retries for n in "abc"] == [6, 6, 0]
+    plain = GraphSpec.from_text("[agents.a]\n" + TASK_A, "g.toml")
+    assert plain.agents["a"].model.turn_retries == 2  # as OpenAI's SDK
+
+
+@pytest.mark.parametrize("value", ["-1", "21", '"5"', "2.5"])
+def test_a_turn_retries_out_of_range_or_not_a_whole_number_is_refused_on_its_line(value):
+    p = only(f"[model]\nturn_retries = {value}\n[agents.a]\n" + TASK_A)
+    assert p.line == 2 and "turn_retries" in p.message, p.render()
+    if value in ("-1", "21"):
+        assert p.message == f"[model]: turn_retries must be 0 to 20, not {value}"
+        assert "turn_retries = 5" in p.hint
