@@ -353,9 +353,10 @@ def _let_go(out: int, cmd: int, popen: subprocess.Popen[bytes]) -> None:
 
 # Spare shells let go of: our children until reaped. Each has been told to exit (EOF on its
 # stdin), so each is reaped within moments: here, when another is let go of or started. Spares
-# start in worker threads too (SpareShells.refill_soon), hence the lock.
+# start in worker threads too (SpareShells.refill_soon), hence the lock; reentrant, because a
+# spare's finalizer (-> _retire) may run from a garbage collection inside _retire itself.
 _retired: list[subprocess.Popen[bytes]] = []
-_retired_lock = threading.Lock()
+_retired_lock = threading.RLock()
 
 
 def _retire(popen: subprocess.Popen[bytes] | None = None) -> None:
