@@ -441,7 +441,7 @@ class _Parser:
         self.check_keys(data, TOP_KEYS, (), "the file")
         run = self.parse_run(data.get("run", {}))
         model = self.parse_model(data.get("model", {}), ("model",), "[model]",
-                                 base=PROVIDERS["sim"])
+                                 base={**PROVIDERS["sim"], "turn_retries": TURN_RETRIES_DEFAULT})
         agents = self.parse_agents(data.get("agents", {}), model)
         tasks = self.parse_tasks(data.get("tasks", []), run, agents)
         self.check_graph(tasks, agents)
@@ -504,8 +504,7 @@ class _Parser:
                 self.problem(self.lines.of(sec, "provider"),
                              f"{where}: unknown provider {prov!r}", hint)
             else:  # another endpoint; the retry policy is the run's unless set here
-                vals = {**PROVIDERS[prov], "turn_retries": base.get("turn_retries",
-                                                                    TURN_RETRIES_DEFAULT)}
+                vals = {**PROVIDERS[prov], "turn_retries": base["turn_retries"]}
         for key in ("url", "model", "api_key_env"):
             if key in t:
                 vals[key] = self.get(t, key, str, sec, where, vals[key], what="a string")
@@ -562,8 +561,7 @@ class _Parser:
                 vals["api_key_env"] = None
         return ModelRef(base_url=vals["url"], model=vals["model"], transport=vals["transport"],
                         encoding=vals["encoding"], api_key_env=vals["api_key_env"],
-                        sim=vals["sim"],
-                        turn_retries=vals.get("turn_retries", TURN_RETRIES_DEFAULT))
+                        sim=vals["sim"], turn_retries=vals["turn_retries"])
 
     def parse_agents(self, t: Any, model: ModelRef) -> dict[str, AgentSpec]:
         out: dict[str, AgentSpec] = {}

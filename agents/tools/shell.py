@@ -400,27 +400,31 @@ class SpareShells:
         """Start a spare now unless one is waiting or starting. Blocks the caller until the
         shell has exec'd (~0.3 ms). Never raises: without one (out of processes or
         descriptors) the next command starts its own shell, and reports the error."""
-        with self._lock:
-            if self._spare is not None or self._starting or self._closed:
-                return
-            self._starting = True
-        self._install(self._start())
+        if self._claim():
+            self._install(self._start())
 
     def refill_soon(self) -> None:
         """Start a spare in a worker thread, unless one is waiting or starting, and return at
         once. The thread's fork and exec (~0.3 ms, the GIL released) then overlap with what
         the event loop does next (a command's result going back to the model) instead of
         delaying it; a command that comes before the spare is ready starts its own shell."""
-        with self._lock:
-            if self._spare is not None or self._starting or self._closed:
-                return
-            self._starting = True
+        if not self._claim():
+            return
         try:
             trio.lowlevel.start_thread_soon(self._start, self._delivered)
         except BaseException:
             with self._lock:
                 self._starting = False
             raise
+
+    def _claim(self) -> bool:
+        """True iff a spare is to be started (none waiting or starting, not closed): the
+        caller then starts one and hands it to _install."""
+        with self._lock:
+            if self._spare is not None or self._starting or self._closed:
+                return False
+            self._starting = True
+            return True
 
     def _start(self) -> _Spare | None:
         if _retired:
