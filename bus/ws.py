@@ -1,12 +1,31 @@
-"""Owns the one dependency on a WebSocket library (trio-websocket), so it can be swapped.
+"""Owns Switchboard's WebSocket layer, so nothing else depends on a WebSocket library.
 
 Everything else in Switchboard imports WebSocket names from here, never from trio_websocket.
+
+Two implementations behind one interface (`WsConnection`: send_message, get_message, aclose,
+closed):
+- `FastWs`, for every server (the bus hub, the sim model server) and every ws:// dial: the
+  frames of `bus.wsframe` (no I/O) over a trio stream, the HTTP upgrade with h11, and one
+  reader task per connection that parses whole bursts of frames at once. It costs ~1/3 of the
+  CPU per message of trio-websocket over wsproto (`python bench/model_link.py` and
+  `bench/bus.py` measure the links it carries), which was a third of a zero-time model turn.
+- trio-websocket, for wss:// dials: a real provider across the internet over TLS, where
+  the network, not the per-message CPU, sets the pace and the mature library handles whatever
+  the provider's edge sends.
+The errors are trio-websocket's classes on both paths (`WsClosed` carries a CloseReason with
+.code, .name, .reason), so callers see one set.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import contextlib
+import functools
+import hashlib
 import math
+import os
+import select
 import socket
 import ssl
 import urllib.parse
@@ -15,14 +34,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import h11
 import trio
 import trio_websocket as _tw
 from wsproto.events import BytesMessage as _BytesMessage
 from wsproto.events import TextMessage as _TextMessage
 
+from bus import wsframe as F
+
 # Re-exported names: callers use these, not trio_websocket's.
-WsConnection = _tw.WebSocketConnection
-WsRequest = _tw.WebSocketRequest
 WsClosed = _tw.ConnectionClosed  # .reason.code / .reason.reason
 WsHandshakeError = _tw.HandshakeError
 WsRejected = _tw.ConnectionRejected  # .status_code, .headers, .body
@@ -102,35 +122,6 @@ def _kw(cfg: WsConfig) -> dict[str, Any]:
     }
 
 
-async def serve_ws(
-    handler: Callable[[WsRequest], Awaitable[None]],
-    host: str,
-    port: int,
-    *,
-    config: WsConfig = WsConfig(),
-    handler_nursery: trio.Nursery | None = None,
-    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve WebSocket connections on host:port until cancelled.
-
-    `task_status.started` receives the bound (host, port) of the first listener, so port 0 works.
-    """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    server = _tw.WebSocketServer(
-        handler,
-        # the library's annotation lists two classes; it calls only accept and aclose
-        [_PlainListener(listener) for listener in listeners],  # type: ignore[misc]
-        handler_nursery=handler_nursery,
-        connect_timeout=config.connect_timeout,
-        disconnect_timeout=config.disconnect_timeout,
-        **_kw(config),
-    )
-    sockname = listeners[0].socket.getsockname()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        task_status.started((sockname[0], sockname[1]))
-
-
 # What a plain ws:// server answers a TLS ClientHello (a wss:// URL): plain HTTP, which the
 # client's TLS layer reports at once as "wrong version number" (connect_failure then says to
 # use ws://). Left unanswered, the hello waits for an HTTP line that never comes, and the
@@ -174,6 +165,396 @@ class _PlainStream(trio.abc.HalfCloseableStream):
         return self._inner.socket
 
 
+class FastWs:
+    """One WebSocket over a trio stream (see the module's docstring): the frames of
+    `bus.wsframe`, read by the task that asks for a message. A task in `get_message` reads
+    the socket itself and parses the whole burst it gets, answering pings and the peer's close
+    on the way; messages of the burst it does not return wait in a queue for the next call.
+    No reader task: nothing is read that nobody asked for, so an application that stops
+    reading pushes back on its peer through TCP, and a message costs no hop between tasks.
+
+    Closing: `aclose` sends a close frame, reads (and drops) what comes until the peer's close
+    frame or the stream's end, at most `config.disconnect_timeout`, then closes the stream.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, client: bool, config: WsConfig,
+                 trailing: bytes = b"", path: str = "/") -> None:
+        self._stream = stream
+        self._client = client
+        self._parser = F.FrameParser(expect_masked=not client,
+                                     max_message_size=config.max_message_size)
+        self._trailing = trailing  # bytes the handshake read past its end: frames already
+        self._bufsize = config.receive_buffer_size
+        self._disconnect_timeout = config.disconnect_timeout
+        self._queue: collections.deque[str | bytes] = collections.deque()
+        self._reading = False  # a task is reading the socket
+        self._read_done: trio.Event | None = None  # made by a task waiting for that read
+        self._send_lock = trio.Lock()
+        sock = getattr(stream, "socket", None)
+        self._sock: trio.socket.SocketType | None = (
+            sock if isinstance(sock, trio.socket.SocketType) else None)
+        self._unsent = b""  # the rest of a frame whose write was cancelled half way
+        self._close_reason: _tw.CloseReason | None = None
+        self._close_sent = False
+        self._send_broken = False  # a write failed: the peer is gone or reset the connection
+        self._ended = False  # nothing more to read: the peer's close, the stream's end, an error
+        self._taking = True  # False once aclose began: get_message raises from then on
+        self._stream_closed = False
+        self.path = path
+
+    @property
+    def closed(self) -> _tw.CloseReason | None:
+        """Why the connection closed (or is closing), or None while it is open as far as what
+        was read says."""
+        return self._close_reason
+
+    def queued(self) -> int:
+        """Messages read and not taken, plus 1 if the socket has unread bytes (or its end): an
+        idle connection the server closed, or wrote to, counts as not empty."""
+        n = len(self._queue)
+        if self._trailing:
+            return n + 1
+        sock = getattr(self._stream, "socket", None)
+        if sock is not None and not self._ended:
+            with contextlib.suppress(OSError, ValueError):
+                if select.select([sock], [], [], 0)[0]:
+                    n += 1
+        return n
+
+    async def get_message(self) -> str | bytes:
+        """The next message (str: text, bytes: binary). Raises WsClosed once the connection is
+        closed and every message received before the close was taken (or `aclose` began)."""
+        while True:
+            if not self._taking:
+                await trio.lowlevel.checkpoint()
+                raise WsClosed(self._close_reason)
+            if self._queue:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return self._queue.popleft()
+            if self._ended:
+                await trio.lowlevel.checkpoint()
+                raise WsClosed(self._close_reason)
+            if self._reading:  # another task is reading: take what it finds
+                await self._other_read()
+                continue
+            await self._read_once()
+
+    async def _other_read(self) -> None:
+        if self._read_done is None:
+            self._read_done = trio.Event()
+        await self._read_done.wait()
+
+    async def _read_once(self) -> None:
+        self._reading = True
+        try:
+            data: bytes | bytearray
+            if self._trailing:
+                data, self._trailing = self._trailing, b""
+            else:
+                try:
+                    data = await self._stream.receive_some(self._bufsize)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            if not data:
+                self._lost()
+                return
+            try:
+                events = self._parser.feed(data)
+            except F.FrameError as exc:
+                self._ended = True
+                await self._fail(exc.code, exc.reason)
+                return
+            for ev in events:
+                t = type(ev)
+                if t is bytes or t is str:
+                    self._queue.append(ev)  # type: ignore[arg-type]
+                elif t is F.Close:
+                    self._ended = True
+                    await self._peer_closed(ev)  # type: ignore[arg-type]
+                elif t is F.Ping:
+                    await self._control(F.OP_PONG, ev.payload)  # type: ignore[union-attr]
+        finally:
+            self._reading = False
+            if self._read_done is not None:
+                self._read_done.set()
+                self._read_done = None
+
+    async def send_message(self, message: str | bytes) -> None:
+        """Send one message (str: text, bytes: binary). Raises WsClosed when the connection is
+        closed, closing, or breaks while writing."""
+        if self._close_reason is not None or self._send_broken:
+            raise WsClosed(self._close_reason or _tw.CloseReason(F.CLOSE_ABNORMAL, None))
+        await self._write(F.encode_message(message, mask=self._client))
+
+    async def send_messages(self, messages: list[str | bytes]) -> None:
+        """Several messages, each its own WebSocket message, in one write to the socket."""
+        if self._close_reason is not None or self._send_broken:
+            raise WsClosed(self._close_reason or _tw.CloseReason(F.CLOSE_ABNORMAL, None))
+        mask = self._client
+        await self._write(b"".join([F.encode_message(m, mask=mask) for m in messages]))
+
+    async def _write(self, data: bytes) -> None:
+        lock = self._send_lock
+        try:  # uncontended (the rule): no schedule point of its own, send_all has them
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # Only the sending side is known broken: what the peer sent before it went (its
+            # close frame, often) is still there to be read, and says why.
+            self._send_broken = True
+            raise WsClosed(self._close_reason or _tw.CloseReason(F.CLOSE_ABNORMAL, None)
+                           ) from None
+        finally:
+            lock.release()
+
+    async def _send_all(self, data: bytes) -> None:
+        # A write cancelled half way (a cancelled task, a timeout) leaves part of a frame on the
+        # wire; whatever is sent next (another message, the close frame) would be read as the
+        # rest of it. So the unsent rest is kept and goes out first, before anything else.
+        if self._unsent:
+            data = self._unsent + data
+            self._unsent = b""
+        sock = self._sock
+        if sock is None:  # not a socket: a stream that cannot say how much it sent
+            await self._stream.send_all(data)
+            return
+        view = memoryview(data)
+        total = len(data)
+        sent = 0
+        try:
+            while sent < total:
+                sent += await sock.send(view[sent:])
+        finally:
+            if sent < total:
+                self._unsent = bytes(view[sent:])
+
+    async def _control(self, opcode: int, payload: bytes) -> None:
+        """A pong or a close: whole or not at all (shielded from the reader's cancel scope,
+        bounded by the disconnect timeout), never raising."""
+        frame = F.encode_frame(opcode, payload, mask=self._client)
+        with trio.CancelScope(shield=True), trio.move_on_after(self._disconnect_timeout), \
+                contextlib.suppress(WsClosed):
+            await self._write(frame)
+
+    def _lost(self) -> None:
+        """The stream broke or ended without a close frame: 1006, as the RFC names it."""
+        self._ended = True
+        if self._close_reason is None:
+            self._close_reason = _tw.CloseReason(F.CLOSE_ABNORMAL, None)
+
+    async def _close_stream(self) -> None:
+        self._close_sent = True
+        if not self._stream_closed:
+            self._stream_closed = True
+            await trio.aclose_forcefully(self._stream)
+
+    async def aclose(self, code: int = F.CLOSE_NORMAL, reason: str | None = None) -> None:
+        """Close with `code` and `reason`: idempotent; returns once the stream is closed."""
+        self._taking = False
+        if self._close_reason is None:
+            self._close_reason = _tw.CloseReason(code, reason)
+        if self._stream_closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            with trio.move_on_after(self._disconnect_timeout):
+                if not self._close_sent and not self._ended and not self._send_broken:
+                    self._close_sent = True
+                    with contextlib.suppress(WsClosed):
+                        await self._write(F.encode_frame(
+                            F.OP_CLOSE, F.close_payload(code, reason), mask=self._client))
+                while not self._ended:  # read up to the peer's close frame, dropping messages
+                    if self._reading:
+                        await self._other_read()
+                    else:
+                        await self._read_once()
+                    self._queue.clear()
+        finally:
+            await self._close_stream()
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Our peer broke the protocol: tell it why (best effort) and drop the connection."""
+        if self._close_reason is None:
+            self._close_reason = _tw.CloseReason(code, reason)
+        if not self._close_sent:
+            self._close_sent = True
+            await self._control(F.OP_CLOSE, F.close_payload(code, reason))
+        await self._close_stream()
+
+    async def _peer_closed(self, ev: F.Close) -> None:
+        code = F.CLOSE_NO_STATUS if ev.code is None else ev.code
+        if self._close_reason is None:
+            self._close_reason = _tw.CloseReason(code, ev.reason or None)
+        if not self._close_sent:  # the peer began the close: answer it with its own code
+            self._close_sent = True
+            await self._control(F.OP_CLOSE, F.close_payload(ev.code, None))
+        if not self._client:  # RFC 6455 7.1.1: the server closes the TCP connection first
+            await self._close_stream()
+
+
+# What the rest of Switchboard calls a WebSocket: ours, or trio-websocket's for a wss:// dial.
+WsConnection = FastWs | _tw.WebSocketConnection
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_MAX_HEAD = 16 * 1024  # an upgrade request or response head larger than this is refused
+_MAX_REJECT_BODY = 64 * 1024
+
+
+def _accept_key(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _tokens(value: bytes | None) -> set[bytes]:
+    return {t.strip().lower() for t in (value or b"").split(b",")}
+
+
+class WsRequest:
+    """An HTTP upgrade request a server read: `path`, `headers` (lower-case names, bytes), and
+    `accept()` / `reject(status)`, one of which the handler awaits."""
+
+    def __init__(self, stream: trio.abc.Stream, h11conn: h11.Connection, req: h11.Request,
+                 nursery: trio.Nursery, config: WsConfig) -> None:
+        self._stream = stream
+        self._h11 = h11conn
+        self._nursery = nursery
+        self._config = config
+        self.path = req.target.decode("latin-1")
+        self.headers: list[tuple[bytes, bytes]] = list(req.headers)
+        self.connection: FastWs | None = None
+
+    async def accept(self, *, extra_headers: list[tuple[bytes, bytes]] | None = None) -> FastWs:
+        """Answer 101 and return the open connection (its reader runs in the server's nursery).
+        Raises trio.BrokenResourceError (or OSError) when the peer went away meanwhile."""
+        key = _header(self.headers, b"sec-websocket-key") or b""
+        data = self._h11.send(h11.InformationalResponse(status_code=101, headers=[
+            (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", _accept_key(key)), *(extra_headers or [])]))
+        trailing, _ = self._h11.trailing_data
+        await self._stream.send_all(data or b"")
+        conn = FastWs(self._stream, client=False, config=self._config, trailing=bytes(trailing),
+                      path=self.path)
+        self.connection = conn
+        return conn
+
+    async def reject(self, status_code: int, *, extra_headers: list[tuple[bytes, bytes]]
+                     | None = None, body: bytes | None = None) -> None:
+        """Answer `status_code` with `body` and close the connection."""
+        await _send_reject(self._stream, self._h11, status_code, body or b"", extra_headers)
+
+
+async def _send_reject(stream: trio.abc.Stream, conn: h11.Connection, status: int, body: bytes,
+                       extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    head = conn.send(h11.Response(status_code=status, headers=[
+        (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+        (b"content-type", b"text/plain; charset=utf-8"), *(extra or [])]))
+    data = (head or b"") + (conn.send(h11.Data(data=body)) or b"") + (
+        conn.send(h11.EndOfMessage()) or b"")
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(data)
+    await trio.aclose_forcefully(stream)
+
+
+async def _read_upgrade(stream: trio.abc.Stream, prefix: bytes, nursery: trio.Nursery,
+                        config: WsConfig) -> WsRequest | None:
+    """Read an upgrade request (after `prefix`, bytes of it already read). A request that is
+    not a valid WebSocket upgrade is answered 400 (saying what is wrong) and gives None."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+    if prefix:
+        conn.receive_data(prefix)  # (b"" would tell h11 the peer closed)
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            await _send_reject(stream, h11.Connection(h11.SERVER), 400,
+                               f"bad HTTP request: {exc}\n".encode())
+            return None
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some()
+            if not data:
+                return None
+            conn.receive_data(bytes(data))
+            continue
+        if isinstance(event, h11.Request):
+            break
+        return None  # the peer closed, or sent something that is not a request
+    headers = list(event.headers)
+    problem = None
+    if event.method != b"GET":
+        problem = "a WebSocket upgrade is a GET"
+    elif b"websocket" not in _tokens(_header(headers, b"upgrade")):
+        problem = "missing Upgrade: websocket"
+    elif b"upgrade" not in _tokens(_header(headers, b"connection")):
+        problem = "missing Connection: Upgrade"
+    elif _header(headers, b"sec-websocket-version") != b"13":
+        problem = "Sec-WebSocket-Version must be 13"
+    elif not _header(headers, b"sec-websocket-key"):
+        problem = "missing Sec-WebSocket-Key"
+    if problem is not None:
+        await _send_reject(stream, conn, 400, f"not a WebSocket upgrade: {problem}\n".encode())
+        return None
+    return WsRequest(stream, conn, event, nursery, config)
+
+
+async def _serve_connection(handler: Callable[[WsRequest], Awaitable[None]],
+                            stream: trio.abc.Stream, config: WsConfig) -> None:
+    try:
+        async with trio.open_nursery() as nursery:
+            request = None
+            with trio.move_on_after(config.connect_timeout):
+                try:
+                    request = await _read_upgrade(stream, b"", nursery, config)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    request = None
+            if request is None:  # no valid upgrade in time: the peer's problem alone
+                return
+            try:
+                await handler(request)
+            finally:
+                if request.connection is not None:
+                    with trio.move_on_after(config.disconnect_timeout):
+                        await request.connection.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_ws(
+    handler: Callable[[WsRequest], Awaitable[None]],
+    host: str,
+    port: int,
+    *,
+    config: WsConfig = WsConfig(),
+    handler_nursery: trio.Nursery | None = None,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve WebSocket connections on host:port until cancelled: `handler(request)` for each
+    upgrade, in `handler_nursery` (or one of this call's). The connection closes (1000) when
+    the handler returns.
+
+    `task_status.started` receives the bound (host, port) of the first listener, so port 0 works.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def one(stream: trio.SocketStream) -> None:
+        await _serve_connection(handler, _PlainStream(stream), config)
+
+    sockname = listeners[0].socket.getsockname()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(trio.serve_listeners, one, listeners,
+                                              handler_nursery=handler_nursery))
+        task_status.started((sockname[0], sockname[1]))
+
+
 def peer_address(conn: WsConnection) -> str:
     """"HOST:PORT" of the peer of a connection `serve_ws` accepted. Raises OSError once the
     peer has reset (getpeername fails)."""
@@ -183,28 +564,18 @@ def peer_address(conn: WsConnection) -> str:
     return f"{host}:{port}"
 
 
-class _PlainListener(trio.abc.Listener[trio.abc.HalfCloseableStream]):
-    def __init__(self, inner: trio.SocketListener) -> None:
-        self._inner = inner
-        self.socket = inner.socket
-
-    async def accept(self) -> trio.abc.HalfCloseableStream:
-        return _PlainStream(await self._inner.accept())
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 async def send_messages(conn: WsConnection, messages: list[str | bytes]) -> None:
     """Send several WebSocket messages (str: text, bytes: binary) with one write to the socket.
 
     Each stays its own WebSocket message, so the peer sees exactly what `send_message` per
     message would send; only the syscalls are batched. Raises WsClosed like `send_message`
     (the connection is closed, being closed, or broke while writing).
-
-    Built on trio-websocket's internals (its wsproto connection and stream lock, as its own
-    `_send` uses them), so it lives here, beside the one import of the library.
     """
+    if isinstance(conn, FastWs):
+        await conn.send_messages(messages)
+        return
+    # trio-websocket's connection (a wss:// dial): its wsproto connection and stream lock, as
+    # its own `_send` uses them
     if conn._close_reason:
         raise WsClosed(conn._close_reason)
     proto = conn._wsproto
@@ -229,6 +600,8 @@ async def send_messages(conn: WsConnection, messages: list[str | bytes]) -> None
 def queued_messages(conn: WsConnection) -> int:
     """How many received messages wait for `get_message` (0 for a connection nobody left
     anything unread on: one that may be handed to another user)."""
+    if isinstance(conn, FastWs):
+        return conn.queued()
     return conn._recv_channel.statistics().current_buffer_used
 
 
@@ -239,6 +612,74 @@ def _dial_timeout_message(timeout: float) -> str:
             "WebSocket upgrade (not a WebSocket endpoint?)")
 
 
+async def _dial_fast(url: str, headers: list[tuple[bytes, bytes]] | None,
+                     config: WsConfig) -> FastWs:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or 80
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise WsHandshakeError(str(exc)) from exc
+    try:
+        key = base64.b64encode(os.urandom(16))
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
+        hostport = host if parts.port is None else f"{host}:{port}"
+        data = conn.send(h11.Request(method=b"GET", target=target.encode(), headers=[
+            (b"host", hostport.encode()), (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"), (b"sec-websocket-key", key),
+            (b"sec-websocket-version", b"13"), *(headers or [])]))
+        data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        await stream.send_all(data)
+        response = await _read_response(stream, conn)
+        if isinstance(response, h11.InformationalResponse) and response.status_code == 101:
+            rh = list(response.headers)
+            if (b"websocket" not in _tokens(_header(rh, b"upgrade"))
+                    or _header(rh, b"sec-websocket-accept") != _accept_key(key)):
+                raise WsHandshakeError("the server answered 101 without a valid WebSocket "
+                                       "accept (Upgrade / Sec-WebSocket-Accept)")
+            trailing, _ = conn.trailing_data
+            return FastWs(stream, client=True, config=config, trailing=bytes(trailing),
+                          path=target)
+        body = bytearray()
+        while len(body) < _MAX_REJECT_BODY:
+            event = await _next_event(stream, conn)
+            if isinstance(event, h11.Data):
+                body += event.data
+            else:
+                break
+        raise WsRejected(response.status_code, tuple(response.headers), bytes(body))
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise WsHandshakeError(f"the server's answer to the upgrade is not HTTP: {exc}"
+                                   ) from None
+        if event is not h11.NEED_DATA:
+            return event
+        try:
+            data = await stream.receive_some()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise WsHandshakeError("the connection broke during the WebSocket upgrade"
+                                   ) from exc
+        conn.receive_data(bytes(data))  # b"" tells h11 the server closed
+
+
+async def _read_response(stream: trio.abc.Stream, conn: h11.Connection) -> Any:
+    event = await _next_event(stream, conn)
+    if isinstance(event, h11.InformationalResponse | h11.Response):
+        return event
+    raise WsHandshakeError("the server closed the connection without answering the "
+                           "WebSocket upgrade")
+
+
 @asynccontextmanager
 async def open_ws(
     url: str,
@@ -247,12 +688,35 @@ async def open_ws(
     config: WsConfig = WsConfig(),
 ) -> AsyncIterator[WsConnection]:
     """Open a client WebSocket; the whole dial (TCP connect, TLS, the HTTP upgrade) is bounded
-    by `config.connect_timeout`.
+    by `config.connect_timeout`. Closes it (1000) on leaving.
 
     Raises WsConnectTimeout past that bound (its text names the bound),
     WsRejected when the server refuses the upgrade, WsHandshakeError / OSError otherwise.
     trio.Cancelled from an enclosing scope propagates as it is.
     """
+    if url.startswith("wss://"):
+        async with _open_tw(url, headers=headers, config=config) as tw:
+            yield tw
+        return
+    conn: FastWs | None = None
+    with trio.move_on_after(config.connect_timeout):
+        conn = await _dial_fast(url, headers, config)
+    if conn is None:
+        raise WsConnectTimeout(_dial_timeout_message(config.connect_timeout))
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+@asynccontextmanager
+async def _open_tw(
+    url: str,
+    *,
+    headers: list[tuple[bytes, bytes]] | None,
+    config: WsConfig,
+) -> AsyncIterator[_tw.WebSocketConnection]:
+    """A wss:// dial through trio-websocket (see the module's docstring)."""
     opened = False
     # trio-websocket 0.12.2 bounds its dial with fail_after, but when the TCP connection is up
     # and the upgrade goes unanswered it catches its own timeout and then waits for its reader
@@ -277,9 +741,9 @@ async def open_ws(
     # Caught after opening: the deadline passed as the upgrade finished, before it was lifted,
     # so the body was cancelled at its first checkpoint; that is a dial that ran out of time.
     if not opened or dial.cancelled_caught:
-        # trio-websocket swallows a failed TLS handshake and waits out the bound: for wss://,
-        # ask the server for TLS once more to say why (a plain ws:// server, most often).
-        tls = await _tls_failure(url) if url.startswith("wss://") else None
+        # trio-websocket swallows a failed TLS handshake and waits out the bound: ask the
+        # server for TLS once more to say why (a plain ws:// server, most often).
+        tls = await _tls_failure(url)
         raise WsConnectTimeout(_dial_timeout_message(config.connect_timeout)) from tls
 
 
@@ -306,46 +770,16 @@ async def _tls_failure(url: str) -> ssl.SSLError | None:
     return None
 
 
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first yields bytes already read off `inner` (e.g. an HTTP request head).
-
-    Lets an HTTP server that sniffed `Upgrade: websocket` hand the connection to the
-    WebSocket layer without losing what it read.
-    """
-
-    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
-        self._inner = inner
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._prefix:
-            if max_bytes is None or max_bytes >= len(self._prefix):
-                data, self._prefix = self._prefix, b""
-            else:
-                data, self._prefix = self._prefix[:max_bytes], self._prefix[max_bytes:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self._inner.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    @property
-    def socket(self) -> Any:  # trio-websocket reads .socket for local/remote addresses
-        return self._inner.socket  # type: ignore[attr-defined]
-
-
 async def accept_on_stream(
     nursery: trio.Nursery, stream: trio.abc.Stream, prefix: bytes, *, config: WsConfig = WsConfig()
 ) -> WsRequest:
-    """Start the WebSocket handshake on a stream whose first `prefix` bytes were already read.
+    """Read the WebSocket upgrade on a stream whose first `prefix` bytes were already read (an
+    HTTP server that sniffed `Upgrade: websocket`). The connection's reader runs in `nursery`.
 
-    Returns the request; await `.accept()` or `.reject(status)` on it.
+    Returns the request; await `.accept()` or `.reject(status)` on it. Raises WsHandshakeError
+    when it is not a valid upgrade (answered 400 already).
     """
-    return await _tw.wrap_server_stream(nursery, PrefixedStream(stream, prefix), **_kw(config))
+    request = await _read_upgrade(stream, prefix, nursery, config)
+    if request is None:
+        raise WsHandshakeError("not a valid WebSocket upgrade (answered 400)")
+    return request
