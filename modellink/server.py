@@ -627,17 +627,35 @@ class _WsSession:
         self.nursery.start_soon(self._respond, lane, run)
 
     async def _respond(self, lane: _Lane, run: _Run) -> None:
-        try:
-            await self.server.generate(run, self._emit)
-        finally:
+        settled = False
+
+        def settle() -> None:
+            nonlocal settled
+            if settled:
+                return
+            settled = True
             lane.run = None
-        if run.status == "completed":
-            lane.cached_id, lane.cached_ctx = run.id, run.ctx
-        elif run.status == "incomplete" and run.parent is not None \
-                and run.ctx.truncate(run.parent[1]):
-            # Cancelled: its partial output is not worth continuing from; the lane holds the
-            # response it continued again, so the client resends only the unanswered items.
-            lane.cached_id, lane.cached_ctx = run.parent[0], run.ctx
+            if run.status == "completed":
+                lane.cached_id, lane.cached_ctx = run.id, run.ctx
+            elif run.status == "incomplete" and run.parent is not None \
+                    and run.ctx.truncate(run.parent[1]):
+                # Cancelled: its partial output is not worth continuing from; the lane holds
+                # the response it continued again, so the client resends only the unanswered
+                # items.
+                lane.cached_id, lane.cached_ctx = run.parent[0], run.ctx
+
+        async def emit(events: list[dict[str, Any]]) -> None:
+            # The lane is free, and holds the response, before the client can read its
+            # terminal event: a client that sends the next response.create at once must find
+            # it so (settled after the write, it met response_in_progress on a fast link).
+            if events and p.is_terminal(events[-1]):
+                settle()
+            await self._emit(events)
+
+        try:
+            await self.server.generate(run, emit)
+        finally:
+            settle()
 
 
 # --------------------------------------------------------------------------- HTTP

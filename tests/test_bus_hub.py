@@ -322,6 +322,10 @@ async def test_hub_shutdown_flushes_then_closes_1001():
                         got.append((await b.receive()).payload())
                 assert exc.value.close_code == CLOSE_GOING_AWAY
                 assert got == list(range(100))
+                # a's link closes too (in its own time: the hub closes its links concurrently)
+                with pytest.raises(BusBrokenError) as exc:
+                    await a.receive()
+                assert exc.value.close_code == CLOSE_GOING_AWAY
                 with pytest.raises(BusBrokenError):
                     await a.send("b", "after")
 

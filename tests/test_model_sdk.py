@@ -88,6 +88,7 @@ async def test_sdk_websocket_conversation_with_function_calls_and_previous_respo
 
             ev, _ = run_turn(conn, previous_response_id=r2.id, instructions="Use tools.",
                              input=[{"role": "user", "content": "And Oslo and Rome?"}])
+            assert ev.type == "response.completed", ev
             r3 = ev.response
             assert [o.name for o in r3.output] == ["get_weather", "get_weather"]
             outs = [{"type": "function_call_output", "call_id": o.call_id, "output": "ok"}

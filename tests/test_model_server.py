@@ -3,8 +3,11 @@ the connection cache, cancellation, limits, auth and hostile input."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
+import struct
+import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,9 +17,9 @@ import h11
 import pytest
 import trio
 
+import modellink.server as server_mod
 from bus.ws import (
     WsClosed,
-    WsConfig,
     WsConnection,
     WsRejected,
     open_ws,
@@ -333,14 +336,14 @@ async def test_send_messages_sends_each_as_its_own_message_in_one_write_and_rais
 
     async def handler(request: Any) -> None:
         conn = await request.accept()
-        inner = conn._stream
-        real_send_all = inner.send_all
+        sock = conn._sock  # FastWs writes with the socket's send, a syscall each
+        real_send = sock.send
 
-        async def counting_send_all(data: Any) -> None:
+        async def counting_send(data: Any) -> int:
             writes.append(len(data))
-            await real_send_all(data)
+            return await real_send(data)
 
-        inner.send_all = counting_send_all
+        sock.send = counting_send
         await send_messages(conn, ["one", b"\x00two", "three"])
         writes_before_close.append(len(writes))
         await conn.aclose()
@@ -405,9 +408,17 @@ async def test_response_cancel_stops_generation_at_once_and_the_connection_goes_
 
 
 async def client_queue_full(c: Ws) -> None:
-    """Wait until the client's library stopped reading (its message queue is full)."""
-    while queued_messages(c.conn) < WsConfig().message_queue_size:  # noqa: ASYNC110 - no event to wait on
-        await trio.sleep(0.01)
+    """Wait until the server's writes to the client block: the client reads nothing (a
+    connection reads only when asked for a message) and the bytes waiting in its socket have
+    stopped growing, so both sides' socket buffers are full."""
+    fd = c.conn._stream.socket.fileno()
+    last = -1
+    while True:
+        waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if waiting and waiting == last and queued_messages(c.conn):
+            return
+        last = waiting
+        await trio.sleep(0.05)
 
 
 async def test_a_cancel_while_a_write_is_stuck_on_a_slow_reader_never_cuts_a_frame():
@@ -449,6 +460,32 @@ async def test_shutdown_ends_a_connection_whose_write_is_stuck_on_a_client_not_r
                 server_scope.cancel()
                 with trio.fail_after(5):
                     await ended.wait()
+
+
+async def test_the_next_create_may_follow_the_terminal_event_before_the_server_resumes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A client in another thread or process (the SDK) can read a terminal event and send the
+    # next response.create before the server's response task runs again after its write. The
+    # lane is freed, holding the response, before that write: the next turn continues it.
+    # Here the write of a terminal event returns late, so the client always wins that race.
+    real_send = server_mod.send_messages
+
+    async def send_then_dawdle(conn: Any, frames: list[str | bytes]) -> None:
+        await real_send(conn, frames)
+        if any(b"response.completed" in (f if isinstance(f, bytes) else f.encode())
+               for f in frames):
+            await trio.sleep(0.05)
+
+    monkeypatch.setattr(server_mod, "send_messages", send_then_dawdle)
+    with trio.fail_after(30):
+        async with running(SimConfig.zero()) as info, ws(info) as c:
+            prev = None
+            for i in range(5):
+                r = completed(await c.create(input=[user(f"turn {i}")], store=False,
+                                             previous_response_id=prev))
+                if prev is not None:
+                    assert r["usage"]["x_switchboard"]["context_source"] == "connection_cache"
+                prev = r["id"]
 
 
 async def test_cancel_with_nothing_in_flight_or_a_stale_id_is_a_no_op():
