@@ -14,12 +14,15 @@ raw_ws_msgs_per_s: plain trio-websocket echo, one message per WS message, pipeli
 counted message crosses the socket twice and the echo server both receives and sends it.
 raw_ws_oneway_msgs_per_s: the same server, the client streams one way and waits for one ack
 (the research notes' "tput" method), so the two baselines bracket one-message-per-frame cost.
+raw_fastws_*: the same two baselines on bus.ws's own connection (bus.wsframe, no reader task),
+which the hub, its clients and the model link use since trio-websocket cost ~2x the CPU.
 The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +32,7 @@ from typing import Any
 
 import msgpack
 import trio
+import trio_websocket  # the raw baseline the issue names: the library itself
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,7 +40,7 @@ from bus.client import open_bus_client  # noqa: E402
 from bus.config import HubConfig  # noqa: E402
 from bus.hub import serve_bus  # noqa: E402
 from bus.logs import configure_logging  # noqa: E402
-from bus.ws import WsClosed, WsConfig, WsRequest, open_ws, serve_ws  # noqa: E402
+from bus.ws import WsClosed, WsConfig, open_ws, serve_ws  # noqa: E402
 
 TOKEN = "bench"
 SCRIPT = os.path.abspath(__file__)
@@ -142,7 +146,7 @@ WS = WsConfig(message_queue_size=64, receive_buffer_size=None)
 
 
 async def role_raw_server(args: argparse.Namespace) -> None:
-    async def echo(request: WsRequest) -> None:
+    async def echo(request: Any) -> None:
         ws = await request.accept()
         try:
             first = await ws.get_message()
@@ -154,18 +158,33 @@ async def role_raw_server(args: argparse.Namespace) -> None:
             await ws.send_message(first)
             while True:
                 await ws.send_message(await ws.get_message())
-        except WsClosed:
+        except (WsClosed, trio_websocket.ConnectionClosed):
             return
 
     async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(serve_ws, echo, "127.0.0.1", 0)
+        if args.impl == "fast":
+            _, port = await nursery.start(serve_ws, echo, "127.0.0.1", 0)
+        else:
+            server = await nursery.start(functools.partial(
+                trio_websocket.serve_websocket, echo, "127.0.0.1", 0, ssl_context=None,
+                message_queue_size=WS.message_queue_size,
+                receive_buffer_size=WS.receive_buffer_size))
+            port = server.port
         print(json.dumps({"url": f"ws://127.0.0.1:{port}/"}), flush=True)
+
+
+def _dial(args: argparse.Namespace) -> Any:
+    if args.impl == "fast":
+        return open_ws(args.url, config=WS)
+    return trio_websocket.open_websocket_url(
+        args.url, message_queue_size=WS.message_queue_size,
+        receive_buffer_size=WS.receive_buffer_size)
 
 
 async def role_raw_client(args: argparse.Namespace) -> None:
     n = args.n
     payload = msgpack.packb(body(0))
-    async with open_ws(args.url, config=WS) as ws:
+    async with _dial(args) as ws:
         t0 = time.perf_counter()
 
         async def sender() -> None:
@@ -177,7 +196,7 @@ async def role_raw_client(args: argparse.Namespace) -> None:
             for _ in range(n):
                 await ws.get_message()
         seconds = time.perf_counter() - t0
-    async with open_ws(args.url, config=WS) as ws:
+    async with _dial(args) as ws:
         await ws.send_message(b"oneway:%d" % n)
         t0 = time.perf_counter()
         for _ in range(n):
@@ -249,19 +268,23 @@ async def conductor(quick: bool) -> dict[str, Any]:
     finally:
         hub.terminate()
         await hub.wait()
-    raw_srv, raw_out = await spawn("raw-server")
-    try:
-        raw_url = (await read_json(raw_out))["url"]
-        raw_runs = []
-        for _ in range(1 if quick else 3):
-            cli, cli_out = await spawn("raw-client", "--url", raw_url, "--n", str(n_raw))
-            raw_runs.append(await read_json(cli_out))
-            await cli.wait()
-    finally:
-        raw_srv.terminate()
-        await raw_srv.wait()
-    raw_rates = sorted(r["echoed"] / r["seconds"] for r in raw_runs)
-    oneway_rates = sorted(r["echoed"] / r["oneway_seconds"] for r in raw_runs)
+    raw: dict[str, tuple[float, float]] = {}
+    for impl in ("tw", "fast"):
+        raw_srv, raw_out = await spawn("raw-server", "--impl", impl)
+        try:
+            raw_url = (await read_json(raw_out))["url"]
+            raw_runs = []
+            for _ in range(1 if quick else 3):
+                cli, cli_out = await spawn("raw-client", "--url", raw_url, "--n", str(n_raw),
+                                           "--impl", impl)
+                raw_runs.append(await read_json(cli_out))
+                await cli.wait()
+        finally:
+            raw_srv.terminate()
+            await raw_srv.wait()
+        raw_rates = sorted(r["echoed"] / r["seconds"] for r in raw_runs)
+        oneway_rates = sorted(r["echoed"] / r["oneway_seconds"] for r in raw_runs)
+        raw[impl] = (raw_rates[len(raw_rates) // 2], oneway_rates[len(oneway_rates) // 2])
     return {
         "routed_msgs_per_s": round(routed),
         "routed_runs": [round(r) for r in rates],
@@ -270,8 +293,10 @@ async def conductor(quick: bool) -> dict[str, Any]:
         "max_ms": round(lat["max_ms"], 3),
         "latency_rate_msgs_per_s": half,
         "latency_messages": lat["received"],
-        "raw_ws_msgs_per_s": round(raw_rates[len(raw_rates) // 2]),
-        "raw_ws_oneway_msgs_per_s": round(oneway_rates[len(oneway_rates) // 2]),
+        "raw_ws_msgs_per_s": round(raw["tw"][0]),
+        "raw_ws_oneway_msgs_per_s": round(raw["tw"][1]),
+        "raw_fastws_msgs_per_s": round(raw["fast"][0]),
+        "raw_fastws_oneway_msgs_per_s": round(raw["fast"][1]),
         "hub_cpu_us_per_msg": round(hub_cpu_us, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "body_bytes": len(msgpack.packb(body(0))),
@@ -289,6 +314,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--rate", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=["tw", "fast"], default="fast", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role:
         configure_logging(json=True, level="warning")  # stderr: stdout carries the results

@@ -1,0 +1,265 @@
+"""WebSocket framing (bus.wsframe) as plain tests, and the connection (bus.ws.FastWs) against
+raw sockets and the `websockets` library: what another implementation sends must be read."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bus import wsframe as F
+from bus.ws import WsClosed, WsConfig, open_ws, serve_ws
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True,
+          rsv: int = 0) -> bytes:
+    """A frame built by hand (any flags, including wrong ones)."""
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | rsv | opcode
+    b1 = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((b0, b1 | n))
+    elif n < 65536:
+        head = bytes((b0, b1 | 126)) + struct.pack("!H", n)
+    else:
+        head = bytes((b0, b1 | 127)) + struct.pack("!Q", n)
+    if mask:
+        key = os.urandom(4)
+        return head + key + F.xor_mask(payload, key)
+    return head + payload
+
+
+def server_parser(max_size: int = 1 << 20) -> F.FrameParser:
+    return F.FrameParser(expect_masked=True, max_message_size=max_size)
+
+
+@given(st.lists(st.one_of(st.binary(max_size=70_000), st.text(max_size=300)), max_size=6),
+       st.integers(min_value=1, max_value=5000), st.booleans())
+def test_messages_round_trip_whatever_the_read_sizes(messages: list[Any], step: int,
+                                                     mask: bool) -> None:
+    wire = b"".join(F.encode_message(m, mask=mask) for m in messages)
+    parser = F.FrameParser(expect_masked=mask, max_message_size=1 << 20)
+    got: list[Any] = []
+    for i in range(0, len(wire), step):
+        got += parser.feed(wire[i:i + step])
+    assert got == messages
+
+
+def test_fragments_are_joined_and_control_frames_may_come_between_them() -> None:
+    p = server_parser()
+    wire = (frame(F.OP_TEXT, "héllo ".encode()[:3], fin=False)
+            + frame(F.OP_PING, b"are you there")
+            + frame(F.OP_CONT, "héllo ".encode()[3:], fin=False)
+            + frame(F.OP_CONT, b"world")
+            + frame(F.OP_BINARY, b"\x00\x01"))
+    assert p.feed(wire) == [F.Ping(b"are you there"), "héllo world", b"\x00\x01"]
+
+
+def test_a_close_frame_ends_parsing_and_carries_its_code_and_reason() -> None:
+    p = server_parser()
+    out = p.feed(frame(F.OP_CLOSE, F.close_payload(4000, "done")) + frame(F.OP_TEXT, b"late"))
+    assert out == [F.Close(4000, "done")]
+    assert p.closed and p.feed(frame(F.OP_TEXT, b"more")) == []
+    assert server_parser().feed(frame(F.OP_CLOSE, b"")) == [F.Close(None, "")]
+
+
+@pytest.mark.parametrize(("wire", "code", "words"), [
+    (frame(F.OP_TEXT, b"x", mask=False), 1002, "must be masked"),
+    (frame(F.OP_TEXT, b"x", rsv=0x40), 1002, "RSV"),
+    (frame(0x3, b"x"), 1002, "unknown data opcode"),
+    (frame(0xB, b"x"), 1002, "unknown control opcode"),
+    (frame(F.OP_PING, b"x", fin=False), 1002, "fragmented"),
+    (frame(F.OP_PING, b"x" * 126), 1002, "over 125"),
+    (frame(F.OP_CONT, b"x"), 1002, "no message begun"),
+    (frame(F.OP_TEXT, b"x", fin=False) + frame(F.OP_TEXT, b"y"), 1002, "inside a fragmented"),
+    (frame(F.OP_TEXT, b"\xff\xfe"), 1007, "UTF-8"),
+    (frame(F.OP_CLOSE, b"\x03"), 1002, "one byte"),
+    (frame(F.OP_CLOSE, struct.pack("!H", 1005)), 1002, "1005"),
+    (frame(F.OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007, "UTF-8"),
+    (bytes((0x82, 0x80 | 127)) + struct.pack("!Q", 1 << 63) + b"\0" * 4, 1002, "top bit"),
+])
+def test_each_broken_rule_names_itself_and_its_close_code(wire: bytes, code: int,
+                                                          words: str) -> None:
+    with pytest.raises(F.FrameError) as info:
+        server_parser().feed(wire)
+    assert info.value.code == code and words in info.value.reason
+
+
+def test_a_message_over_the_limit_is_refused_from_its_header_before_it_is_buffered() -> None:
+    p = server_parser(max_size=1000)
+    header_only = frame(F.OP_BINARY, b"x" * 5000)[:8]  # the length says 5000; no payload yet
+    with pytest.raises(F.FrameError) as info:
+        p.feed(header_only)
+    assert info.value.code == 1009
+    p = server_parser(max_size=1000)  # fragments count together
+    with pytest.raises(F.FrameError):
+        p.feed(frame(F.OP_BINARY, b"x" * 600, fin=False) + frame(F.OP_CONT, b"x" * 600)[:8])
+
+
+def test_a_server_refuses_masked_frames_from_its_peer_when_it_is_the_client() -> None:
+    with pytest.raises(F.FrameError, match="must not be masked"):
+        F.FrameParser(expect_masked=False, max_message_size=100).feed(frame(F.OP_TEXT, b"x"))
+
+
+def test_close_payload_cuts_a_long_reason_without_splitting_a_character() -> None:
+    body = F.close_payload(1000, "é" * 100)
+    assert len(body) <= 125
+    assert F.FrameParser._close(body).reason == "é" * 61
+    assert F.close_payload(None, "x") == b"" and F.close_payload(1006, "x") == b""
+
+
+# ------------------------------------------------------------------ the connection over sockets
+
+
+async def raw_upgrade(port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          b"Sec-WebSocket-Version: 13\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's own example key and accept
+    return stream
+
+
+async def test_a_server_connection_answers_pings_reads_fragments_and_echoes_the_close():
+    got: list[Any] = []
+    handled = trio.Event()
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        try:
+            while True:
+                got.append(await conn.get_message())
+        except WsClosed as exc:
+            got.append(exc.reason and exc.reason.code)
+        handled.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+            stream = await raw_upgrade(port)
+            await stream.send_all(frame(F.OP_TEXT, b"ab", fin=False) + frame(F.OP_PING, b"p1")
+                                  + frame(F.OP_CONT, b"c"))
+            parser = F.FrameParser(expect_masked=False, max_message_size=1000)
+            out: list[Any] = []
+            while not out:
+                out += parser.feed(await stream.receive_some())
+            assert out == [F.Pong(b"p1")]
+            await stream.send_all(frame(F.OP_CLOSE, F.close_payload(4001, "bye")))
+            while not parser.closed:
+                data = await stream.receive_some()
+                assert data, "the server closed without echoing the close"
+                out += parser.feed(data)
+            assert out[-1] == F.Close(4001, "")
+            assert await stream.receive_some() == b""  # then the server closes the TCP side
+            await handled.wait()
+            nursery.cancel_scope.cancel()
+    assert got == ["abc", 4001]
+
+
+async def test_a_peer_breaking_the_framing_gets_its_close_code_and_the_server_goes_on():
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        with pytest.raises(WsClosed) as info:
+            await conn.get_message()
+        assert info.value.reason is not None and info.value.reason.code == 1002
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+            stream = await raw_upgrade(port)
+            await stream.send_all(frame(F.OP_TEXT, b"unmasked", mask=False))
+            parser = F.FrameParser(expect_masked=False, max_message_size=1000)
+            out: list[Any] = []
+            while not parser.closed:
+                data = await stream.receive_some()
+                assert data
+                out += parser.feed(data)
+            assert out[-1].code == 1002 and "masked" in out[-1].reason
+            async with open_ws(f"ws://127.0.0.1:{port}/") as conn:  # still serving
+                await conn.send_message("fine")
+            nursery.cancel_scope.cancel()
+
+
+async def test_not_an_upgrade_is_answered_400_saying_what_is_missing():
+    async def handler(request: Any) -> None:
+        raise AssertionError("never called")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400") and b"missing Upgrade: websocket" in answer
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_write_cancelled_half_way_is_finished_before_the_next_frame():
+    # A client that stops reading makes the server's write block part way through a big
+    # message; that write is cancelled. What the server sends next (a small message, then
+    # its close) must still parse: the rest of the big frame goes first.
+    big = b"z" * 8_000_000
+    done = trio.Event()
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        with trio.move_on_after(0.3):
+            await conn.send_message(big)  # blocks: the client is not reading yet
+        await conn.send_message("after")
+        await done.wait()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+            async with open_ws(f"ws://127.0.0.1:{port}/",
+                               config=WsConfig(max_message_size=10_000_000)) as conn:
+                await trio.sleep(0.5)
+                assert await conn.get_message() == big
+                assert await conn.get_message() == "after"
+                done.set()
+                with pytest.raises(WsClosed) as info:
+                    await conn.get_message()
+                assert info.value.reason is not None and info.value.reason.code == 1000
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_websockets_library_talks_to_our_server_both_ways():
+    """Another implementation (the one the openai SDK uses) as the client: its masking,
+    its pings and its close handshake."""
+    from websockets.sync.client import connect
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        try:
+            while True:
+                m = await conn.get_message()
+                await conn.send_message(m)
+        except WsClosed:
+            pass
+
+    def client(port: int) -> list[Any]:
+        with connect(f"ws://127.0.0.1:{port}/", compression="deflate") as ws:
+            out = []
+            for m in ("text", b"\x00bin", "x" * 100_000):
+                ws.send(m)
+                out.append(ws.recv())
+            ws.ping(b"hi").wait(5)
+            return out
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+            out = await trio.to_thread.run_sync(client, port)
+            assert out == ["text", b"\x00bin", "x" * 100_000]
+            nursery.cancel_scope.cancel()
