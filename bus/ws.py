@@ -104,8 +104,9 @@ def connect_failure(exc: BaseException) -> str:
 class WsConfig:
     """Transport tuning. The library defaults (queue 1, 4 KiB reads) cost 2x on 10 KB messages."""
 
-    # Bounded: at most this many whole received messages wait for the application;
-    # beyond it the reader stops reading and TCP pushes back on the peer.
+    # trio-websocket (wss:// dials): at most this many whole received messages wait for the
+    # application; beyond it its reader stops reading and TCP pushes back on the peer. FastWs
+    # has no reader task: it reads only when asked, so at most one read's burst waits.
     message_queue_size: int = 64
     max_message_size: int = 4 * 1024 * 1024
     # None lets trio read whatever the kernel has (one syscall per burst, not per 4 KiB).
@@ -183,7 +184,7 @@ class FastWs:
         self._client = client
         self._parser = F.FrameParser(expect_masked=not client,
                                      max_message_size=config.max_message_size)
-        self._trailing = trailing  # bytes the handshake read past its end: frames already
+        self._trailing = trailing  # read with the upgrade: frames the peer sent right after
         self._bufsize = config.receive_buffer_size
         self._disconnect_timeout = config.disconnect_timeout
         self._queue: collections.deque[str | bytes] = collections.deque()
@@ -382,7 +383,25 @@ class FastWs:
         if not self._close_sent:
             self._close_sent = True
             await self._control(F.OP_CLOSE, F.close_payload(code, reason))
+        await self._drain()
         await self._close_stream()
+
+    async def _drain(self) -> None:
+        """After a framing error nothing more can be parsed, but closing the socket with the
+        peer's bytes still arriving (the rest of an oversize message) would reset the
+        connection, and a reset destroys the close frame the peer has not read yet. So: end our
+        side (FIN after the close frame), drop what comes until the peer closes, at most the
+        disconnect timeout."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(self._disconnect_timeout):
+            while True:
+                try:
+                    if not await self._stream.receive_some(65536):
+                        return
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
 
     async def _peer_closed(self, ev: F.Close) -> None:
         code = F.CLOSE_NO_STATUS if ev.code is None else ev.code
