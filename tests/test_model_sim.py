@@ -189,6 +189,33 @@ def test_changing_instructions_renders_everything_again():
     assert ctx.model_turns == 1
 
 
+def test_an_unchanged_prefix_is_not_serialized_again_and_a_changed_tool_is_seen(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import modellink.sim as sim_mod
+
+    model = SimModel(SimConfig())
+    ctx, _ = _ctx(model, [user("hello")])
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    assert ctx.set_prefix("rules", tools) > 0
+    equal = json.loads(json.dumps(tools))  # what the next request decodes: new, equal lists
+    changed = [{"type": "function", "name": "f",
+                "parameters": {"type": "object", "required": ["x"]}}]
+    serialized: list[Any] = []
+
+    def counting_dumps(obj: Any, **kw: Any) -> str:
+        serialized.append(obj)
+        return json.dumps(obj, **kw)
+
+    monkeypatch.setattr(sim_mod, "json", types.SimpleNamespace(dumps=counting_dumps))
+    assert ctx.set_prefix("rules", equal) == 0
+    assert serialized == []  # recognised without serializing the tools again
+    assert ctx.set_prefix("rules", changed) > 0  # a changed schema is seen and rendered
+    assert serialized == [changed]
+    assert ctx.copy().set_prefix("rules", json.loads(json.dumps(changed))) == 0
+
+
 def test_turns_count_model_responses_and_parallel_calls_are_one_turn():
     model = SimModel(SimConfig())
     ctx, _ = _ctx(model, [user("go"), call("a"), call("b"), result("a", "1"), result("b", "2"),
