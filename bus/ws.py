@@ -644,7 +644,8 @@ async def _dial_fast(url: str, headers: list[tuple[bytes, bytes]] | None,
     try:
         key = base64.b64encode(os.urandom(16))
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD)
-        hostport = host if parts.port is None else f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
+        hostport = name if parts.port is None else f"{name}:{port}"
         data = conn.send(h11.Request(method=b"GET", target=target.encode(), headers=[
             (b"host", hostport.encode()), (b"upgrade", b"websocket"),
             (b"connection", b"Upgrade"), (b"sec-websocket-key", key),

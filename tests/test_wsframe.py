@@ -289,3 +289,26 @@ async def test_a_peer_still_sending_an_oversize_message_gets_its_1009_not_a_rese
                     await conn.get_message()
                 assert info.value.reason is not None and info.value.reason.code == 1009
             nursery.cancel_scope.cancel()
+
+
+async def test_a_dial_to_an_ipv6_literal_sends_a_bracketed_host_header():
+    heads: list[Any] = []
+
+    async def handler(request: Any) -> None:
+        heads.append(dict(request.headers)[b"host"])
+        await request.accept()
+
+    try:
+        listeners = await trio.open_tcp_listeners(0, host="::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = listeners[0].socket.getsockname()[1]
+    for listener in listeners:
+        await listener.aclose()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_ws, handler, "::1", port)
+            async with open_ws(f"ws://[::1]:{port}/"):
+                pass
+            nursery.cancel_scope.cancel()
+    assert heads == [f"[::1]:{port}".encode()]
