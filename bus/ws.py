@@ -198,6 +198,7 @@ class FastWs:
         self._close_reason: _tw.CloseReason | None = None
         self._close_sent = False
         self._send_broken = False  # a write failed: the peer is gone or reset the connection
+        self._pong_stalled = False  # a control frame could not be written in time
         self._ended = False  # nothing more to read: the peer's close, the stream's end, an error
         self._taking = True  # False once aclose began: get_message raises from then on
         self._stream_closed = False
@@ -265,15 +266,24 @@ class FastWs:
                 self._ended = True
                 await self._fail(exc.code, exc.reason)
                 return
+            # Only a burst's last ping is answered (RFC 6455 5.5.3 allows it), and none once
+            # a pong could not be written in time: a peer flooding pings and reading nothing
+            # cannot hold this reader in shielded writes.
+            ping: F.Ping | None = None
             for ev in events:
                 t = type(ev)
                 if t is bytes or t is str:
                     self._queue.append(ev)  # type: ignore[arg-type]
+                elif t is F.Ping:
+                    ping = ev  # type: ignore[assignment]
                 elif t is F.Close:
+                    if ping is not None:  # a pong may not follow our close reply
+                        await self._pong(ping)
+                        ping = None
                     self._ended = True
                     await self._peer_closed(ev)  # type: ignore[arg-type]
-                elif t is F.Ping:
-                    await self._control(F.OP_PONG, ev.payload)  # type: ignore[union-attr]
+            if ping is not None:
+                await self._pong(ping)
         finally:
             self._reading = False
             if self._read_done is not None:
@@ -332,13 +342,19 @@ class FastWs:
             if sent < total:
                 self._unsent = bytes(view[sent:])
 
+    async def _pong(self, ping: F.Ping) -> None:
+        if not self._pong_stalled:
+            await self._control(F.OP_PONG, ping.payload)
+
     async def _control(self, opcode: int, payload: bytes) -> None:
         """A pong or a close: whole or not at all (shielded from the reader's cancel scope,
         bounded by the disconnect timeout), never raising."""
         frame = F.encode_frame(opcode, payload, mask=self._client)
-        with trio.CancelScope(shield=True), trio.move_on_after(self._disconnect_timeout), \
+        with trio.CancelScope(shield=True), trio.move_on_after(self._disconnect_timeout) as t, \
                 contextlib.suppress(WsClosed):
             await self._write(frame)
+        if t.cancelled_caught:  # the peer reads nothing: answer no more pings
+            self._pong_stalled = True
 
     def _lost(self) -> None:
         """The stream broke or ended without a close frame: 1006, as the RFC names it."""

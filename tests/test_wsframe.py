@@ -312,3 +312,29 @@ async def test_a_dial_to_an_ipv6_literal_sends_a_bracketed_host_header():
                 pass
             nursery.cancel_scope.cancel()
     assert heads == [f"[::1]:{port}".encode()]
+
+
+async def test_a_peer_flooding_pings_and_reading_nothing_cannot_hold_the_server():
+    # 60,000 pings of 125 bytes (7.5 MB of pongs if each were answered) and then a message,
+    # from a peer that never reads: the server answers the last ping of each burst, stops
+    # once a pong cannot be written in time, and still reads the message at once.
+    got: list[Any] = []
+    done = trio.Event()
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        got.append(await conn.get_message())
+        done.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(functools.partial(
+                serve_ws, handler, "127.0.0.1", 0, config=WsConfig(disconnect_timeout=1.0)))
+            stream = await raw_upgrade(port)
+            ping = frame(F.OP_PING, b"p" * 125)
+            nursery.start_soon(stream.send_all, ping * 60_000 + frame(F.OP_TEXT, b"still here"))
+            with trio.fail_after(4):
+                await done.wait()
+            assert got == ["still here"]
+            nursery.cancel_scope.cancel()
