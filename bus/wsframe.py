@@ -35,6 +35,8 @@ CLOSE_ABNORMAL: Final = 1006  # never on the wire: the connection ended without 
 CLOSE_BAD_DATA: Final = 1007
 CLOSE_TOO_BIG: Final = 1009
 
+MAX_FRAGMENTS: Final = 4096  # frames one message may arrive in
+
 _H: Final = struct.Struct("!H")
 _Q: Final = struct.Struct("!Q")
 
@@ -202,6 +204,9 @@ class FrameParser:
         if opcode == OP_CONT:
             if self._frag_op is None:
                 raise FrameError(CLOSE_PROTOCOL, "a continuation frame with no message begun")
+            if len(self._frags) >= MAX_FRAGMENTS:  # empty ones would grow the list forever
+                raise FrameError(CLOSE_TOO_BIG, f"a message in more than {MAX_FRAGMENTS} "
+                                                "fragments")
             total = self._frag_len + n
         else:
             if self._frag_op is not None:

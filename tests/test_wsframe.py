@@ -103,6 +103,17 @@ def test_a_message_over_the_limit_is_refused_from_its_header_before_it_is_buffer
         p.feed(frame(F.OP_BINARY, b"x" * 600, fin=False) + frame(F.OP_CONT, b"x" * 600)[:8])
 
 
+def test_a_message_in_endless_empty_fragments_is_refused() -> None:
+    p = server_parser()
+    wire = frame(F.OP_TEXT, b"", fin=False) + frame(F.OP_CONT, b"", fin=False) * F.MAX_FRAGMENTS
+    with pytest.raises(F.FrameError) as info:
+        p.feed(wire)
+    assert info.value.code == 1009 and "fragments" in info.value.reason
+    ok = frame(F.OP_TEXT, b"a", fin=False) + frame(F.OP_CONT, b"b", fin=False) * 100 \
+        + frame(F.OP_CONT, b"c")
+    assert server_parser().feed(ok) == ["a" + "b" * 100 + "c"]
+
+
 def test_a_server_refuses_masked_frames_from_its_peer_when_it_is_the_client() -> None:
     with pytest.raises(F.FrameError, match="must not be masked"):
         F.FrameParser(expect_masked=False, max_message_size=100).feed(frame(F.OP_TEXT, b"x"))
