@@ -5,10 +5,10 @@ Everything else in Switchboard imports WebSocket names from here, never from tri
 Two implementations behind one interface (`WsConnection`: send_message, get_message, aclose,
 closed):
 - `FastWs`, for every server (the bus hub, the sim model server) and every ws:// dial: the
-  frames of `bus.wsframe` (no I/O) over a trio stream, the HTTP upgrade with h11, and one
-  reader task per connection that parses whole bursts of frames at once. It costs ~1/3 of the
-  CPU per message of trio-websocket over wsproto (`python bench/model_link.py` and
-  `bench/bus.py` measure the links it carries), which was a third of a zero-time model turn.
+  frames of `bus.wsframe` (no I/O) over a trio stream, the HTTP upgrade with h11, and no
+  reader task: the task asking for a message reads and parses a whole burst at once. An echoed
+  round trip costs ~85 us of CPU against trio-websocket's ~200 (`python bench/bus.py` reports
+  both as `raw_fastws_*` and `raw_ws_*`).
 - trio-websocket, for wss:// dials: a real provider across the internet over TLS, where
   the network, not the per-message CPU, sets the pace and the mature library handles whatever
   the provider's edge sends.
@@ -179,7 +179,7 @@ class FastWs:
     """
 
     def __init__(self, stream: trio.abc.Stream, *, client: bool, config: WsConfig,
-                 trailing: bytes = b"", path: str = "/") -> None:
+                 trailing: bytes = b"") -> None:
         self._stream = stream
         self._client = client
         self._parser = F.FrameParser(expect_masked=not client,
@@ -202,7 +202,6 @@ class FastWs:
         self._ended = False  # nothing more to read: the peer's close, the stream's end, an error
         self._taking = True  # False once aclose began: get_message raises from then on
         self._stream_closed = False
-        self.path = path
 
     @property
     def closed(self) -> _tw.CloseReason | None:
@@ -216,10 +215,9 @@ class FastWs:
         n = len(self._queue)
         if self._trailing:
             return n + 1
-        sock = getattr(self._stream, "socket", None)
-        if sock is not None and not self._ended:
+        if self._sock is not None and not self._ended:
             with contextlib.suppress(OSError, ValueError):
-                if select.select([sock], [], [], 0)[0]:
+                if select.select([self._sock], [], [], 0)[0]:
                     n += 1
         return n
 
@@ -294,15 +292,19 @@ class FastWs:
         """Send one message (str: text, bytes: binary). Raises WsClosed when the connection is
         closed, closing, or breaks while writing."""
         if self._close_reason is not None or self._send_broken:
-            raise WsClosed(self._close_reason or _tw.CloseReason(F.CLOSE_ABNORMAL, None))
+            raise self._closed_error()
         await self._write(F.encode_message(message, mask=self._client))
 
     async def send_messages(self, messages: list[str | bytes]) -> None:
         """Several messages, each its own WebSocket message, in one write to the socket."""
         if self._close_reason is not None or self._send_broken:
-            raise WsClosed(self._close_reason or _tw.CloseReason(F.CLOSE_ABNORMAL, None))
+            raise self._closed_error()
         mask = self._client
         await self._write(b"".join([F.encode_message(m, mask=mask) for m in messages]))
+
+    def _closed_error(self) -> WsClosed:
+        """What a send on a closed (or broken) connection raises: why it closed, or 1006."""
+        return WsClosed(self._close_reason or _tw.CloseReason(F.CLOSE_ABNORMAL, None))
 
     async def _write(self, data: bytes) -> None:
         lock = self._send_lock
@@ -316,8 +318,7 @@ class FastWs:
             # Only the sending side is known broken: what the peer sent before it went (its
             # close frame, often) is still there to be read, and says why.
             self._send_broken = True
-            raise WsClosed(self._close_reason or _tw.CloseReason(F.CLOSE_ABNORMAL, None)
-                           ) from None
+            raise self._closed_error() from None
         finally:
             lock.release()
 
@@ -458,17 +459,16 @@ class WsRequest:
     `accept()` / `reject(status)`, one of which the handler awaits."""
 
     def __init__(self, stream: trio.abc.Stream, h11conn: h11.Connection, req: h11.Request,
-                 nursery: trio.Nursery, config: WsConfig) -> None:
+                 config: WsConfig) -> None:
         self._stream = stream
         self._h11 = h11conn
-        self._nursery = nursery
         self._config = config
         self.path = req.target.decode("latin-1")
         self.headers: list[tuple[bytes, bytes]] = list(req.headers)
         self.connection: FastWs | None = None
 
     async def accept(self, *, extra_headers: list[tuple[bytes, bytes]] | None = None) -> FastWs:
-        """Answer 101 and return the open connection (its reader runs in the server's nursery).
+        """Answer 101 and return the open connection.
         Raises trio.BrokenResourceError (or OSError) when the peer went away meanwhile."""
         key = _header(self.headers, b"sec-websocket-key") or b""
         data = self._h11.send(h11.InformationalResponse(status_code=101, headers=[
@@ -476,8 +476,7 @@ class WsRequest:
             (b"sec-websocket-accept", _accept_key(key)), *(extra_headers or [])]))
         trailing, _ = self._h11.trailing_data
         await self._stream.send_all(data or b"")
-        conn = FastWs(self._stream, client=False, config=self._config, trailing=bytes(trailing),
-                      path=self.path)
+        conn = FastWs(self._stream, client=False, config=self._config, trailing=bytes(trailing))
         self.connection = conn
         return conn
 
@@ -499,7 +498,7 @@ async def _send_reject(stream: trio.abc.Stream, conn: h11.Connection, status: in
     await trio.aclose_forcefully(stream)
 
 
-async def _read_upgrade(stream: trio.abc.Stream, prefix: bytes, nursery: trio.Nursery,
+async def _read_upgrade(stream: trio.abc.Stream, prefix: bytes,
                         config: WsConfig) -> WsRequest | None:
     """Read an upgrade request (after `prefix`, bytes of it already read). A request that is
     not a valid WebSocket upgrade is answered 400 (saying what is wrong) and gives None."""
@@ -537,28 +536,26 @@ async def _read_upgrade(stream: trio.abc.Stream, prefix: bytes, nursery: trio.Nu
     if problem is not None:
         await _send_reject(stream, conn, 400, f"not a WebSocket upgrade: {problem}\n".encode())
         return None
-    return WsRequest(stream, conn, event, nursery, config)
+    return WsRequest(stream, conn, event, config)
 
 
 async def _serve_connection(handler: Callable[[WsRequest], Awaitable[None]],
                             stream: trio.abc.Stream, config: WsConfig) -> None:
     try:
-        async with trio.open_nursery() as nursery:
-            request = None
-            with trio.move_on_after(config.connect_timeout):
-                try:
-                    request = await _read_upgrade(stream, b"", nursery, config)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    request = None
-            if request is None:  # no valid upgrade in time: the peer's problem alone
-                return
+        request = None
+        with trio.move_on_after(config.connect_timeout):
             try:
-                await handler(request)
-            finally:
-                if request.connection is not None:
-                    with trio.move_on_after(config.disconnect_timeout):
-                        await request.connection.aclose()
-                nursery.cancel_scope.cancel()
+                request = await _read_upgrade(stream, b"", config)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                request = None
+        if request is None:  # no valid upgrade in time: the peer's problem alone
+            return
+        try:
+            await handler(request)
+        finally:
+            if request.connection is not None:
+                with trio.move_on_after(config.disconnect_timeout):
+                    await request.connection.aclose()
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -676,8 +673,7 @@ async def _dial_fast(url: str, headers: list[tuple[bytes, bytes]] | None,
                 raise WsHandshakeError("the server answered 101 without a valid WebSocket "
                                        "accept (Upgrade / Sec-WebSocket-Accept)")
             trailing, _ = conn.trailing_data
-            return FastWs(stream, client=True, config=config, trailing=bytes(trailing),
-                          path=target)
+            return FastWs(stream, client=True, config=config, trailing=bytes(trailing))
         body = bytearray()
         while len(body) < _MAX_REJECT_BODY:
             event = await _next_event(stream, conn)
@@ -807,15 +803,15 @@ async def _tls_failure(url: str) -> ssl.SSLError | None:
 
 
 async def accept_on_stream(
-    nursery: trio.Nursery, stream: trio.abc.Stream, prefix: bytes, *, config: WsConfig = WsConfig()
+    stream: trio.abc.Stream, prefix: bytes, *, config: WsConfig = WsConfig()
 ) -> WsRequest:
     """Read the WebSocket upgrade on a stream whose first `prefix` bytes were already read (an
-    HTTP server that sniffed `Upgrade: websocket`). The connection's reader runs in `nursery`.
+    HTTP server that sniffed `Upgrade: websocket`).
 
     Returns the request; await `.accept()` or `.reject(status)` on it. Raises WsHandshakeError
     when it is not a valid upgrade (answered 400 already).
     """
-    request = await _read_upgrade(stream, prefix, nursery, config)
+    request = await _read_upgrade(stream, prefix, config)
     if request is None:
         raise WsHandshakeError("not a valid WebSocket upgrade (answered 400)")
     return request

@@ -627,13 +627,9 @@ class _WsSession:
         self.nursery.start_soon(self._respond, lane, run)
 
     async def _respond(self, lane: _Lane, run: _Run) -> None:
-        settled = False
-
         def settle() -> None:
-            nonlocal settled
-            if settled:
+            if lane.run is not run:  # settled already (and the lane may hold the next run)
                 return
-            settled = True
             lane.run = None
             if run.status == "completed":
                 lane.cached_id, lane.cached_ctx = run.id, run.ctx
@@ -825,7 +821,7 @@ class _HttpConn:
             return
         cfg = self.server.config
         wscfg = WsConfig(max_message_size=cfg.max_message_bytes * 2)
-        request = await accept_on_stream(nursery, self.stream, bytes(self.raw), config=wscfg)
+        request = await accept_on_stream(self.stream, bytes(self.raw), config=wscfg)
         ws = await request.accept()
         st = self.server.stats
         st.ws_connections_open += 1
