@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from agents.worker import LogShipper, Worker, WorkerConfig
     from bus.errors import CLOSE_GOING_AWAY, CLOSE_RESUME_REFUSED, BusAuthError, BusError
     from bus.logs import configure_logging
+    from bus.runtime import tune_gc
     from orchestrator.cli import leaves
 
     if args.capacity < 1:
@@ -152,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_CANCELLED if signalled else code
         return EXIT_CANCELLED
 
+    tune_gc()
     try:
         return trio.run(main)
     except BaseException as exc:
