@@ -19,8 +19,12 @@ try:  # orjson is optional; it is ~2x faster than stdlib json for log lines
 except ImportError:  # pragma: no cover - exercised only without orjson
     import json
 
+    _encode = json.JSONEncoder(default=str).encode  # json.dumps(default=) builds one per call
+
     def _dumps(obj: Any, default: Any = None) -> bytes:  # type: ignore[misc]
-        return json.dumps(obj, default=default or str).encode()
+        if default is not None:
+            return json.dumps(obj, default=default).encode()
+        return _encode(obj).encode()
 
     _BYTES = True
 
