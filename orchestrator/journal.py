@@ -98,8 +98,12 @@ _TASK_COLS = ("task_id", "kind", "parent", "agent", "state", "attempt", "failure
               "item", "result", "error", "reason", "started", "ended")
 
 
+# One encoder for every row: json.dumps with any non-default argument builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+
+
 def _dumps(v: Any) -> str | None:
-    return None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True)
+    return None if v is None else _encode(v)
 
 
 def _loads(s: str | None) -> Any:

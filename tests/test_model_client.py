@@ -744,6 +744,32 @@ async def test_pooled_websockets_are_counted_back_when_sessions_end(
             nursery.cancel_scope.cancel()
 
 
+async def test_giving_a_link_back_wakes_the_reaper_only_when_nothing_else_was_idle(
+        autojump_clock: Any):
+    # The reaper times the oldest idle link; a link given back is idle since now, so it cannot
+    # change that deadline: giving it must not make the reaper scan every idle link again.
+    from modellink import client as client_mod
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            async with open_model_session(ep) as s:
+                await s.turn([_user("hi")])
+            await trio.sleep(1)  # the reaper now waits for the idle link's timeout
+            pool = client_mod._POOL.get()
+            assert pool is not None
+            before = pool.reaper_passes
+            for _ in range(20):
+                async with open_model_session(ep) as s:
+                    await s.turn([_user("hi")])
+            await trio.sleep(1)
+            assert pool.reaper_passes == before
+            await trio.sleep(client_mod.POOL_IDLE_TIMEOUT_S + 1)  # and it still reaps on time
+            assert info.server.statistics()["ws_connections_open"] == 0
+            nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("keepalive", [True, False])
 async def test_kept_alive_http_connections_are_pooled_like_websockets(keepalive: bool):
     with trio.fail_after(10):
