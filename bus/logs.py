@@ -19,12 +19,16 @@ try:  # orjson is optional; it is ~2x faster than stdlib json for log lines
 except ImportError:  # pragma: no cover - exercised only without orjson
     import json
 
-    _encode = json.JSONEncoder(default=str).encode  # json.dumps(default=) builds one per call
+    # json.dumps(default=...) builds a new JSONEncoder for every line; structlog's renderer
+    # always passes its fallback as `default`, so keep one encoder per fallback function.
+    _encoders: dict[Any, Callable[[Any], str]] = {}
 
     def _dumps(obj: Any, default: Any = None) -> bytes:  # type: ignore[misc]
-        if default is not None:
-            return json.dumps(obj, default=default).encode()
-        return _encode(obj).encode()
+        fallback = default or str
+        encode = _encoders.get(fallback)
+        if encode is None:
+            encode = _encoders[fallback] = json.JSONEncoder(default=fallback).encode
+        return encode(obj).encode()
 
     _BYTES = True
 
