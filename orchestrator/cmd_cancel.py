@@ -76,6 +76,11 @@ def open_for_control(state_dir: str, ref: str) -> tuple[Journal, dict[str, Any]]
     except JournalError as exc:
         journal.close()
         raise ControlError(str(exc)) from None
+    if row["status"] == "stopped":
+        journal.close()
+        raise ControlError(f"run {row['run_id']} stopped ({row['reason']}) and no orchestrator "
+                           "runs it: there is nothing to control. `orchestrator resume "
+                           f"{row['run_id']}` goes on with it once the cause is fixed.")
     if row["status"] != "running":
         journal.close()
         raise ControlError(f"run {row['run_id']} already ended ({row['status']}); there is "

@@ -320,6 +320,17 @@ class Journal:
                               "VALUES (?, NULL, 'run.ended', ?, ?)",
                               (run_id, _dumps({"status": status, "reason": reason}), now))
 
+    def reopen_run(self, run_id: str) -> None:
+        """A run that stopped without ending (status "stopped": no workers were left) runs
+        again: `orchestrator resume` calls this before it goes on."""
+        now = time.time()
+        with self._write():
+            self.conn.execute("UPDATE runs SET status = 'running', ended = NULL, reason = NULL "
+                              "WHERE run_id = ? AND status = 'stopped'", (run_id,))
+            self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "
+                              "VALUES (?, NULL, 'run.reopened', ?, ?)",
+                              (run_id, _dumps({"was": "stopped"}), now))
+
     def _run_dict(self, r: sqlite3.Row) -> dict[str, Any]:
         d = dict(r)
         d["summary"] = _loads(d.pop("summary_json"))

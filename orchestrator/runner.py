@@ -125,6 +125,8 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             return EXIT_BAD_INPUT
         if resume_run is not None:
             # whatever was in flight when the orchestrator died will never report
+            if row["status"] == "stopped":  # no workers were left: it goes on from here
+                journal.reopen_run(run_id)
             closed = journal.close_open_attempts(
                 run_id, "lost", "the orchestrator stopped while this attempt was in flight")
             sched = S.Scheduler.restore(graph, journal.task_records(run_id))
@@ -196,7 +198,9 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     print_summary(outcome.summary, outcome.status, graph=graph)
     print_answers(journal, run_id, graph)
     if outcome.fatal:
-        _err(outcome.fatal)
+        _err(f"{outcome.fatal}. Run {run_id} stopped with its tasks as they were: fix the "
+             f"cause, then `orchestrator resume {run_id}` goes on without repeating what "
+             "finished")
         return EXIT_INTERNAL
     return _exit_code(outcome.status)
 

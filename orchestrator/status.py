@@ -121,7 +121,7 @@ class RunStatus:
     run_id: str
     name: str
     graph_path: str
-    status: str  # running | succeeded | failed | cancelled
+    status: str  # running | succeeded | failed | cancelled | stopped (resumable)
     started: float
     ended: float | None
     reason: str | None
@@ -331,6 +331,9 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
     if gone:
         lines.append(f"orchestrator: not running (killed, or its terminal or machine went "
                      f"away): `orchestrator resume {st.run_id}` finishes the run")
+    elif st.status == "stopped":
+        lines.append(f"orchestrator: stopped, no workers were left: once the cause below is "
+                     f"fixed, `orchestrator resume {st.run_id}` goes on from here")
     if st.graph_path:
         lines.append(f"graph: {st.graph_path}")
     if st.reason:

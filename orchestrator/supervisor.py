@@ -82,7 +82,7 @@ class RunOptions:
 @attrs.define
 class RunOutcome:
     run_id: str
-    status: str  # succeeded | failed | cancelled
+    status: str  # succeeded | failed | cancelled | stopped (no workers left: resumable)
     summary: dict[str, Any]
     fatal: str | None = None  # set when the run could not go on (no workers left)
 
@@ -186,7 +186,7 @@ class Supervisor:
             nursery.cancel_scope.cancel()
         self._sync_journal()
         outcome = self.sched.outcome()
-        status = "failed" if self.fatal else "cancelled" if self.cancel_reason else outcome
+        status = "stopped" if self.fatal else "cancelled" if self.cancel_reason else outcome
         reason = self.fatal or self.cancel_reason
         self.journal.close_open_attempts(
             self.run_id, "cancelled" if status == "cancelled" else "lost",
@@ -313,7 +313,7 @@ class Supervisor:
                 self._sync_journal()
             for worker_id, body in sends:
                 await self._send(worker_id, body)
-            if self.sched.done:
+            if self.sched.done or self.fatal is not None:
                 break  # after carrying out the last actions: a cancel_all's CancelAttempts
             deadline = next_poll
             for t in (self.sched.next_wakeup(), self.table.next_deadline()):
@@ -460,14 +460,18 @@ class Supervisor:
             log.warning(f"task.{v.state}", task_id=v.task_id, reason=v.reason)
 
     def _check_workers_left(self) -> None:
-        """Fail the run when local workers keep crashing and no worker is left to run it."""
+        """Stop the run when local workers keep crashing and no worker is left to run it.
+
+        Its tasks keep their states (none runs: there is no worker), so once the cause is
+        fixed (a tool that kills its process, a bad worker option, no memory) `orchestrator
+        resume RUN` goes on from there: what had finished is not run again."""
         if self.respawn_stopped is None or self.fatal is not None or self.sched.done:
             return
         if self.table.workers or (self.procs is not None and self.procs.procs):
             return
         self.fatal = f"no workers left: {self.respawn_stopped}"
-        log.error("run.no_workers", reason=self.fatal)
-        self.sched.cancel_all(self.fatal, trio.current_time())
+        log.error("run.no_workers", reason=self.fatal,
+                  next=f"fix the cause, then `orchestrator resume {self.run_id}`")
         self.journal.event(self.run_id, None, "run.fatal", {"reason": self.fatal})
 
     # ------------------------------------------------------------ bus input

@@ -742,7 +742,7 @@ async def test_remote_workers_need_the_token_and_a_killed_one_loses_its_leases(r
 
 
 @pytest.mark.slow
-async def test_workers_that_keep_crashing_stop_being_respawned_and_the_run_fails_clearly(
+async def test_workers_that_keep_crashing_stop_being_respawned_and_the_run_stops_clearly(
         tmp_path):
     from orchestrator import scheduler as S
     from orchestrator import supervisor as SV
@@ -758,13 +758,73 @@ async def test_workers_that_keep_crashing_stop_being_respawned_and_the_run_fails
                         sink=lines.append)
     with trio.fail_after(GUARD_S):
         outcome = await sup.run()
-    assert outcome.status == "failed" and outcome.fatal is not None
+    assert outcome.status == "stopped" and outcome.fatal is not None
     assert outcome.fatal.startswith(f"no workers left: {SV.CRASH_LIMIT} local workers exited")
     assert "--capacity must be at least 1" in outcome.fatal  # the last stderr line says why
     assert sup.procs is not None and sup.procs.counter == SV.CRASH_LIMIT
     row = j.get_run("r1")
-    assert row is not None and row["status"] == "failed" and "no workers left" in row["reason"]
-    assert {t["state"] for t in j.task_rows("r1")} == {"cancelled"}
+    assert row is not None and row["status"] == "stopped" and "no workers left" in row["reason"]
+    # nothing ran and nothing was cancelled: a resume has the whole graph still to run
+    assert not {t["state"] for t in j.task_rows("r1")} & {"cancelled", "not_run", "failed"}
+
+
+@pytest.mark.slow
+async def test_a_run_stopped_by_crashing_workers_resumes_without_repeating_what_finished(
+        tmp_path):
+    """Task b's tool kills its worker (kill -9) until a file exists: the respawned workers die
+    one after another, the run stops with a finished first; once "fixed", `orchestrator resume`
+    runs b and never runs a again."""
+    from orchestrator import scheduler as S
+    from orchestrator import supervisor as SV
+    from orchestrator.graph import GraphSpec
+
+    fixed = tmp_path / "fixed"
+    text = ('[run]\nmax_concurrent = 4\ntimeout = "60s"\n'
+            '[agents.ok]\ninstructions = "x"\nscript = [{text = "first"}]\n'
+            '[agents.crashy]\ninstructions = "x"\ntools = ["shell"]\nscript = [\n'
+            f'  {{call = {{name = "shell", arguments = {{cmd = "test -e {fixed} || '
+            'kill -9 $PPID"}}},\n  {text = "second"}]\n'
+            '[[tasks]]\nid = "a"\nagent = "ok"\nprompt = "go"\n'
+            '[[tasks]]\nid = "b"\nagent = "crashy"\nneeds = ["a"]\nprompt = "then"\n')
+    g = GraphSpec.from_text(text, "g.toml")
+    j = Journal.open(tmp_path / "journal.sqlite")
+    j.create_run("r1", graph_path="g.toml", graph_text=g.source_text)
+    opts = SV.RunOptions(state_dir=tmp_path, workers=1, progress="none", token=TOKEN)
+    sup = SV.Supervisor(graph=g, journal=j, run_id="r1", opts=opts, scheduler=S.Scheduler(g),
+                        sink=lambda line: None)
+    with trio.fail_after(GUARD_S):
+        outcome = await sup.run()
+    assert outcome.status == "stopped", outcome
+    assert outcome.fatal is not None and "no workers left" in outcome.fatal
+    states = {t["task_id"]: t["state"] for t in j.task_rows("r1")}
+    assert states["a"] == "succeeded" and states["b"] in ("ready", "queued"), states
+    lost_b = [a for a in j.attempts("r1") if a["task_id"] == "b"]
+    assert len(lost_b) >= SV.CRASH_LIMIT and {a["state"] for a in lost_b} == {"lost"}
+    j.close()
+
+    # the run cannot be cancelled or scaled (nothing runs it): those say to resume it
+    ctl = await trio.run_process(
+        [sys.executable, "-m", "orchestrator", "cancel", "r1", "--state-dir", str(tmp_path)],
+        capture_stdout=True, capture_stderr=True, check=False, env=_env())
+    assert ctl.returncode == 2 and b"orchestrator resume r1" in ctl.stderr
+
+    fixed.touch()
+    with trio.fail_after(GUARD_S):
+        done = await trio.run_process(
+            [sys.executable, "-m", "orchestrator", "resume", "r1", "--state-dir", str(tmp_path),
+             "--workers", "1", "--progress", "plain"],
+            capture_stdout=True, capture_stderr=True, check=False, env=_env())
+    assert done.returncode == 0, done.stderr.decode()
+    j = Journal.open(tmp_path / "journal.sqlite")
+    row = j.get_run("r1")
+    assert row is not None and row["status"] == "succeeded" and row["reason"] is None
+    per_task = {t: [a for a in j.attempts("r1") if a["task_id"] == t] for t in ("a", "b")}
+    assert [a["state"] for a in per_task["a"]] == ["succeeded"]  # not run again
+    assert per_task["b"][-1]["state"] == "succeeded"
+    kinds = [e["kind"] for e in j.events("r1") if e["kind"].startswith("run.")]
+    assert kinds[kinds.index("run.fatal"):] == [
+        "run.fatal", "run.ended", "run.reopened", "run.endpoints", "run.ended"], kinds
+    j.close()
 
 
 @pytest.mark.slow

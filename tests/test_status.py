@@ -280,6 +280,20 @@ def test_finished_run_shows_its_end_and_reason(state, clock):
     assert "reason: cancelled by `orchestrator cancel`" in out
 
 
+def test_a_stopped_run_says_how_to_go_on_and_a_resume_reopens_it(state, clock):
+    tmp_path, j, d = state
+    j.finish_run(RUN, "stopped", summary={}, reason="no workers left: 5 local workers exited")
+    out = ST.render_text(load(tmp_path), tz=datetime.UTC)
+    assert ": stopped, started" in out and "reason: no workers left" in out
+    assert f"`orchestrator resume {RUN}` goes on from here" in out
+    j.reopen_run(RUN)
+    st = load(tmp_path)
+    assert (st.status, st.ended, st.reason) == ("running", None, None)
+    j.finish_run(RUN, "succeeded", summary={})
+    j.reopen_run(RUN)  # only a stopped run reopens
+    assert load(tmp_path).status == "succeeded"
+
+
 def test_pending_requests_are_shown_until_taken(state, clock):
     tmp_path, j, d = state
     j.add_request(RUN, "cancel", task_id="review")
