@@ -699,8 +699,9 @@ async def test_remote_workers_need_the_token_and_a_killed_one_loses_its_leases(r
             return _orch("worker", "--connect", url, "--worker-id", wid, "--capacity", "4",
                          "--state-dir", str(run.state))
 
-        # the run says how workers join it (the token is the run's, set in _env)
-        assert f"orchestrator worker --connect {url}" in run.stderr()
+        # the run says how workers join it (the token is the run's, set in _env); the line
+        # comes after the endpoints are journaled, so wait for it rather than read it at once
+        await until(lambda: f"orchestrator worker --connect {url}" in run.stderr())
         bad = await trio.run_process(remote("intruder"), env=_env("wrong-token"),
                                      capture_stderr=True, check=False)
         assert bad.returncode == 2
