@@ -209,13 +209,14 @@ class FastWs:
         was read says."""
         return self._close_reason
 
-    def queued(self) -> int:
+    def queued(self, *, probe: bool = True) -> int:
         """Messages read and not taken, plus 1 if the socket has unread bytes (or its end): an
-        idle connection the server closed, or wrote to, counts as not empty."""
+        idle connection the server closed, or wrote to, counts as not empty. `probe=False`
+        skips the socket (a syscall) and counts only what was read already."""
         n = len(self._queue)
         if self._trailing:
             return n + 1
-        if self._sock is not None and not self._ended:
+        if probe and self._sock is not None and not self._ended:
             with contextlib.suppress(OSError, ValueError):
                 if select.select([self._sock], [], [], 0)[0]:
                     n += 1
@@ -629,11 +630,12 @@ async def send_messages(conn: WsConnection, messages: list[str | bytes]) -> None
             raise WsClosed(conn._close_reason) from None
 
 
-def queued_messages(conn: WsConnection) -> int:
+def queued_messages(conn: WsConnection, *, probe: bool = True) -> int:
     """How many received messages wait for `get_message` (0 for a connection nobody left
-    anything unread on: one that may be handed to another user)."""
+    anything unread on: one that may be handed to another user). With `probe=False` bytes
+    still unread in the socket are not looked for (no syscall)."""
     if isinstance(conn, FastWs):
-        return conn.queued()
+        return conn.queued(probe=probe)
     return conn._recv_channel.statistics().current_buffer_used
 
 

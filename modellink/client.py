@@ -255,7 +255,7 @@ class _WsPool:
         self._in_use -= 1
 
     def give(self, key: tuple[str, str, str | None], link: _WsLink) -> None:
-        if not _reusable(link, trio.current_time()):
+        if not _reusable(link, trio.current_time(), probe=False):
             link.close()
             return
         link.idle_since = trio.current_time()
@@ -315,10 +315,12 @@ class _WsPool:
             self._peak = self._in_use + self._count
 
 
-def _reusable(link: _WsLink, now: float) -> bool:
-    """True iff another session may take `link`: open, nothing in flight or unread, young."""
+def _reusable(link: _WsLink, now: float, *, probe: bool = True) -> bool:
+    """True iff another session may take `link`: open, nothing in flight or unread, young.
+    `probe=False` does not ask the socket whether unread bytes wait there (a syscall): give()
+    needs no answer, since take() asks before anyone uses the link."""
     return (link.alive and not link.drain_pending and not link.pending
-            and queued_messages(link.conn) == 0
+            and queued_messages(link.conn, probe=probe) == 0
             and now - link.opened_at < POOL_MAX_AGE_S)
 
 

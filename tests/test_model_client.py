@@ -770,6 +770,34 @@ async def test_giving_a_link_back_wakes_the_reaper_only_when_nothing_else_was_id
             nursery.cancel_scope.cancel()
 
 
+async def test_a_pooled_link_asks_its_socket_for_unread_bytes_once_per_session(
+        autojump_clock: Any, monkeypatch: pytest.MonkeyPatch):
+    # take() must look (the server may have closed the idle link); give(), right after the
+    # session read its last response, need not: whatever arrives later, take() sees.
+    import select as select_mod
+
+    from bus import ws as ws_mod
+
+    probes = []
+    real_select = select_mod.select
+
+    def counting_select(*args: Any) -> Any:
+        probes.append(1)
+        return real_select(*args)
+
+    monkeypatch.setattr(ws_mod.select, "select", counting_select)
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            for _ in range(5):
+                async with open_model_session(ep) as s:
+                    await s.turn([_user("hi")])
+                    st = s.statistics()
+            nursery.cancel_scope.cancel()
+    assert st.reused == 1 and len(probes) == 4  # the first session opened its link
+
+
 @pytest.mark.parametrize("keepalive", [True, False])
 async def test_kept_alive_http_connections_are_pooled_like_websockets(keepalive: bool):
     with trio.fail_after(10):
