@@ -84,7 +84,7 @@ class RunOutcome:
     run_id: str
     status: str  # succeeded | failed | cancelled | stopped (no workers left: resumable)
     summary: dict[str, Any]
-    fatal: str | None = None  # set when the run could not go on (no workers left)
+    fatal: str | None = None  # why the run stopped (no workers left); None unless "stopped"
 
 
 def is_loopback(host: str) -> bool:
@@ -186,8 +186,9 @@ class Supervisor:
             nursery.cancel_scope.cancel()
         self._sync_journal()
         outcome = self.sched.outcome()
-        status = "stopped" if self.fatal else "cancelled" if self.cancel_reason else outcome
-        reason = self.fatal or self.cancel_reason
+        # a cancel the user asked for wins over a stop: a cancelled run is not to go on
+        status = "cancelled" if self.cancel_reason else "stopped" if self.fatal else outcome
+        reason = self.cancel_reason or self.fatal
         self.journal.close_open_attempts(
             self.run_id, "cancelled" if status == "cancelled" else "lost",
             "the run ended before the attempt reported")
@@ -197,7 +198,8 @@ class Supervisor:
             self.progress.close(self._progress_state())
         log.info("run.end", status=status, reason=reason,
                  **{k: v for k, v in summary.items() if k != "tasks"})
-        return RunOutcome(run_id=self.run_id, status=status, summary=summary, fatal=self.fatal)
+        return RunOutcome(run_id=self.run_id, status=status, summary=summary,
+                          fatal=self.fatal if status == "stopped" else None)
 
     async def _check_hub_free(self, token: str) -> None:
         """An external hub serves one run at a time: the hub gives the `orchestrator` endpoint
