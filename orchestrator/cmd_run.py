@@ -60,15 +60,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "summary go to stderr; the answer of each final task (one no other task needs) goes "
         "to stdout under a '== TASK ==' line.",
         epilog="exit codes: 0 all tasks succeeded, 1 a task failed, 2 bad input, 3 internal "
-        "error, 130 cancelled")
+        "error, or the run stopped with no worker left (`resume` goes on with it), "
+        "130 cancelled")
     p.add_argument("file", metavar="FILE", help="the task graph (TOML)")
     _common(p)
     p.set_defaults(func=run)
     r = sub.add_parser(
-        "resume", help="finish a run after the orchestrator was killed",
+        "resume", help="finish a run after the orchestrator was killed, or after it stopped",
         description="Resume RUN from the journal: tasks that finished are not run again; "
-        "attempts that were in flight are run again. The graph comes from the journal, not "
-        "a file; a run whose orchestrator is still alive is refused. Output as for run.")
+        "attempts that were in flight are run again. RUN is one whose orchestrator was killed "
+        "(still 'running' in the journal) or one that stopped because no worker was left. "
+        "The graph comes from the journal, not a file; a run whose orchestrator is still "
+        "alive is refused. Output as for run.")
     r.add_argument("run", metavar="RUN", help="run id, unique prefix, or 'latest'")
     _common(r)
     r.set_defaults(func=run_resume)
