@@ -129,7 +129,8 @@ def _supervisor(text: str, state: pathlib.Path, *, capacity: int, log_level: str
     run_id = f"bench-{time.time_ns()}"
     journal.create_run(run_id, graph_path="bench.toml", graph_text=text)
     (state / "runs" / run_id).mkdir(parents=True)
-    log_f = open(state / "runs" / run_id / "log.jsonl", "ab")  # noqa: SIM115 - bench lifetime
+    # unbuffered, as `orchestrator run` writes it (a line is in the file when it is logged)
+    log_f = open(state / "runs" / run_id / "log.jsonl", "ab", buffering=0)  # noqa: SIM115
 
     def sink(line: bytes) -> None:
         log_f.write(line + b"\n")

@@ -848,9 +848,11 @@ class Supervisor:
     def _append_logs(self, lines: list[Any]) -> None:
         if self.sink is None:
             return
-        for line in lines:
-            if isinstance(line, bytes):
-                self.sink(line.replace(b"\n", b" "))
+        # one write for the whole shipped batch: the run's log file is unbuffered, so a write
+        # per line was a syscall per line (the sink ends what it is given with a newline)
+        good = [line.replace(b"\n", b" ") for line in lines if isinstance(line, bytes)]
+        if good:
+            self.sink(b"\n".join(good))
 
     def _progress_state(self) -> dict[str, Any]:
         counts = self.sched.counts()

@@ -130,3 +130,16 @@ async def test_after_a_resume_a_result_the_dead_orchestrator_leased_is_refused_n
     assert sup.sched.task_states()["x"].state in ("ready", "backoff")  # to run again
     refused = [a for a in sup.journal.attempts("r1") if a["task_id"] == "x"]
     assert refused[0]["state"] == "lost"
+
+
+async def test_shipped_log_lines_reach_the_run_log_whole_in_one_write(tmp_path):
+    sup = started(tmp_path)
+    writes: list[bytes] = []
+    sup.sink = writes.append  # the run's sink: it ends each write with a newline
+    sup.bus = ScriptedBus([
+        msg("worker.w1", P.logs("w1", [b'{"event": "a"}', b'{"event": "b\nc"}', "not bytes"])),
+        msg("worker.w1", P.logs("w1", []))])
+    with trio.fail_after(5):
+        await sup._receive_loop()
+    # one write per shipped batch, a line per entry, an embedded newline cannot split a line
+    assert writes == [b'{"event": "a"}\n{"event": "b c"}']
