@@ -568,7 +568,7 @@ class BusClient:
             if seq.unacked < max_out:
                 self._space_lot.unpark_all()
             if conn.wants_write():
-                self._wake_writer()
+                self._writer_wake.owe_ack(conn)
 
     async def _writer(self, ws: _Ws, conn: BusConn) -> None:
         await write_frames(ws, conn, self._writer_wake, ack_delay=self.config.ack_delay,

@@ -389,7 +389,7 @@ class Hub:
                 await self._flush(link)
                 link.finish(CLOSE_NORMAL, "bye", "bus.disconnect")
                 return
-            link.wake()  # we owe an ACK for this frame
+            link.writer_wake.owe_ack(conn)  # we owe an ACK for this frame
 
     async def _writer(self, link: _Link) -> None:
         await write_frames(link.ws, link.conn, link.writer_wake, ack_delay=self.config.ack_delay,

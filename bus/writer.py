@@ -19,14 +19,24 @@ class _FrameSink(Protocol):
 class WriterWake:
     """Parks a writer with nothing to send; waking a writer that is not parked costs nothing."""
 
-    __slots__ = ("_lot", "parked")
+    __slots__ = ("_lot", "parked", "holding_ack")
 
     def __init__(self) -> None:
         self._lot = trio.lowlevel.ParkingLot()
         self.parked = False  # True iff the writer waits on this for work
+        self.holding_ack = False  # True while it holds a lone ACK back for data to carry it
 
     def wake(self) -> None:
         if self.parked:
+            self.parked = False
+            self._lot.unpark_all()
+
+    def owe_ack(self, conn: BusConn) -> None:
+        """A frame came in, so an ACK is owed. A writer already holding one back, which may
+        go on holding it (`conn.ack_can_wait()`), has nothing new to do: it is not woken. Before
+        this, every frame in woke it only to park again (a task switch per frame in the hub
+        and in a receiving client)."""
+        if self.parked and not (self.holding_ack and conn.ack_can_wait()):
             self.parked = False
             self._lot.unpark_all()
 
@@ -44,9 +54,13 @@ async def write_frames(ws: _FrameSink, conn: BusConn, wake: WriterWake, *, ack_d
     """Send `conn`'s frames on `ws` until `stop()` or cancellation; `on_frame` counts each."""
     while not stop():
         if ack_delay > 0 and conn.ack_can_wait():
-            with trio.move_on_after(ack_delay):
-                while conn.ack_can_wait():
-                    await wake.wait()
+            wake.holding_ack = True
+            try:
+                with trio.move_on_after(ack_delay):
+                    while conn.ack_can_wait():
+                        await wake.wait()
+            finally:
+                wake.holding_ack = False
         data = conn.data_to_send()
         if data is None:
             await wake.wait()
