@@ -736,7 +736,7 @@ class Supervisor:
         asked = self.procs is not None and (worker_id in self.procs.draining)
         lost = self.table.remove_worker(worker_id)
         for lease in lost:
-            self._lost(lease.task_id, lease.attempt, f"worker {worker_id} exited with {code}")
+            self._lost(lease.task_id, lease.attempt, f"worker {worker_id} {_how_exited(code)}")
         if (code != 0 and not asked) or lost or (stderr_tail and code != 0):
             log.warning("worker.exited", worker_id=worker_id, code=code, lost=len(lost),
                         stderr_tail=stderr_tail)
@@ -751,7 +751,7 @@ class Supervisor:
             while self.crashes and self.crashes[0] < now - CRASH_WINDOW_S:
                 self.crashes.popleft()
             if len(self.crashes) >= CRASH_LIMIT and self.respawn_stopped is None:
-                last = stderr_tail[-1] if stderr_tail else f"exit code {code}"
+                last = stderr_tail[-1] if stderr_tail else f"it {_how_exited(code)}"
                 self.respawn_stopped = (f"{len(self.crashes)} local workers exited within "
                                         f"{CRASH_WINDOW_S:g}s; last: {last}")
                 log.error("worker.respawn_stopped", reason=self.respawn_stopped)
@@ -883,6 +883,16 @@ class Supervisor:
 async def _start(nursery: trio.Nursery, fn: Any, config: Any, *, what: str) -> Any:
     """nursery.start(fn, config), with a failure to listen raised as one StartError."""
     return await start_listening(nursery, fn, config, what=what, error=StartError)
+
+
+def _how_exited(code: int) -> str:
+    """"exited with 2", or "was killed by SIGKILL" for a process a signal ended."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with {code}"
 
 
 def _usage(res: P.Result) -> dict[str, Any]:

@@ -797,6 +797,7 @@ async def test_a_run_stopped_by_crashing_workers_resumes_without_repeating_what_
         outcome = await sup.run()
     assert outcome.status == "stopped", outcome
     assert outcome.fatal is not None and "no workers left" in outcome.fatal
+    assert outcome.fatal.endswith("last: it was killed by SIGKILL")  # the tool's kill -9
     states = {t["task_id"]: t["state"] for t in j.task_rows("r1")}
     assert states["a"] == "succeeded" and states["b"] in ("ready", "queued"), states
     lost_b = [a for a in j.attempts("r1") if a["task_id"] == "b"]
