@@ -886,7 +886,7 @@ async def _start(nursery: trio.Nursery, fn: Any, config: Any, *, what: str) -> A
 
 
 def _how_exited(code: int) -> str:
-    """"exited with 2", or "was killed by SIGKILL" for a process a signal ended."""
+    """How a worker process ended, e.g. 'exited with 2' or 'was killed by SIGKILL'."""
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
