@@ -226,6 +226,7 @@ class _WsPool:
         conns.append((conn, trio.current_time()))
         if len(conns) > POOL_MAX_IDLE:
             self.nursery.start_soon(conns.pop(0)[0].aclose)
+        self.wake()
 
     def close_all_http(self) -> None:
         """Close every idle HTTP connection now (their sockets; no I/O to wait for)."""
@@ -503,7 +504,6 @@ class ModelSession:
             if pool is not None and self._http_key is not None and not self._busy \
                     and http.reusable:
                 pool.give_http(self._http_key, http)
-                pool.wake()
             else:
                 await http.aclose()
 

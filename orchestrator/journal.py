@@ -320,16 +320,21 @@ class Journal:
                               "VALUES (?, NULL, 'run.ended', ?, ?)",
                               (run_id, _dumps({"status": status, "reason": reason}), now))
 
-    def reopen_run(self, run_id: str) -> None:
+    def reopen_run(self, run_id: str) -> bool:
         """A run that stopped without ending (status "stopped": no workers were left) runs
-        again: `orchestrator resume` calls this before it goes on."""
+        again: `orchestrator resume` calls this before it goes on. Any other run is left as it
+        is. Returns True iff the run was reopened."""
         now = time.time()
         with self._write():
-            self.conn.execute("UPDATE runs SET status = 'running', ended = NULL, reason = NULL "
-                              "WHERE run_id = ? AND status = 'stopped'", (run_id,))
+            cur = self.conn.execute(
+                "UPDATE runs SET status = 'running', ended = NULL, reason = NULL "
+                "WHERE run_id = ? AND status = 'stopped'", (run_id,))
+            if cur.rowcount != 1:
+                return False
             self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "
                               "VALUES (?, NULL, 'run.reopened', ?, ?)",
                               (run_id, _dumps({"was": "stopped"}), now))
+        return True
 
     def _run_dict(self, r: sqlite3.Row) -> dict[str, Any]:
         d = dict(r)

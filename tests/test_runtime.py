@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -66,7 +67,6 @@ def _args(command: str, tmp_path: Any) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    import os
     env = dict(os.environ)
     env["SWITCHBOARD_TOKEN"] = "t"
     return env

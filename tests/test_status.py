@@ -290,8 +290,9 @@ def test_a_stopped_run_says_how_to_go_on_and_a_resume_reopens_it(state, clock):
     st = load(tmp_path)
     assert (st.status, st.ended, st.reason) == ("running", None, None)
     j.finish_run(RUN, "succeeded", summary={})
-    j.reopen_run(RUN)  # only a stopped run reopens
+    assert not j.reopen_run(RUN)  # only a stopped run reopens
     assert load(tmp_path).status == "succeeded"
+    assert [e["kind"] for e in j.events(RUN)].count("run.reopened") == 1
 
 
 def test_pending_requests_are_shown_until_taken(state, clock):
