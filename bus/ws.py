@@ -123,6 +123,12 @@ def _kw(cfg: WsConfig) -> dict[str, Any]:
     }
 
 
+_RECV_SIZE = 65536  # trio's SocketStream default
+_IO_BUDGET = 4096  # see FastWs._recv_direct
+_IO_CALL_COST = 512
+_os_write = os.write  # a name of this module's, so a test can count the writes
+
+
 # What a plain ws:// server answers a TLS ClientHello (a wss:// URL): plain HTTP, which the
 # client's TLS layer reports at once as "wrong version number" (connect_failure then says to
 # use ws://). Left unanswered, the hello waits for an HTTP line that never comes, and the
@@ -195,6 +201,9 @@ class FastWs:
         self._sock: trio.socket.SocketType | None = (
             sock if isinstance(sock, trio.socket.SocketType) else None)
         self._unsent = b""  # the rest of a frame whose write was cancelled half way
+        # What socket calls that completed without waiting may still do before one yields
+        # (see _recv_direct), so a busy peer cannot starve the process's other tasks.
+        self._io_budget = _IO_BUDGET
         self._close_reason: _tw.CloseReason | None = None
         self._close_sent = False
         self._send_broken = False  # a write failed: the peer is gone or reset the connection
@@ -252,10 +261,7 @@ class FastWs:
             if self._trailing:
                 data, self._trailing = self._trailing, b""
             else:
-                try:
-                    data = await self._stream.receive_some(self._bufsize)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                data = await self._recv()
             if not data:
                 self._lost()
                 return
@@ -288,6 +294,48 @@ class FastWs:
             if self._read_done is not None:
                 self._read_done.set()
                 self._read_done = None
+
+    async def _recv(self) -> bytes | bytearray:
+        """The next bytes from the stream; b"" at its end, or when it broke or was closed."""
+        sock = self._sock
+        if sock is None:  # not a socket (a test's memory stream)
+            try:
+                return await self._stream.receive_some(self._bufsize)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+        return await self._recv_direct(sock)
+
+    async def _recv_direct(self, sock: trio.socket.SocketType) -> bytes:
+        # trio's socket calls end every call that did not wait with a yield to the scheduler
+        # (checkpoint, call, then cancel_shielded_checkpoint): a run-loop pass per read and per
+        # write: most of the CPU of a small frame. Here a call that completes at once only
+        # checks for cancellation; one that must wait parks in wait_readable, a schedule point;
+        # and calls that never waited yield once they have spent _IO_BUDGET (each counts its
+        # bytes plus _IO_CALL_COST: a 64 KiB read yields at once, as trio's would, and a run
+        # of small frames every ~7 calls). The fd is read from the socket at each call: -1
+        # once closed (EBADF, never a number reused by another file).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        size = self._bufsize or _RECV_SIZE
+        while True:
+            try:
+                data = os.read(sock.fileno(), size)
+            except BlockingIOError:
+                self._io_budget = _IO_BUDGET
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:  # another task closed the stream
+                    return b""
+                continue
+            except OSError:  # reset, or closed (EBADF): the stream's end, as trio would say
+                return b""
+            await self._after_io(len(data))
+            return data
+
+    async def _after_io(self, nbytes: int) -> None:
+        self._io_budget -= nbytes + _IO_CALL_COST
+        if self._io_budget < 0:
+            self._io_budget = _IO_BUDGET
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_message(self, message: str | bytes) -> None:
         """Send one message (str: text, bytes: binary). Raises WsClosed when the connection is
@@ -334,12 +382,21 @@ class FastWs:
         if sock is None:  # not a socket: a stream that cannot say how much it sent
             await self._stream.send_all(data)
             return
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled task sends nothing
         view = memoryview(data)
         total = len(data)
         sent = 0
         try:
-            while sent < total:
-                sent += await sock.send(view[sent:])
+            while True:  # as _recv_direct: a write that completes at once has no yield
+                try:
+                    sent += _os_write(sock.fileno(), view[sent:])
+                except BlockingIOError:
+                    self._io_budget = _IO_BUDGET
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                if sent >= total:
+                    break
+            await self._after_io(total)
         finally:
             if sent < total:
                 self._unsent = bytes(view[sent:])

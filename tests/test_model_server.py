@@ -18,6 +18,7 @@ import pytest
 import trio
 
 import modellink.server as server_mod
+from bus import ws as ws_module
 from bus.ws import (
     WsClosed,
     WsConnection,
@@ -329,21 +330,24 @@ async def test_model_time_is_ttft_plus_uncached_prefill_plus_decode_as_it_stream
             assert times[-1][1] == pytest.approx(prefill + 1.0, abs=1e-6)  # 100 tokens
 
 
-async def test_send_messages_sends_each_as_its_own_message_in_one_write_and_raises_when_closed():
+async def test_send_messages_sends_each_as_its_own_message_in_one_write_and_raises_when_closed(
+        monkeypatch: pytest.MonkeyPatch):
     got: list[str | bytes] = []
     writes: list[int] = []
     writes_before_close: list[int] = []
+    fds: list[int] = []
+    real_write = ws_module._os_write
+
+    def counting_write(fd: int, data: Any) -> int:  # FastWs writes to the fd, a syscall each
+        if fd in fds:
+            writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(ws_module, "_os_write", counting_write)
 
     async def handler(request: Any) -> None:
         conn = await request.accept()
-        sock = conn._sock  # FastWs writes with the socket's send, a syscall each
-        real_send = sock.send
-
-        async def counting_send(data: Any) -> int:
-            writes.append(len(data))
-            return await real_send(data)
-
-        sock.send = counting_send
+        fds.append(conn._sock.fileno())
         await send_messages(conn, ["one", b"\x00two", "three"])
         writes_before_close.append(len(writes))
         await conn.aclose()

@@ -218,6 +218,67 @@ async def test_not_an_upgrade_is_answered_400_saying_what_is_missing():
             nursery.cancel_scope.cancel()
 
 
+async def _count_schedule_points(work: Any) -> int:
+    """How many times a task that is always runnable ran while `work` ran: the number of
+    schedule points `work` passed (trio runs each runnable task once per loop pass)."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()  # the ticker is parked on its own checkpoint
+        before = ticks
+        await work()
+        counted = ticks - before
+        nursery.cancel_scope.cancel()
+    return counted
+
+
+async def test_small_frames_read_and_written_at_once_yield_every_few_calls_not_every_call():
+    # trio's socket calls yield after every call; ours only when they had to wait, or once a
+    # run of calls that did not wait has moved ~4 KiB (a small frame counts ~0.6 KiB). A
+    # connection busy with small frames gives up most of those loop passes, and still
+    # cannot starve the process: the other tasks run every few calls.
+    n = 200
+    read_ticks: list[int] = []
+    write_ticks: list[int] = []
+    served = trio.Event()
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+
+        async def read_all() -> None:
+            for i in range(n):
+                assert await conn.get_message() == f"m{i:03}"
+
+        async def write_all() -> None:
+            for i in range(n):
+                await conn.send_message(f"w{i:03}")
+
+        await trio.sleep(0.2)  # every frame is in the socket: no read has to wait
+        read_ticks.append(await _count_schedule_points(read_all))
+        write_ticks.append(await _count_schedule_points(write_all))
+        served.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(functools.partial(
+                serve_ws, config=WsConfig(receive_buffer_size=64)), handler, "127.0.0.1", 0)
+            stream = await raw_upgrade(port)
+            await stream.send_all(b"".join(frame(F.OP_TEXT, f"m{i:03}".encode())
+                                           for i in range(n)))
+            await served.wait()
+            nursery.cancel_scope.cancel()
+    # 64-byte reads: n * 6 bytes of frames is ~19 reads; n writes of 6 bytes.
+    assert 2 <= read_ticks[0] <= 10, read_ticks
+    assert n // 12 <= write_ticks[0] <= n // 4, write_ticks
+
+
 async def test_a_write_cancelled_half_way_is_finished_before_the_next_frame():
     # A client that stops reading makes the server's write block part way through a big
     # message; that write is cancelled. What the server sends next (a small message, then
