@@ -6,9 +6,10 @@ Two implementations behind one interface (`WsConnection`: send_message, get_mess
 closed):
 - `FastWs`, for every server (the bus hub, the sim model server) and every ws:// dial: the
   frames of `bus.wsframe` (no I/O) over a trio stream, the HTTP upgrade with h11, and no
-  reader task: the task asking for a message reads and parses a whole burst at once. An echoed
-  round trip costs ~85 us of CPU against trio-websocket's ~200 (`python bench/bus.py` reports
-  both as `raw_fastws_*` and `raw_ws_*`).
+  reader task: the task asking for a message reads and parses a whole burst at once, and
+  reads and writes the socket itself, with no run-loop pass after a call that did not wait.
+  One message per WebSocket message, echoed: ~65k/s against trio-websocket's ~11k on the
+  2-core box (`python bench/bus.py` reports both as `raw_fastws_*` and `raw_ws_*`).
 - trio-websocket, for wss:// dials: a real provider across the internet over TLS, where
   the network, not the per-message CPU, sets the pace and the mature library handles whatever
   the provider's edge sends.
