@@ -279,6 +279,53 @@ async def test_small_frames_read_and_written_at_once_yield_every_few_calls_not_e
     assert n // 12 <= write_ticks[0] <= n // 4, write_ticks
 
 
+async def test_a_reader_waiting_on_the_socket_ends_when_the_connection_closes_or_resets():
+    # The reader parks in wait_readable on the socket itself. Closing the connection from
+    # another task (the peer never answers our close) wakes it with WsClosed, and so does a
+    # peer that resets the TCP connection (1006): never a hang, never a raw OSError.
+    import socket
+
+    outcomes: list[Any] = []
+    ended = [trio.Event(), trio.Event()]
+    accepted = 0
+
+    async def handler(request: Any) -> None:
+        nonlocal accepted
+        conn = await request.accept()
+        accepted += 1
+        first = accepted == 1
+
+        async def read_until_closed() -> None:
+            try:
+                await conn.get_message()
+                outcomes.append("a message?")
+            except WsClosed as exc:
+                outcomes.append(exc.reason and exc.reason.code)
+            ended[len(outcomes) - 1].set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_until_closed)
+            if first:
+                await trio.sleep(0.1)  # the reader is parked on the socket
+                await conn.aclose(4000, "bye")  # never answered: the stream closes at 0.3 s
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(functools.partial(
+                serve_ws, config=WsConfig(disconnect_timeout=0.3)), handler, "127.0.0.1", 0)
+            silent = await raw_upgrade(port)  # reads nothing, answers nothing
+            await ended[0].wait()
+            resetting = await raw_upgrade(port)
+            await trio.sleep(0.2)
+            resetting.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+            await resetting.aclose()
+            await ended[1].wait()
+            await silent.aclose()
+            nursery.cancel_scope.cancel()
+    assert outcomes == [4000, 1006]
+
+
 async def test_a_write_cancelled_half_way_is_finished_before_the_next_frame():
     # A client that stops reading makes the server's write block part way through a big
     # message; that write is cancelled. What the server sends next (a small message, then
