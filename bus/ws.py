@@ -128,6 +128,8 @@ _RECV_SIZE = 65536  # trio's SocketStream default
 _IO_BUDGET = 4096  # see FastWs._recv_direct
 _IO_CALL_COST = 512
 _os_write = os.write  # a name of this module's, so a test can count the writes
+# os.read/os.write on a socket's fd: POSIX only (Windows sockets are not file descriptors)
+_DIRECT_IO = os.name == "posix"
 
 
 # What a plain ws:// server answers a TLS ClientHello (a wss:// URL): plain HTTP, which the
@@ -299,7 +301,7 @@ class FastWs:
     async def _recv(self) -> bytes | bytearray:
         """The next bytes from the stream; b"" at its end, or when it broke or was closed."""
         sock = self._sock
-        if sock is None:  # not a socket (a test's memory stream)
+        if sock is None or not _DIRECT_IO:  # a test's memory stream; not POSIX
             try:
                 return await self._stream.receive_some(self._bufsize)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -383,10 +385,18 @@ class FastWs:
         if sock is None:  # not a socket: a stream that cannot say how much it sent
             await self._stream.send_all(data)
             return
-        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled task sends nothing
         view = memoryview(data)
         total = len(data)
         sent = 0
+        if not _DIRECT_IO:
+            try:
+                while sent < total:
+                    sent += await sock.send(view[sent:])
+            finally:
+                if sent < total:
+                    self._unsent = bytes(view[sent:])
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled task sends nothing
         try:
             while True:  # as _recv_direct: a write that completes at once has no yield
                 try:

@@ -14,6 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bus import ws as ws_module
 from bus import wsframe as F
 from bus.ws import WsClosed, WsConfig, open_ws, serve_ws
 
@@ -324,6 +325,30 @@ async def test_a_reader_waiting_on_the_socket_ends_when_the_connection_closes_or
             await silent.aclose()
             nursery.cancel_scope.cancel()
     assert outcomes == [4000, 1006]
+
+
+async def test_where_sockets_are_not_file_descriptors_trios_socket_calls_carry_the_frames(
+        monkeypatch: pytest.MonkeyPatch):
+    # Not POSIX (Windows): no os.read/os.write on a socket, so the connection reads through
+    # its stream and writes with trio's socket send. Same messages, same close.
+    monkeypatch.setattr(ws_module, "_DIRECT_IO", False)
+    monkeypatch.setattr(ws_module, "_os_write", None)  # any direct write would fail
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        with contextlib.suppress(WsClosed):
+            while True:
+                await conn.send_message(await conn.get_message())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+            async with open_ws(f"ws://127.0.0.1:{port}/") as conn:
+                messages: list[str | bytes] = ["one", b"two", "x" * 100_000]
+                for m in messages:
+                    await conn.send_message(m)
+                    assert await conn.get_message() == m
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_write_cancelled_half_way_is_finished_before_the_next_frame():
