@@ -10,6 +10,9 @@ the consumer through the hub. Throughput is end to end (first to last message at
 consumer) with a credit window so the publisher never outruns the hub's slow-consumer limit.
 Latency is measured at half the measured throughput: the publisher paces sends every
 millisecond, the consumer subtracts the send time (CLOCK_MONOTONIC is shared by processes).
+latency_cpu_us_per_msg / latency_cpu_pct_of_one_core: each process's CPU per message over the
+middle of that paced run, and all three's share of the cores (200 = all of a 2-core machine),
+so each run says how near saturation its p99 was measured.
 raw_ws_msgs_per_s: plain trio-websocket echo, one message per WS message, pipelined; each
 counted message crosses the socket twice and the echo server both receives and sends it.
 raw_ws_oneway_msgs_per_s: the same server, the client streams one way and waits for one ack
@@ -242,12 +245,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_pair(url: str, n: int, rate: int, latency: bool) -> dict[str, Any]:
+async def run_pair(url: str, n: int, rate: int, latency: bool,
+                   hub: trio.Process | None = None) -> dict[str, Any]:
     cons, cons_out = await spawn("consumer", "--url", url, "--n", str(n),
                                  *(["--latency"] if latency else []))
     await trio.sleep(0.3)  # the consumer connects first so the publisher's "ready?" finds it
     pub, _ = await spawn("publisher", "--url", url, "--n", str(n), "--rate", str(rate))
+    cpu: dict[str, float] = {}
+    if rate and hub is not None:
+        # CPU of each process over the paced run's middle (past start-up, before the end):
+        # how much of the two cores the latency is measured at, in the same run.
+        procs = {"hub": hub.pid, "publisher": pub.pid, "consumer": cons.pid}
+        run_s = n / rate
+        await trio.sleep(min(1.5, run_s / 4))
+        c0, t0 = {k: cpu_seconds(p) for k, p in procs.items()}, time.perf_counter()
+        await trio.sleep(run_s / 2)
+        dt = time.perf_counter() - t0
+        cpu = {k: cpu_seconds(p) - c0[k] for k, p in procs.items()}
+        cpu["seconds"] = dt
     result = await read_json(cons_out)
+    if cpu:
+        dt = cpu.pop("seconds")
+        result["cpu_us_per_msg"] = {k: round(v / (rate * dt) * 1e6, 2) for k, v in cpu.items()}
+        result["cpu_pct_of_one_core"] = round(sum(cpu.values()) / dt * 100)
     await cons.wait()
     await pub.wait()
     if "error" in result or pub.returncode:
@@ -269,7 +289,7 @@ async def conductor(quick: bool) -> dict[str, Any]:
         rates = sorted(r["received"] / r["seconds"] for r in runs)
         routed = rates[len(rates) // 2]
         half = int(routed / 2)
-        lat = await run_pair(url, int(half * lat_seconds), half, True)
+        lat = await run_pair(url, int(half * lat_seconds), half, True, hub)
     finally:
         hub.terminate()
         await hub.wait()
@@ -298,6 +318,10 @@ async def conductor(quick: bool) -> dict[str, Any]:
         "max_ms": round(lat["max_ms"], 3),
         "latency_rate_msgs_per_s": half,
         "latency_messages": lat["received"],
+        # at the latency rate: each process's CPU per message, and all three's share of the
+        # cores (200 = both of a 2-core machine); p99 climbs as this nears the whole
+        "latency_cpu_us_per_msg": lat["cpu_us_per_msg"],
+        "latency_cpu_pct_of_one_core": lat["cpu_pct_of_one_core"],
         "raw_ws_msgs_per_s": round(raw["tw"][0]),
         "raw_ws_oneway_msgs_per_s": round(raw["tw"][1]),
         "raw_fastws_msgs_per_s": round(raw["fast"][0]),
