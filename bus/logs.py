@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, MutableMapping
 from typing import IO, Any
 
 import structlog
@@ -31,6 +32,25 @@ except ImportError:  # pragma: no cover - exercised only without orjson
         return encode(obj).encode()
 
     _BYTES = True
+
+_second: tuple[int, str] = (-1, "")  # the last whole second stamped, and its text
+
+
+def add_timestamp(_logger: Any, _method: str,
+                  event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """`timestamp`: UTC, ISO 8601, always with microseconds ("2026-11-25T17:05:03.000000Z").
+    structlog's TimeStamper("iso") drops ".000000" at a whole second, and the text then sorts
+    after the rest of that second: `logs` puts lines in order by this text. The date and time
+    of day are formatted once per second, not per line (~5 us a line with TimeStamper)."""
+    global _second
+    t = time.time()
+    sec = int(t)
+    known = _second  # one read: another thread may replace it
+    if known[0] != sec:
+        known = _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    event_dict["timestamp"] = f"{known[1]}.{int((t - sec) * 1_000_000):06d}Z"
+    return event_dict
+
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
@@ -88,7 +108,7 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
             processors=[
                 structlog.contextvars.merge_contextvars,
                 structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                add_timestamp,
                 structlog.processors.format_exc_info,
                 structlog.processors.JSONRenderer(serializer=_dumps),
             ],
@@ -100,7 +120,7 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_timestamp,
         structlog.processors.format_exc_info,
     ]
     if json:

@@ -1,10 +1,15 @@
 """Pins bus.logs: loggers made at import follow the configuration set later; ids reach lines."""
 
 import json
+import time
+from datetime import UTC, datetime
 
+import pytest
 import structlog
 
+from bus import logs as logs_module
 from bus.logs import configure_logging, get_logger, level_number
+from orchestrator.logview import TimeOrder, parse_ts
 
 log = get_logger("early")  # made before configure_logging, as every module-level logger is
 
@@ -36,3 +41,27 @@ def test_unknown_level_names_the_allowed_ones():
         assert "debug" in str(exc) and "loud" in str(exc)
     else:
         raise AssertionError("no error for an unknown level")
+
+
+def test_timestamps_always_carry_microseconds_so_their_text_sorts_in_time_order(
+        monkeypatch: pytest.MonkeyPatch):
+    # A line at a whole second used to read "...:03Z" (isoformat drops ".000000"), which
+    # sorts after "...:03.5Z": `logs` orders lines by this text, and put it last.
+    lines: list[bytes] = []
+    configure_logging(json=True, level="info", tee=lines.append, quiet=True)
+    whole = 1795626303.0  # 2026-11-25T17:05:03Z
+    for t in (whole, whole + 0.5, whole + 1.25):
+        monkeypatch.setattr(logs_module.time, "time", lambda t=t: t)
+        log.info("tick")
+    stamps = [json.loads(line)["timestamp"] for line in lines]
+    assert stamps == ["2026-11-25T17:05:03.000000Z", "2026-11-25T17:05:03.500000Z",
+                      "2026-11-25T17:05:04.250000Z"]
+    order = TimeOrder(window=10)
+    for i, ts in reversed(list(enumerate(stamps))):
+        order.push({"timestamp": ts}, i)
+    assert order.drain() == [0, 1, 2]
+    assert parse_ts(stamps[0]) == datetime.fromtimestamp(whole, UTC)
+    monkeypatch.undo()  # the real clock: a stamp within seconds of now
+    log.info("now")
+    got = parse_ts(json.loads(lines[-1])["timestamp"])
+    assert got is not None and abs(got.timestamp() - time.time()) < 5
