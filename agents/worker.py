@@ -462,8 +462,9 @@ class Worker:
                 r.side = None
                 if registry is not None:
                     registry.close()  # the shell's spare process exits
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
-                    await self._unhold(lease.task_id if claimed else None, subscribed)
+                if claimed or subscribed:  # (most attempts hold neither: no scope to enter)
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+                        await self._unhold(lease.task_id if claimed else None, subscribed)
         if r.scope.cancelled_caught:
             status, error = "cancelled", r.cancel_reason or "cancelled"
         return self._result(r, status, text=text, outputs=outputs, error=error, again=again)
