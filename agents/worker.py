@@ -8,6 +8,7 @@ the model response is cancelled at the server, tool process groups are killed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import pathlib
@@ -438,7 +439,9 @@ class Worker:
                         self.subs[pattern] += 1
                         if self.subs[pattern] == 1:
                             await self.bus.subscribe(pattern)
-                    async with trio.open_nursery() as side:
+                    # Asks reach a task through its alias: one that claimed none needs no
+                    # nursery to answer them in.
+                    async with _side_nursery(claimed) as side:
                         r.side = side
                         async with open_model_session(
                             self._endpoint(lease), instructions=agent.instructions,
@@ -449,7 +452,8 @@ class Worker:
                                                        session=session, registry=registry,
                                                        state=r.state, deadline=deadline)
                         r.side = None
-                        side.cancel_scope.cancel()  # answers in progress end with the task
+                        if side is not None:
+                            side.cancel_scope.cancel()  # answers in progress end with the task
                     status, text, outputs, error = out.status, out.text, out.outputs, out.error
                 if dl.cancelled_caught:
                     error = f"timed out after {lease.timeout_s:g}s at {r.state.where()}"
@@ -532,6 +536,19 @@ class Worker:
                                     P.bye(self.config.worker_id, self.stop_reason or "drained"))
             except BusError:
                 pass
+
+
+class _NoNursery:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+def _side_nursery(wanted: bool) -> contextlib.AbstractAsyncContextManager[trio.Nursery | None]:
+    """A nursery for an attempt's side tasks (answers to asks), or None when none can come."""
+    return trio.open_nursery() if wanted else _NoNursery()
 
 
 def _leaf(exc: BaseException) -> BaseException:
