@@ -96,6 +96,8 @@ def parse_outputs(text: str) -> dict[str, Any]:
         s = s.strip("`")
         if s.startswith("json"):
             s = s[4:]
+    if not s.lstrip().startswith("{"):  # not an object: no need to have json say so, slowly
+        return {}
     try:
         v = json.loads(s)
     except ValueError:

@@ -83,6 +83,7 @@ def test_outputs_are_the_final_answer_parsed_as_a_json_object():
     assert parse_outputs('```json\n{"x": 1}\n```') == {"x": 1}
     assert parse_outputs("plain text") == {}
     assert parse_outputs("[1, 2]") == {}
+    assert parse_outputs(' \n {"y": 2} ') == {"y": 2} and parse_outputs("{not json") == {}
 
 
 def test_turn_cost_prices_uncached_cached_and_output_tokens():
