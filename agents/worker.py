@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -45,7 +46,12 @@ READERS = frozenset({"read_topic", "read_messages"})  # tools that read a task's
 def workspace_dir(root: pathlib.Path, run_id: str, task_id: str) -> pathlib.Path:
     """The task's directory: one path segment per task, so a spawned child `plan/1` is a
     sibling of `plan`, not inside its workspace (`/` and `%` are %-escaped)."""
-    return root / run_id / urllib.parse.quote(task_id, safe="[]-_.")
+    return _run_dir(root, run_id) / urllib.parse.quote(task_id, safe="[]-_.")
+
+
+@functools.lru_cache(maxsize=16)
+def _run_dir(root: pathlib.Path, run_id: str) -> pathlib.Path:
+    return root / run_id  # once per run, not per attempt: path joins are slow
 
 
 class MissingModelKeyError(ValueError):
