@@ -132,6 +132,22 @@ _os_write = os.write  # a name of this module's, so a test can count the writes
 _DIRECT_IO = os.name == "posix"
 
 
+def _readable_now(fd: int) -> bool:
+    """True iff `fd` has bytes to read, its end, or an error, now. poll, not select: select
+    refuses a descriptor numbered 1024 or more (ValueError), which a process holding ~1,000
+    connections reaches, and the probe then said "nothing unread" for every link."""
+    if fd < 0:
+        return False
+    if _poll is None:  # no poll (Windows): select, whose limit there is a count, not a number
+        return bool(select.select([fd], [], [], 0)[0])
+    p = _poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+_poll = getattr(select, "poll", None)
+
+
 # What a plain ws:// server answers a TLS ClientHello (a wss:// URL): plain HTTP, which the
 # client's TLS layer reports at once as "wrong version number" (connect_failure then says to
 # use ws://). Left unanswered, the hello waits for an HTTP line that never comes, and the
@@ -230,7 +246,7 @@ class FastWs:
             return n + 1
         if probe and self._sock is not None and not self._ended:
             with contextlib.suppress(OSError, ValueError):
-                if select.select([self._sock], [], [], 0)[0]:
+                if _readable_now(self._sock.fileno()):
                     n += 1
         return n
 

@@ -774,18 +774,16 @@ async def test_a_pooled_link_asks_its_socket_for_unread_bytes_once_per_session(
         autojump_clock: Any, monkeypatch: pytest.MonkeyPatch):
     # take() must look (the server may have closed the idle link); give(), right after the
     # session read its last response, need not: whatever arrives later, take() sees.
-    import select as select_mod
-
     from bus import ws as ws_mod
 
     probes = []
-    real_select = select_mod.select
+    real_probe = ws_mod._readable_now
 
-    def counting_select(*args: Any) -> Any:
+    def counting_probe(fd: int) -> bool:  # the socket probe: one poll() syscall
         probes.append(1)
-        return real_select(*args)
+        return real_probe(fd)
 
-    monkeypatch.setattr(ws_mod.select, "select", counting_select)
+    monkeypatch.setattr(ws_mod, "_readable_now", counting_probe)
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
             info = await _serve(nursery)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from bus import ws as ws_module
 from bus import wsframe as F
-from bus.ws import WsClosed, WsConfig, open_ws, serve_ws
+from bus.ws import WsClosed, WsConfig, open_ws, queued_messages, serve_ws
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True,
@@ -349,6 +349,50 @@ async def test_where_sockets_are_not_file_descriptors_trios_socket_calls_carry_t
                     await conn.send_message(m)
                     assert await conn.get_message() == m
             nursery.cancel_scope.cancel()
+
+
+async def test_unread_bytes_are_found_on_a_socket_numbered_past_select_limit():
+    # The model link's pool asks a link for unread bytes (a server's close, a stray event)
+    # before lending it again. select() refuses descriptors numbered 1024 and up, which a
+    # process holding ~1,000 connections reaches: the probe then said "nothing unread".
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"this process may open only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers: list[int] = []
+    opened, written = trio.Event(), trio.Event()
+    try:
+        while not fillers or fillers[-1] < 1030:  # what opens next is numbered past 1024
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+
+        async def handler(request: Any) -> None:
+            conn = await request.accept()
+            await opened.wait()  # after the handshake: not read along with the upgrade
+            await conn.send_message("unasked")
+            written.set()
+            with contextlib.suppress(WsClosed):  # until the client's close, answered at once
+                await conn.get_message()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                _, port = await nursery.start(serve_ws, handler, "127.0.0.1", 0)
+                async with open_ws(f"ws://127.0.0.1:{port}/") as conn:
+                    assert conn._sock.fileno() >= 1024  # type: ignore[union-attr]
+                    opened.set()
+                    await written.wait()
+                    await trio.sleep(0.1)  # the frame crosses loopback
+                    assert queued_messages(conn, probe=False) == 0  # nothing read yet
+                    assert queued_messages(conn) == 1  # but the socket holds it
+                    assert await conn.get_message() == "unasked"
+                nursery.cancel_scope.cancel()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_a_write_cancelled_half_way_is_finished_before_the_next_frame():
