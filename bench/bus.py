@@ -44,7 +44,7 @@ from bus.client import open_bus_client  # noqa: E402
 from bus.config import HubConfig  # noqa: E402
 from bus.hub import serve_bus  # noqa: E402
 from bus.logs import configure_logging  # noqa: E402
-from bus.runtime import tune_gc  # noqa: E402
+from bus.runtime import tune_process  # noqa: E402
 from bus.ws import WsClosed, WsConfig, open_ws, serve_ws  # noqa: E402
 
 TOKEN = "bench"
@@ -61,7 +61,7 @@ def body(seq: int) -> list[Any]:
 # ---------------------------------------------------------------- roles (child processes)
 
 async def role_hub(args: argparse.Namespace) -> None:
-    tune_gc()  # as `orchestrator bus` does before its event loop
+    tune_process()  # as `orchestrator bus` does before its event loop
     async with trio.open_nursery() as nursery:
         info = await nursery.start(serve_bus, HubConfig(port=0, token=TOKEN))
         print(json.dumps({"url": info.url}), flush=True)

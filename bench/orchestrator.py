@@ -116,7 +116,7 @@ def _graph_sessions(n: int, gate: pathlib.Path, release: pathlib.Path) -> str:
 def _supervisor(text: str, state: pathlib.Path, *, capacity: int, log_level: str,
                 model_url: str | None = None) -> Any:
     from bus.logs import configure_logging
-    from bus.runtime import tune_gc
+    from bus.runtime import tune_process
     from modellink.sim import SimConfig
     from orchestrator import scheduler as S
     from orchestrator.graph import GraphSpec
@@ -136,7 +136,7 @@ def _supervisor(text: str, state: pathlib.Path, *, capacity: int, log_level: str
         log_f.write(line + b"\n")
 
     configure_logging(json=True, level=log_level, tee=sink, quiet=True)
-    tune_gc()  # as `orchestrator run` does before its event loop
+    tune_process()  # as `orchestrator run` does before its event loop
     bind_run(run_id)
     opts = RunOptions(state_dir=state, workers=2, worker_capacity=capacity,
                       sim=SimConfig.zero(), progress="none", lease_ttl_s=30.0,

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from bus.config import HubConfig
     from bus.hub import serve_bus
     from bus.logs import configure_logging
-    from bus.runtime import tune_gc
+    from bus.runtime import tune_process
 
     try:
         configure_logging(json=True, level=args.log_level)
@@ -76,5 +76,5 @@ def run(args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()
         return EXIT_OK  # asked to stop, and stopped cleanly (as `orchestrator model-server`)
 
-    tune_gc()
+    tune_process()
     return trio.run(main)

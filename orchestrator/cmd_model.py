@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import trio  # imported here so `orchestrator --help` stays fast
 
     from bus.logs import configure_logging
-    from bus.runtime import tune_gc
+    from bus.runtime import tune_process
 
     try:
         token = serving_token(args, risk="run the model on your machine")
@@ -117,5 +117,5 @@ def run(args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()
         return EXIT_OK
 
-    tune_gc()
+    tune_process()
     return trio.run(main)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from agents.worker import LogShipper, Worker, WorkerConfig
     from bus.errors import CLOSE_GOING_AWAY, CLOSE_RESUME_REFUSED, BusAuthError, BusError
     from bus.logs import configure_logging
-    from bus.runtime import tune_gc
+    from bus.runtime import tune_process
     from orchestrator.cli import leaves
 
     if args.capacity < 1:
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_CANCELLED if signalled else code
         return EXIT_CANCELLED
 
-    tune_gc()
+    tune_process()
     try:
         return trio.run(main)
     except BaseException as exc:

@@ -29,7 +29,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     import trio
 
     from bus.logs import configure_logging, get_logger, level_number
-    from bus.runtime import tune_gc
+    from bus.runtime import tune_process
     from bus.tokens import TokenError, load_token
     from orchestrator import runlock
     from orchestrator import scheduler as S
@@ -160,7 +160,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted while starting")
             lock.close()
         return EXIT_CANCELLED
-    tune_gc()
+    tune_process()
     try:
         outcome = trio.run(sup.run)
         # The run has ended and is journaled: a Ctrl-C while its summary prints changes nothing

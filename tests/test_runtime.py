@@ -1,4 +1,5 @@
-"""The process-wide GC settings long-running commands apply before their event loop."""
+"""The process-wide settings long-running commands apply before their event loop: the
+collector and the open-files limit."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from bus.runtime import GC_GEN0_THRESHOLD, tune_gc
+from bus.runtime import GC_GEN0_THRESHOLD, raise_open_files_limit, tune_gc
+
+resource = pytest.importorskip("resource")  # POSIX
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -43,20 +46,44 @@ def test_tune_gc_leaves_a_higher_threshold_and_disabled_collection_alone(
     assert gc.get_threshold()[0] == 0
 
 
+def _limits() -> tuple[int, int]:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)  # type: ignore[no-any-return]
+
+
+def _wanted(hard: int) -> int:
+    return hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    soft, hard = _limits()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        assert raise_open_files_limit() == _wanted(hard) == _limits()[0]
+        assert raise_open_files_limit() == _wanted(hard)  # again: nothing to do
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.mark.parametrize("command", ["worker", "bus", "model-server", "run"])
-def test_long_running_commands_tune_gc_before_their_loop(command: str, tmp_path: Any) -> None:
-    # Each command module calls tune_gc() just before trio.run: stop it there and look.
+def test_long_running_commands_tune_the_process_before_their_loop(command: str,
+                                                                   tmp_path: Any) -> None:
+    # Each command module calls tune_process() just before trio.run: stop it there and look.
+    # The process starts with 256 open files allowed, as a tight default would give it.
     code = (
-        "import sys, gc, trio\n"
+        "import sys, gc, resource, trio\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
         "def stop(*a, **k):\n"
-        "    print(gc.get_threshold()[0], gc.get_freeze_count() > 1000); sys.exit(0)\n"
+        "    print(gc.get_threshold()[0], gc.get_freeze_count() > 1000,\n"
+        "          resource.getrlimit(resource.RLIMIT_NOFILE)[0]); sys.exit(0)\n"
         "trio.run = stop\n"
         "from orchestrator.cli import main\n"
         f"main([{command!r}] + {_args(command, tmp_path)!r})\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, env=_env())
-    assert out.stdout.split() == [str(GC_GEN0_THRESHOLD), "True"], out.stderr
+    assert out.stdout.split() == [str(GC_GEN0_THRESHOLD), "True",
+                                  str(_wanted(_limits()[1]))], out.stderr
 
 
 def _args(command: str, tmp_path: Any) -> list[str]:
