@@ -176,6 +176,20 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             journal.finish_run(run_id, "cancelled", summary={}, reason="interrupted")
             log.warning("run.interrupted")
             return EXIT_CANCELLED
+        full = next((e for e in found if _out_of_space(e)), None)
+        if full is not None:
+            # Not the run's fault, and the journal holds every step it committed: leave the
+            # run resumable ("stopped" if that can still be written, else "running" as a
+            # killed orchestrator leaves it; `resume` takes both).
+            reason = f"could not write to {journal.path.parent}: {_describe(full)}"
+            try:
+                journal.finish_run(run_id, "stopped", summary={}, reason=reason)
+            except Exception:  # noqa: BLE001,S110 - the same disk: the row stays "running"
+                pass
+            _err(f"{reason}. Run {run_id} stopped; every step it journaled is kept: once "
+                 "the disk takes writes again (free space, raise the quota or file-size limit), "
+                 f"`orchestrator resume {run_id}` goes on without repeating what finished")
+            return EXIT_INTERNAL
         start = next((e for e in found if isinstance(e, StartError)), None)
         if start is not None and resume_run is not None:
             # nothing of the run ran here: it stays as the dead orchestrator left it
@@ -216,6 +230,24 @@ def _keys_missing(graph: Any, args: argparse.Namespace) -> bool:
               "tasks at their first model turn (use --workers 0 if only remote workers, which "
               "have the key, are to run them)", file=sys.stderr)
     return bool(missing)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """The disk (or a quota, or a file-size limit) refused a write: SQLite's "database or
+    disk is full" or "disk I/O error" (what a refused write becomes when it is not ENOSPC),
+    or ENOSPC/EDQUOT/EFBIG from a log write."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError):
+        return "disk is full" in str(exc) or "disk I/O error" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() + (f" ({exc.filename})" if exc.filename else "")
+    return str(exc)
 
 
 def _exit_code(status: str) -> int:

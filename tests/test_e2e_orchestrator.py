@@ -830,6 +830,59 @@ async def test_a_run_stopped_by_crashing_workers_resumes_without_repeating_what_
 
 
 @pytest.mark.slow
+def test_a_disk_that_refuses_writes_stops_the_run_resumably_and_resume_finishes_it(tmp_path):
+    """The state dir's files may not grow past 230 KB (a file-size limit: a full disk's
+    refusal without a disk to fill). The run stops saying why and what to do, leaves no
+    process behind, and once writes work `orchestrator resume` finishes it without running
+    again what had finished."""
+    import resource
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (230_000, 230_000))
+
+    state = tmp_path / "state"
+    out = subprocess.run(_orch("run", str(REPO / "examples" / "quickstart.toml"),
+                               "--state-dir", str(state), "--progress", "plain"),
+                         capture_output=True, text=True, env=_env(), preexec_fn=limited,
+                         timeout=GUARD_S)
+    assert out.returncode == 3, out.stderr
+    said = re.search(r"could not write to (\S+): .*`orchestrator resume (\S+)` goes on",
+                     out.stderr)
+    assert said is not None and said.group(1) == str(state), out.stderr
+    run_id = said.group(2)
+    assert procs_touching(str(state)) == []
+    j = Journal.open(state / "journal.sqlite")
+    finished = {t["task_id"] for t in j.task_rows(run_id) if t["state"] == "succeeded"}
+    j.close()
+    assert "plan" in finished  # the journal outgrew the limit after the first task
+
+    res = subprocess.run(_orch("resume", run_id, "--state-dir", str(state), "--progress",
+                               "plain"), capture_output=True, text=True, env=_env(),
+                         timeout=GUARD_S)
+    assert res.returncode == 0, res.stderr
+    j = Journal.open(state / "journal.sqlite")
+    row = j.get_run(run_id)
+    assert row is not None and row["status"] == "succeeded"
+    for task_id in finished:  # what had finished did not run again
+        assert [a["state"] for a in j.attempts(run_id) if a["task_id"] == task_id] \
+            == ["succeeded"], task_id
+    j.close()
+
+
+def test_writes_refused_for_space_are_told_apart_from_other_errors():
+    import errno
+    import sqlite3
+
+    from orchestrator.runner import _out_of_space
+
+    assert _out_of_space(sqlite3.OperationalError("database or disk is full"))
+    assert _out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert _out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not _out_of_space(sqlite3.OperationalError("no such table: runs"))
+    assert not _out_of_space(OSError(errno.EACCES, "Permission denied"))
+
+
 async def test_no_progress_line_is_drawn_while_the_workers_stop(tmp_path, monkeypatch):
     """Once the graph is settled the workers stop; a progress line drawn then said "workers 0"
     right before the last line's count of them (seen at the end of the quickstart)."""
