@@ -544,17 +544,9 @@ class Worker:
                 pass
 
 
-class _NoNursery:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
-
 def _side_nursery(wanted: bool) -> contextlib.AbstractAsyncContextManager[trio.Nursery | None]:
     """A nursery for an attempt's side tasks (answers to asks), or None when none can come."""
-    return trio.open_nursery() if wanted else _NoNursery()
+    return trio.open_nursery() if wanted else contextlib.nullcontext()
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -251,7 +251,7 @@ async def run_pair(url: str, n: int, rate: int, latency: bool,
                                  *(["--latency"] if latency else []))
     await trio.sleep(0.3)  # the consumer connects first so the publisher's "ready?" finds it
     pub, _ = await spawn("publisher", "--url", url, "--n", str(n), "--rate", str(rate))
-    cpu: dict[str, float] = {}
+    load: dict[str, Any] = {}
     if rate and hub is not None:
         # CPU of each process over the paced run's middle (past start-up, before the end):
         # how much of the two cores the latency is measured at, in the same run.
@@ -262,12 +262,9 @@ async def run_pair(url: str, n: int, rate: int, latency: bool,
         await trio.sleep(run_s / 2)
         dt = time.perf_counter() - t0
         cpu = {k: cpu_seconds(p) - c0[k] for k, p in procs.items()}
-        cpu["seconds"] = dt
-    result = await read_json(cons_out)
-    if cpu:
-        dt = cpu.pop("seconds")
-        result["cpu_us_per_msg"] = {k: round(v / (rate * dt) * 1e6, 2) for k, v in cpu.items()}
-        result["cpu_pct_of_one_core"] = round(sum(cpu.values()) / dt * 100)
+        load = {"cpu_us_per_msg": {k: round(v / (rate * dt) * 1e6, 2) for k, v in cpu.items()},
+                "cpu_pct_of_one_core": round(sum(cpu.values()) / dt * 100)}
+    result = await read_json(cons_out) | load
     await cons.wait()
     await pub.wait()
     if "error" in result or pub.returncode:

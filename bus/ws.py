@@ -132,6 +132,9 @@ _os_write = os.write  # a name of this module's, so a test can count the writes
 _DIRECT_IO = os.name == "posix"
 
 
+_poll = getattr(select, "poll", None)
+
+
 def _readable_now(fd: int) -> bool:
     """True iff `fd` has bytes to read, its end, or an error, now. poll, not select: select
     refuses a descriptor numbered 1024 or more (ValueError), which a process holding ~1,000
@@ -143,9 +146,6 @@ def _readable_now(fd: int) -> bool:
     p = _poll()
     p.register(fd, select.POLLIN)
     return bool(p.poll(0))
-
-
-_poll = getattr(select, "poll", None)
 
 
 # What a plain ws:// server answers a TLS ClientHello (a wss:// URL): plain HTTP, which the
@@ -404,26 +404,19 @@ class FastWs:
         view = memoryview(data)
         total = len(data)
         sent = 0
-        if not _DIRECT_IO:
-            try:
-                while sent < total:
-                    sent += await sock.send(view[sent:])
-            finally:
-                if sent < total:
-                    self._unsent = bytes(view[sent:])
-            return
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled task sends nothing
         try:
-            while True:  # as _recv_direct: a write that completes at once has no yield
-                try:
+            while sent < total:
+                if not _DIRECT_IO:  # trio's socket call, with its own schedule points
+                    sent += await sock.send(view[sent:])
+                    continue
+                try:  # as _recv_direct: a write that completes at once has no yield
                     sent += _os_write(sock.fileno(), view[sent:])
                 except BlockingIOError:
                     self._io_budget = _IO_BUDGET
                     await trio.lowlevel.wait_writable(sock)
-                    continue
-                if sent >= total:
-                    break
-            await self._after_io(total)
+            if _DIRECT_IO:
+                await self._after_io(total)
         finally:
             if sent < total:
                 self._unsent = bytes(view[sent:])
@@ -498,12 +491,8 @@ class FastWs:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_WR)
         with trio.move_on_after(self._disconnect_timeout):
-            while True:
-                try:
-                    if not await self._stream.receive_some(65536):
-                        return
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
+            while await self._recv():
+                pass
 
     async def _peer_closed(self, ev: F.Close) -> None:
         code = F.CLOSE_NO_STATUS if ev.code is None else ev.code

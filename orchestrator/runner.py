@@ -188,7 +188,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
                 pass
             _err(f"{reason}. Run {run_id} stopped; every step it journaled is kept: once "
                  "the disk takes writes again (free space, raise the quota or file-size limit), "
-                 f"`orchestrator resume {run_id}` goes on without repeating what finished")
+                 + _resume_hint(run_id))
             return EXIT_INTERNAL
         start = next((e for e in found if isinstance(e, StartError)), None)
         if start is not None and resume_run is not None:
@@ -212,8 +212,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     print_answers(journal, run_id, graph)
     if outcome.fatal:
         _err(f"{outcome.fatal}. Run {run_id} stopped with its tasks as they were: fix the "
-             f"cause, then `orchestrator resume {run_id}` goes on without repeating what "
-             "finished")
+             "cause, then " + _resume_hint(run_id))
         return EXIT_INTERNAL
     return _exit_code(outcome.status)
 
@@ -230,6 +229,10 @@ def _keys_missing(graph: Any, args: argparse.Namespace) -> bool:
               "tasks at their first model turn (use --workers 0 if only remote workers, which "
               "have the key, are to run them)", file=sys.stderr)
     return bool(missing)
+
+
+def _resume_hint(run_id: str) -> str:
+    return f"`orchestrator resume {run_id}` goes on without repeating what finished"
 
 
 def _out_of_space(exc: BaseException) -> bool:
