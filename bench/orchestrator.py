@@ -25,14 +25,16 @@ measured is everything else.
    holding them (this process: supervisor, hub, sim; plus both workers) is measured with one
    session open and with S + 1 open; `kb_per_idle_session` = the difference / S.
 
-With `--model-process` the sim model runs in its own `orchestrator model-server --zero` process
-(its CPU reported as `model_server`) instead of inside the orchestrator. Measured on the 2-core
-box (2,000 tasks, same conditions): 4,738 us/task embedded vs 4,769 us/task in a process: equal,
-because all four busy processes share two cores and the total CPU per task decides the wall
-time. The orchestrator process itself drops from ~2,400 to ~800 us of CPU per task, so with
-four or more free cores a separate model server is the faster layout (`orchestrator run
---model-url URL` of an `orchestrator model-server` does that today); the run keeps the sim
-embedded by default (one process fewer to start, stop and keep from being orphaned).
+Where the sim runs: by default the task graph is run twice, first with the sim inside the
+orchestrator (what `orchestrator run` does with no `--model-url`: the headline figures), then
+with it in its own `orchestrator model-server --zero` process (`model_process`: the layout of
+any real deployment, where the model is never in the orchestrator's process). `--layout
+embedded` or `--layout process` runs one. On the 2-core box the separate process is faster:
+four pairs of full runs alternating, 547, 542, 611 us per task against 839, 731, 619, 814
+embedded (CPU per task in all 1,064-1,205 against 1,110-1,540). Inside the orchestrator the
+sim takes ~45% of its one event loop, so that process is the bottleneck; its workers then wake
+for fewer messages at a time and spend more CPU per task. (An earlier measurement, at ~4,700
+us per task when every process was slower, found the two layouts equal.)
 
 The orchestrator's own bus client reaches the embedded hub over memory channels (bus.local),
 not a loopback WebSocket, and lone ACKs wait up to 20 ms for data to carry them. Measured
@@ -280,8 +282,10 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--log-level", default="info")
-    ap.add_argument("--model-process", action="store_true",
-                    help="run the sim model in its own `orchestrator model-server` process")
+    ap.add_argument("--layout", choices=("both", "embedded", "process"), default="both",
+                    help="where the sim model runs for the task graph: inside the orchestrator "
+                    "(`orchestrator run`'s default), in its own `orchestrator model-server` "
+                    "process (as any real model is), or both one after the other (default)")
     args = ap.parse_args()
     n = args.tasks or (2000 if args.quick else 10_000)
     sys.path.insert(0, str(REPO))
@@ -290,10 +294,20 @@ def main() -> int:
 
     result: dict[str, Any] = {"quick": args.quick, "cost_model": "sim, model time zero",
                               "workers": 2, "log_level": args.log_level}
-    with tempfile.TemporaryDirectory() as tmp, _model_process(args.model_process) as model:
-        t = trio.run(bench_tasks, n, pathlib.Path(tmp) / "tasks", args.log_level, *model)
-        print(f"tasks: {json.dumps(t)}", file=sys.stderr)
-        result.update(t)
+    layouts = ("embedded", "process") if args.layout == "both" else (args.layout,)
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in layouts:
+            with _model_process(layout == "process") as model:
+                t = trio.run(bench_tasks, n, pathlib.Path(tmp) / f"tasks-{layout}",
+                             args.log_level, *model)
+            print(f"tasks ({layout} model): {json.dumps(t)}", file=sys.stderr)
+            if layout == layouts[0]:  # the headline figures: the first layout run
+                result["layout"] = layout
+                result.update(t)
+            else:
+                result["model_process"] = {k: t[k] for k in (
+                    "overhead_us_per_task", "tasks_per_s", "cpu_us_per_task",
+                    "cpu_us_per_task_total")}
         s = trio.run(bench_sessions, args.sessions, pathlib.Path(tmp) / "sessions",
                      args.log_level)
         print(f"sessions: {json.dumps(s)}", file=sys.stderr)
