@@ -40,7 +40,7 @@ The orchestrator's own bus client reaches the embedded hub over memory channels 
 not a loopback WebSocket, and lone ACKs wait up to 20 ms for data to carry them. Measured
 alternating with the commit before them (2,000 tasks, load 1.4-2.1 from other work on the box):
 `--quick`: orchestrator CPU 2,260-2,380 -> 2,095-2,235 us/task; `--quick --sessions 10`
-(load 2.4-2.8): 2,725-2,805 -> 2,190-2,345; `--quick --model-process`: 585-640 -> 435-565.
+(load 2.4-2.8): 2,725-2,805 -> 2,190-2,345; `--quick --model-process` (now `--layout process`): 585-640 -> 435-565.
 Frames through the hub per 2,000 tasks: 3,564 -> 2,120. The orchestrator's link (1,574 ->
 946) no longer is a WebSocket (each of its frames was one at the hub and one at the client,
 both in this process); the worker links' WebSocket messages went 1,990 -> 1,174 (lone ACKs
