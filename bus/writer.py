@@ -36,9 +36,8 @@ class WriterWake:
         go on holding it (`conn.ack_can_wait()`), has nothing new to do: it is not woken. Before
         this, every frame in woke it only to park again (a task switch per frame in the hub
         and in a receiving client)."""
-        if self.parked and not (self.holding_ack and conn.ack_can_wait()):
-            self.parked = False
-            self._lot.unpark_all()
+        if not (self.holding_ack and conn.ack_can_wait()):
+            self.wake()
 
     async def wait(self) -> None:
         self.parked = True
