@@ -60,7 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "summary go to stderr; the answer of each final task (one no other task needs) goes "
         "to stdout under a '== TASK ==' line.",
         epilog="exit codes: 0 all tasks succeeded, 1 a task failed, 2 bad input, 3 internal "
-        "error, or the run stopped with no worker left (`resume` goes on with it), "
+        "error, or the run stopped with no worker left or a disk that refused writes "
+        "(`resume` goes on with it), "
         "130 cancelled")
     p.add_argument("file", metavar="FILE", help="the task graph (TOML)")
     _common(p)
@@ -69,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "resume", help="finish a run after the orchestrator was killed, or after it stopped",
         description="Resume RUN from the journal: tasks that finished are not run again; "
         "attempts that were in flight are run again. RUN is one whose orchestrator was killed "
-        "(still 'running' in the journal) or one that stopped because no worker was left. "
+        "(still 'running' in the journal) or one that stopped because no worker was left or "
+        "the disk refused writes. "
         "The graph comes from the journal, not a file; a run whose orchestrator is still "
         "alive is refused. Output as for run.")
     r.add_argument("run", metavar="RUN", help="run id, unique prefix, or 'latest'")

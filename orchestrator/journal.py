@@ -321,9 +321,9 @@ class Journal:
                               (run_id, _dumps({"status": status, "reason": reason}), now))
 
     def reopen_run(self, run_id: str) -> bool:
-        """A run that stopped without ending (status "stopped": no workers were left) runs
-        again: `orchestrator resume` calls this before it goes on. Any other run is left as it
-        is. Returns True iff the run was reopened."""
+        """A run that stopped without ending (status "stopped": no worker was left, or the disk
+        refused writes) runs again: `orchestrator resume` calls this before it goes on. Any
+        other run is left as it is. Returns True iff the run was reopened."""
         now = time.time()
         with self._write():
             cur = self.conn.execute(
