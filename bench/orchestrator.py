@@ -9,9 +9,9 @@ first token): every model turn still really encodes, sends, decodes and tokenize
 measured is everything else.
 
 1. Throughput: one graph of N independent tasks (one agent, one model turn each) run by the
-   real supervisor (in this process: hub, embedded sim, scheduler, journal in WAL SQLite,
-   logs at info into the run's log.jsonl) and two real `orchestrator worker` processes dialing
-   it over loopback WebSockets. Each task is a full attempt: journal (queued, started, ended,
+   real supervisor (in this process: hub, scheduler, journal in WAL SQLite, logs at info into
+   the run's log.jsonl), the embedded sim in its child process, and two real `orchestrator
+   worker` processes dialing them over loopback WebSockets. Each task is a full attempt: journal (queued, started, ended,
    task row), lease over the bus, agent session on the worker (a model WebSocket opened, one
    turn, closed), result over the bus, dependents. `overhead_us_per_task` = wall time from the
    first lease to the last result / N (worker start-up excluded and reported apart);
@@ -22,25 +22,27 @@ measured is everything else.
    the worker, connection state and cached context in the sim server), its transcript after
    one model turn, its tool registry, its `task.<id>` alias on the bus, and its lease in the
    supervisor; it sits in a Python tool (`hold`) awaiting a release file. RSS of every process
-   holding them (this process: supervisor, hub, sim; plus both workers) is measured with one
+   holding them (this process: supervisor, hub; the sim's process; both workers) is measured with one
    session open and with S + 1 open; `kb_per_idle_session` = the difference / S.
 
-Where the sim runs: by default the task graph is run twice, first with the sim inside the
-orchestrator (what `orchestrator run` does with no `--model-url`: the headline figures), then
-with it in its own `orchestrator model-server --zero` process (`model_process`: the layout of
-any real deployment, where the model is never in the orchestrator's process). `--layout
-embedded` or `--layout process` runs one. On the 2-core box the separate process is faster:
-four pairs of full runs alternating, 547, 542, 611 us per task against 839, 731, 619, 814
-embedded (CPU per task in all 1,064-1,205 against 1,110-1,540). Inside the orchestrator the
-sim takes ~45% of its one event loop, so that process is the bottleneck; its workers then wake
-for fewer messages at a time and spend more CPU per task. (An earlier measurement, at ~4,700
-us per task when every process was slower, found the two layouts equal.)
+Where the sim runs: by default the task graph is run twice, first with the embedded sim in a
+child process of its own, as `orchestrator run` starts it (orchestrator.simproc: the headline
+figures), then inside the orchestrator's process (`run --sim-in-process`: `sim_in_process` in
+the JSON). `--layout embedded` or `--layout in-process` runs one. On the 2-core box the child
+is faster: `--sessions 10` back to back, 570 and 526 us per task against 693 and 582; a full
+run 695 against 785. Inside the orchestrator the sim takes ~45% of its one event loop, so that
+process is the bottleneck; its workers then wake for fewer messages at a time and spend more
+CPU per task. Before `run` moved the sim out, this bench compared it inside the orchestrator
+with an `orchestrator model-server --zero` started apart: four pairs of full runs alternating,
+547, 542, 611 us per task apart against 839, 731, 619, 814 inside. (An earlier measurement, at
+~4,700 us per task when every process was slower, found the two layouts equal.) The sessions
+measure counts the sim's process too: it holds each session's context.
 
 The orchestrator's own bus client reaches the embedded hub over memory channels (bus.local),
 not a loopback WebSocket, and lone ACKs wait up to 20 ms for data to carry them. Measured
 alternating with the commit before them (2,000 tasks, load 1.4-2.1 from other work on the box):
 `--quick`: orchestrator CPU 2,260-2,380 -> 2,095-2,235 us/task; `--quick --sessions 10`
-(load 2.4-2.8): 2,725-2,805 -> 2,190-2,345; `--quick --model-process` (now `--layout process`): 585-640 -> 435-565.
+(load 2.4-2.8): 2,725-2,805 -> 2,190-2,345; `--quick --model-process` (a sim started apart; a flag since removed): 585-640 -> 435-565.
 Frames through the hub per 2,000 tasks: 3,564 -> 2,120. The orchestrator's link (1,574 ->
 946) no longer is a WebSocket (each of its frames was one at the hub and one at the client,
 both in this process); the worker links' WebSocket messages went 1,990 -> 1,174 (lone ACKs
@@ -52,16 +54,12 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -116,7 +114,7 @@ def _graph_sessions(n: int, gate: pathlib.Path, release: pathlib.Path) -> str:
 
 
 def _supervisor(text: str, state: pathlib.Path, *, capacity: int, log_level: str,
-                model_url: str | None = None) -> Any:
+                sim_process: bool = True) -> Any:
     from bus.logs import configure_logging
     from bus.runtime import tune_process
     from modellink.sim import SimConfig
@@ -142,30 +140,35 @@ def _supervisor(text: str, state: pathlib.Path, *, capacity: int, log_level: str
     bind_run(run_id)
     opts = RunOptions(state_dir=state, workers=2, worker_capacity=capacity,
                       sim=SimConfig.zero(), progress="none", lease_ttl_s=30.0,
-                      model_url=model_url,
+                      sim_process=sim_process, log_level=log_level,
                       worker_args=("--log-level", log_level))
     return Supervisor(graph=graph, journal=journal, run_id=run_id, opts=opts,
                       scheduler=S.Scheduler(graph), sink=sink)
 
 
+def _pids(sup: Any) -> dict[str, int]:
+    """The run's processes: this one (supervisor, hub; the sim too with --sim-in-process),
+    the sim's own process, the workers."""
+    out = {"orchestrator": os.getpid()}
+    if sup.sim_proc is not None:
+        out["model_server"] = sup.sim_proc.proc.pid
+    if sup.procs is not None:
+        out.update({w: p.pid for w, p in sup.procs.procs.items()})
+    return out
+
+
 async def bench_tasks(n: int, state: pathlib.Path, log_level: str,
-                      model_pid: int | None = None, model_url: str | None = None
-                      ) -> dict[str, Any]:
+                      sim_process: bool = True) -> dict[str, Any]:
     import trio
 
     sup = _supervisor(_graph_tasks(n), state, capacity=256, log_level=log_level,
-                      model_url=model_url)
+                      sim_process=sim_process)
     marks: dict[str, float] = {}
 
     cpu: dict[str, float] = {}
 
     def pids() -> dict[str, int]:
-        out = {"orchestrator": os.getpid()}
-        if model_pid is not None:
-            out["model_server"] = model_pid
-        if sup.procs is not None:
-            out.update({w: p.pid for w, p in sup.procs.procs.items()})
-        return out
+        return _pids(sup)
 
     async def watch() -> None:  # polling: the bench must not change what it measures
         # every POLL_S: polling every 1 ms alone costs ~6% of a core (measured: 1,000 trio
@@ -211,11 +214,7 @@ async def bench_sessions(n: int, state: pathlib.Path, log_level: str) -> dict[st
     out: dict[str, Any] = {}
 
     def rss() -> dict[str, int]:
-        pids = {"orchestrator": os.getpid()}
-        assert sup.procs is not None
-        for wid, p in sup.procs.procs.items():
-            pids[wid] = p.pid
-        return {k: _rss_kb(pid) for k, pid in pids.items()}
+        return {k: _rss_kb(pid) for k, pid in _pids(sup).items()}
 
     def running() -> int:
         return int(sup.sched.counts().get("running", 0))
@@ -249,43 +248,16 @@ async def bench_sessions(n: int, state: pathlib.Path, log_level: str) -> dict[st
     return out
 
 
-@contextlib.contextmanager
-def _model_process(wanted: bool) -> Iterator[tuple[int | None, str | None]]:
-    """(pid, url) of a `model-server --zero` child on a free loopback port, or (None, None)."""
-    if not wanted:
-        yield None, None
-        return
-    with socket.socket() as s:  # a free port (the server binds it again at once)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "model-server", "--zero",
-                             "--port", str(port), "--log-level", "warning"], cwd=REPO)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.05)
-        yield proc.pid, f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2,000 tasks instead of 10,000")
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--log-level", default="info")
-    ap.add_argument("--layout", choices=("both", "embedded", "process"), default="both",
-                    help="where the sim model runs for the task graph: inside the orchestrator "
-                    "(`orchestrator run`'s default), in its own `orchestrator model-server` "
-                    "process (as any real model is), or both one after the other (default)")
+    ap.add_argument("--layout", choices=("both", "embedded", "in-process"), default="both",
+                    help="where the embedded sim runs for the task graph: in a child process "
+                    "of its own (`orchestrator run`'s default), inside the orchestrator's "
+                    "process (`run --sim-in-process`), or both one after the other (default)")
     args = ap.parse_args()
     n = args.tasks or (2000 if args.quick else 10_000)
     sys.path.insert(0, str(REPO))
@@ -294,18 +266,17 @@ def main() -> int:
 
     result: dict[str, Any] = {"quick": args.quick, "cost_model": "sim, model time zero",
                               "workers": 2, "log_level": args.log_level}
-    layouts = ("embedded", "process") if args.layout == "both" else (args.layout,)
+    layouts = ("embedded", "in-process") if args.layout == "both" else (args.layout,)
     with tempfile.TemporaryDirectory() as tmp:
         for layout in layouts:
-            with _model_process(layout == "process") as model:
-                t = trio.run(bench_tasks, n, pathlib.Path(tmp) / f"tasks-{layout}",
-                             args.log_level, *model)
-            print(f"tasks ({layout} model): {json.dumps(t)}", file=sys.stderr)
+            t = trio.run(bench_tasks, n, pathlib.Path(tmp) / f"tasks-{layout}",
+                         args.log_level, layout == "embedded")
+            print(f"tasks (sim {layout}): {json.dumps(t)}", file=sys.stderr)
             if layout == layouts[0]:  # the headline figures: the first layout run
                 result["layout"] = layout
                 result.update(t)
             else:
-                result["model_process"] = {k: t[k] for k in (
+                result["sim_in_process"] = {k: t[k] for k in (
                     "overhead_us_per_task", "tasks_per_s", "cpu_us_per_task",
                     "cpu_us_per_task_total")}
         s = trio.run(bench_sessions, args.sessions, pathlib.Path(tmp) / "sessions",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import signal
 import sys
@@ -48,6 +49,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--max-connection-age", type=float, default=3600.0, metavar="S",
                    help="close WebSockets older than this with code 1001 (default 3600)")
     p.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    p.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="stop (as on SIGTERM) when process PID is no longer this server's "
+                   "parent: the embedded sim of `orchestrator run` dies with it, even when "
+                   "it was killed with SIGKILL")
+    # for `orchestrator run`, which starts the embedded sim this way (orchestrator.simproc):
+    # the whole SimConfig as JSON, the run id its log lines carry, and the URL on stdout
+    p.add_argument("--sim-json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--announce", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -73,19 +83,29 @@ def sim_config(zero: bool, ttft: float | None, prefill: float | None, decode: fl
 
 def sim_config_from_args(args: argparse.Namespace) -> SimConfig:
     """model-server's SimConfig; raises ValueError naming a bad flag."""
+    if args.sim_json is not None:
+        from orchestrator.simproc import sim_from_json
+
+        return sim_from_json(args.sim_json)
     return sim_config(args.zero, args.ttft, args.prefill, args.decode)
 
 
 def run(args: argparse.Namespace) -> int:
+    import structlog
     import trio  # imported here so `orchestrator --help` stays fast
 
     from bus.logs import configure_logging
     from bus.runtime import tune_process
+    from orchestrator.serving import parent_pid_error, stop_with_parent
 
     try:
         token = serving_token(args, risk="run the model on your machine")
     except ServeArgsError as exc:
         print_error(exc)
+        return EXIT_BAD_INPUT
+    bad_parent = parent_pid_error(args.parent_pid, "model server")
+    if bad_parent is not None:
+        print(f"error: {bad_parent}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.max_connection_age <= 0:
         print("error: --max-connection-age must be more than 0 seconds", file=sys.stderr)
@@ -96,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.run_id is not None:
+        structlog.contextvars.bind_contextvars(run_id=args.run_id)
     from modellink.server import ModelServerConfig, serve_model  # after logging is configured
 
     config = ModelServerConfig(host=args.host, port=args.port, token=token, sim=sim,
@@ -109,8 +131,13 @@ def run(args: argparse.Namespace) -> int:
             except ListenError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_INTERNAL
-            print(listening_line("model server", info.base_url, args.host), file=sys.stderr,
-                  flush=True)
+            if args.announce:
+                print(json.dumps({"base_url": info.base_url}), flush=True)
+            else:
+                print(listening_line("model server", info.base_url, args.host),
+                      file=sys.stderr, flush=True)
+            if args.parent_pid is not None:
+                nursery.start_soon(stop_with_parent, args.parent_pid)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
                 async for _ in sigs:
                     break

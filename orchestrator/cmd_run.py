@@ -50,6 +50,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="embedded sim: seconds per output token")
     p.add_argument("--sim-zero", action="store_true",
                    help="embedded sim: model time zero (benchmarks of pure overhead)")
+    p.add_argument("--sim-in-process", action="store_true",
+                   help="embedded sim: run it inside the orchestrator's process instead of a "
+                   "child process of its own (one process fewer; on many short tasks the "
+                   "orchestrator's event loop then becomes the bottleneck)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -60,7 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "summary go to stderr; the answer of each final task (one no other task needs) goes "
         "to stdout under a '== TASK ==' line.",
         epilog="exit codes: 0 all tasks succeeded, 1 a task failed, 2 bad input, 3 internal "
-        "error, or the run stopped with no worker left or a disk that refused writes "
+        "error, or the run stopped with no worker left, a disk that refused writes or the "
+        "embedded sim's process gone "
         "(`resume` goes on with it), "
         "130 cancelled")
     p.add_argument("file", metavar="FILE", help="the task graph (TOML)")
@@ -70,8 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "resume", help="finish a run after the orchestrator was killed, or after it stopped",
         description="Resume RUN from the journal: tasks that finished are not run again; "
         "attempts that were in flight are run again. RUN is one whose orchestrator was killed "
-        "(still 'running' in the journal) or one that stopped because no worker was left or "
-        "the disk refused writes. "
+        "(still 'running' in the journal) or one that stopped because no worker was left, "
+        "the disk refused writes or the embedded sim's process exited. "
         "The graph comes from the journal, not a file; a run whose orchestrator is still "
         "alive is refused. Output as for run.")
     r.add_argument("run", metavar="RUN", help="run id, unique prefix, or 'latest'")
@@ -88,6 +93,7 @@ def _options(args: argparse.Namespace, token: str | None) -> object:
                       bus_port=args.bus_port, bus_url=args.bus_url, token=token,
                       advertise_host=args.advertise_host,
                       model_url=args.model_url, sim=sim, lease_ttl_s=args.lease_ttl,
+                      sim_process=not args.sim_in_process, log_level=args.log_level,
                       progress=args.progress,
                       # local workers log (and ship) at the run's level: debug has per turn lines
                       worker_args=("--log-level", args.log_level))

@@ -15,7 +15,6 @@ from bus.tokens import TokenError, load_token
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_CANCELLED = 0, 2, 3, 130
 MODEL_TOKEN_ENV = "SWITCHBOARD_MODEL_TOKEN"  # agents.worker.MODEL_TOKEN_ENV (no agents import
 # at module level: `orchestrator --help` stays fast)
-PARENT_POLL_S = 0.5  # how often a worker started with --parent-pid checks its parent
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -78,16 +77,14 @@ def run(args: argparse.Namespace) -> int:
     from bus.logs import configure_logging
     from bus.runtime import tune_process
     from orchestrator.cli import leaves
+    from orchestrator.serving import parent_pid_error, stop_with_parent
 
     if args.capacity < 1:
         print("error: --capacity must be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.parent_pid is not None and args.parent_pid != os.getppid():
-        # it would exit at once, as if its orchestrator had died (and race its own signal
-        # handler to do it): a wrong pid is a usage error, said plainly
-        print(f"error: --parent-pid {args.parent_pid} is not this worker's parent (that is "
-              f"{os.getppid()}); the flag is for the orchestrator that starts local workers: "
-              "leave it out", file=sys.stderr)
+    bad_parent = parent_pid_error(args.parent_pid, "worker")
+    if bad_parent is not None:
+        print(f"error: {bad_parent}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not args.connect.startswith(("ws://", "wss://")):
         print(f"error: --connect {args.connect!r} is not a ws:// or wss:// URL", file=sys.stderr)
@@ -139,15 +136,10 @@ def run(args: argparse.Namespace) -> int:
                             return
                         signalled = True
 
-            async def watch_parent(pid: int) -> None:
-                # orphaned: the orchestrator is gone, and with it the bus and the model
-                while os.getppid() == pid:  # noqa: ASYNC110 - no event says "reparented"
-                    await trio.sleep(PARENT_POLL_S)
-                os.kill(os.getpid(), signal.SIGTERM)  # the same clean stop as a signal
-
             nursery.start_soon(on_signal)
             if args.parent_pid is not None:
-                nursery.start_soon(watch_parent, args.parent_pid)
+                # orphaned: the orchestrator is gone, and with it the bus and the model
+                nursery.start_soon(stop_with_parent, args.parent_pid)
             code = await worker.run()
             nursery.cancel_scope.cancel()
             return EXIT_CANCELLED if signalled else code

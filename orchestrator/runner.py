@@ -125,7 +125,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             return EXIT_BAD_INPUT
         if resume_run is not None:
             # whatever was in flight when the orchestrator died will never report
-            journal.reopen_run(run_id)  # a stopped run (no worker left, disk refused writes) goes on
+            journal.reopen_run(run_id)  # a stopped run (no worker, disk, sim process) goes on
             closed = journal.close_open_attempts(
                 run_id, "lost", "the orchestrator stopped while this attempt was in flight")
             sched = S.Scheduler.restore(graph, journal.task_records(run_id))

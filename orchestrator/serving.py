@@ -1,14 +1,22 @@
-"""Owns the checks every standalone server command makes before it listens: port and token."""
+"""Owns the checks every standalone server command makes before it listens: port and token;
+and how a process the orchestrator started (a local worker, the embedded sim's process) dies
+with it (--parent-pid)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import sys
 import urllib.parse
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from bus.tokens import TokenError, is_loopback, load_token
+
+if TYPE_CHECKING:
+    import trio
 
 
 class ServeArgsError(ValueError):
@@ -88,3 +96,46 @@ def listening_line(what: str, url: str, host: str) -> str:
     remote = with_host(url, socket.gethostname())
     return (f"{what} listening on {local} (on every interface: from other machines dial this "
             f"machine's name or address, e.g. {remote})")
+
+
+PARENT_POLL_S = 0.5  # how often a process started with --parent-pid checks its parent
+
+
+def parent_pid_error(pid: int | None, what: str) -> str | None:
+    """Why `--parent-pid pid` is wrong for this process (None: it is fine, or not given).
+
+    A pid that is not our parent would make the process exit at once, as if its orchestrator
+    had died (and race its own signal handler to do it): a usage error, said plainly."""
+    if pid is None or pid == os.getppid():
+        return None
+    return (f"--parent-pid {pid} is not this {what}'s parent (that is {os.getppid()}); the "
+            "flag is for the orchestrator that starts it: leave it out")
+
+
+async def stop_with_parent(pid: int) -> None:
+    """Return never; once process `pid` is no longer our parent (it exited, even by SIGKILL),
+    send ourselves SIGTERM: the same clean stop as a signal from outside."""
+    import trio
+
+    while os.getppid() == pid:  # noqa: ASYNC110 - no event says "reparented"
+        await trio.sleep(PARENT_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await trio.sleep_forever()
+
+
+async def read_lines(stream: trio.abc.ReceiveStream, handle: Callable[[list[bytes]], None], *,
+                     max_line: int) -> None:
+    """Hand the lines of a child's pipe (without their newline) to `handle`, a batch per read,
+    until it closes. Output with no newline is handed over in pieces of `max_line` bytes once
+    it passes that, so a child writing without newlines cannot grow our memory."""
+    buf = b""
+    async for chunk in stream:
+        buf += bytes(chunk)
+        *lines, buf = buf.split(b"\n")
+        while len(buf) > max_line:
+            lines.append(buf[:max_line])
+            buf = buf[max_line:]
+        if lines:
+            handle(lines)
+    if buf:
+        handle([buf])

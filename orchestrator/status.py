@@ -332,9 +332,9 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
         lines.append(f"orchestrator: not running (killed, or its terminal or machine went "
                      f"away): `orchestrator resume {st.run_id}` finishes the run")
     elif st.status == "stopped":
-        lines.append(f"orchestrator: stopped (no worker was left, or the disk refused "
-                     f"writes): once the cause below is fixed, `orchestrator resume "
-                     f"{st.run_id}` goes on from here")
+        lines.append(f"orchestrator: stopped (no worker was left, the disk refused writes, "
+                     f"or the embedded sim's process exited): once the cause below is fixed, "
+                     f"`orchestrator resume {st.run_id}` goes on from here")
     if st.graph_path:
         lines.append(f"graph: {st.graph_path}")
     if st.reason:

@@ -42,6 +42,7 @@ from orchestrator.graph import GraphSpec
 from orchestrator.journal import Journal
 from orchestrator.progress import Progress
 from orchestrator.serving import ListenError, is_wildcard, start_listening, with_host
+from orchestrator.simproc import SimProcess, SimStartError, start_sim_process
 from orchestrator.workers import MAX_LOCAL_WORKERS, LocalProcesses, WorkerRec, WorkerTable
 
 log = get_logger("orchestrator.supervisor")
@@ -73,6 +74,11 @@ class RunOptions:
     token: str | None = None
     model_url: str | None = None  # an external model server; None embeds the sim
     sim: SimConfig = SimConfig()
+    # True: the embedded sim runs in a child process of its own (what `orchestrator run`
+    # does; see orchestrator.simproc); False: in this process's event loop (tests on trio's
+    # autojump clock, library use). Its log lines are at log_level.
+    sim_process: bool = False
+    log_level: str = "info"
     lease_ttl_s: float = 5.0
     progress: str = "auto"  # auto | tty | plain | none
     worker_args: tuple[str, ...] = ()
@@ -82,9 +88,9 @@ class RunOptions:
 @attrs.define
 class RunOutcome:
     run_id: str
-    status: str  # succeeded | failed | cancelled | stopped (no workers left: resumable)
+    status: str  # succeeded | failed | cancelled | stopped (resumable: see Supervisor.fatal)
     summary: dict[str, Any]
-    fatal: str | None = None  # why the run stopped (no workers left); None unless "stopped"
+    fatal: str | None = None  # why the run stopped; None unless "stopped"
 
 
 def is_loopback(host: str) -> bool:
@@ -112,6 +118,7 @@ class Supervisor:
         self.procs: LocalProcesses | None = None
         self.model_base_url: str | None = None  # as leases carry it (advertised)
         self.model_token: str | None = None  # the embedded sim's bearer token (the bus token)
+        self.sim_proc: SimProcess | None = None  # the embedded sim's process (opts.sim_process)
         self.bus_url: str = ""  # as local workers dial it
         # the embedded hub, which our own client reaches over memory channels; None when
         # --bus-url names an external hub (then our client dials it like any worker)
@@ -245,10 +252,21 @@ class Supervisor:
             elif adv is not None and not is_loopback(adv):
                 mhost = "0.0.0.0"
             sim = attrs.evolve(opts.sim, accept_any_model=True)
-            minfo = await _start(nursery, serve_model,
-                                 ModelServerConfig(host=mhost, port=0, token=token, sim=sim),
-                                 what=f"the embedded sim model on {mhost}")
-            base = minfo.base_url
+            if opts.sim_process:
+                try:
+                    self.sim_proc = await start_sim_process(
+                        nursery, host=mhost, token=token, sim=sim, log_level=opts.log_level,
+                        run_id=self.run_id, sink=self.sink, on_exit=self._on_sim_exit,
+                        cwd=opts.state_dir)
+                except SimStartError as exc:
+                    raise StartError(str(exc)) from None
+                base = self.sim_proc.base_url
+                log.info("model_server.process", pid=self.sim_proc.proc.pid, base_url=base)
+            else:
+                minfo = await _start(nursery, serve_model,
+                                     ModelServerConfig(host=mhost, port=0, token=token, sim=sim),
+                                     what=f"the embedded sim model on {mhost}")
+                base = minfo.base_url
             if is_wildcard(mhost):
                 base = with_host(base, "127.0.0.1")
             self.model_base_url = with_host(base, adv) if adv else base
@@ -261,6 +279,33 @@ class Supervisor:
         log.info("run.start", bus=self.advertised_bus_url, model=self.model_base_url,
                  workers=opts.workers, tasks=len(self.graph.tasks),
                  remote_workers=f"orchestrator worker --connect {self.advertised_bus_url}")
+
+    async def _on_sim_exit(self, code: int, stderr_tail: list[str]) -> None:
+        """The embedded sim's process exited mid-run (it is stopped only after the run): no
+        attempt can reach a model, so the run stops, resumable like one with no worker left.
+
+        The attempts in flight are lost, not failed (their turns broke for a reason not
+        theirs, so they cost no retry): their workers are told to cancel them, and a resume
+        runs them again with a new sim."""
+        if self.sched.done or self.cancel_reason is not None or self.fatal is not None:
+            return
+        why = f"the embedded sim model server's process {_how_exited(code)}"
+        if stderr_tail:
+            why += f" ({stderr_tail[-1]})"
+        self.fatal = why
+        log.error("run.model_exited", reason=why, stderr_tail=stderr_tail,
+                  next=f"`orchestrator resume {self.run_id}` starts a new one")
+        self.journal.event(self.run_id, None, "run.fatal", {"reason": why})
+        sends: list[tuple[str, Any]] = []
+        with self.journal.batch():
+            for lease in list(self.table.leases.values()):
+                if self.sched.is_current(lease.task_id, lease.attempt):
+                    self._lost(lease.task_id, lease.attempt, why)
+                    sends.append((lease.worker_id, P.cancel(lease.task_id, lease.attempt, why)))
+            self._sync_journal()
+        for worker_id, body in sends:
+            await self._send(worker_id, body)
+        self.wake()
 
     def _no_workers_hint(self) -> str:
         """What `orchestrator run --workers 0` tells its user: how workers join this run."""

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from bus.logs import get_logger
+from orchestrator.serving import read_lines
 
 log = get_logger("orchestrator.workers")
 
@@ -235,18 +236,13 @@ class LocalProcesses:
         log.info("worker.spawned", worker_id=worker_id, pid=proc.pid)
         tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
+        def keep(lines: list[bytes]) -> None:
+            tail.extend(line.decode(errors="replace")[:STDERR_LINE_MAX] for line in lines
+                        if line.strip())
+
         async def read_stderr() -> None:
             assert proc.stderr is not None
-            buf = b""
-            async for chunk in proc.stderr:
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        tail.append(line.decode(errors="replace")[:STDERR_LINE_MAX])
-                buf = buf[-STDERR_LINE_MAX * 4:]
-            if buf.strip():
-                tail.append(buf.decode(errors="replace")[:STDERR_LINE_MAX])
+            await read_lines(proc.stderr, keep, max_line=STDERR_LINE_MAX * 4)
 
         async def watch() -> None:
             async with trio.open_nursery() as n:

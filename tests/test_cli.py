@@ -486,3 +486,23 @@ def test_a_server_on_a_specific_host_prints_that_url_alone():
         == "bus listening on ws://10.1.2.3:7700/bus"
     line = listening_line("bus", "ws://[::]:7700/bus", "::")
     assert line.startswith("bus listening on ws://[::1]:7700/bus (on every interface")
+
+
+async def test_a_childs_pipe_is_read_line_by_line_and_a_line_without_end_in_pieces():
+    """read_lines over a real pipe from a real process: lines without their newline; output
+    with no newline is handed over in pieces of the limit once it passes it, and what is left
+    when the pipe closes comes last."""
+    import trio
+
+    from orchestrator.serving import read_lines
+
+    got: list[bytes] = []
+    script = ("import sys; sys.stdout.write('one\\n\\ntwo\\n' + 'x' * 25 + 'tail'); "
+              "sys.stdout.flush()")
+    with trio.fail_after(10):
+        proc = await trio.lowlevel.open_process([sys.executable, "-c", script],
+                                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        await read_lines(proc.stdout, got.extend, max_line=10)
+        assert await proc.wait() == 0
+    assert got == [b"one", b"", b"two", b"x" * 10, b"x" * 10, b"xxxxxtail"]

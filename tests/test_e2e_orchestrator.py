@@ -608,6 +608,73 @@ needs = ["c"]
     assert run.events("resumed")[0]["data"]["closed_attempts"] == 1
 
 
+def sim_pids(run_id: str) -> list[int]:
+    """The run's embedded sim process(es): `orchestrator model-server ... --run-id RUN`."""
+    out = []
+    for pid in procs_touching(run_id):
+        try:
+            cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"model-server" in cmd:
+            out.append(pid)
+    return out
+
+
+@pytest.mark.slow
+async def test_the_sims_process_dying_stops_the_run_resumably_and_loses_no_task(run):
+    """The embedded sim runs in a child process of its own (in the run's state dir). kill -9
+    it mid-turn: the run stops (exit 3, 'stopped', the reason in the journal), the attempt in
+    flight is lost, not failed (retries = 0 here, so a failure would have been final), and
+    nothing is left running; `resume` starts a new sim and finishes without repeating what
+    had finished."""
+    run.graph.write_text('''
+[run]
+retries = 0
+[agents.quick]
+script = [{text = "ok", output_tokens = 10}]
+[agents.slow]
+script = [{text = "slow done", output_tokens = 2000}]
+[[tasks]]
+id = "a"
+agent = "quick"
+[[tasks]]
+id = "c"
+agent = "slow"
+needs = ["a"]
+''')
+    with trio.fail_after(GUARD_S):
+        await run.start("--workers", "1")
+        await until(lambda: any(a["task_id"] == "c" and a["state"] == "running"
+                                for a in run.attempts()))
+        rid = str(run.run_id())
+        [sim] = sim_pids(rid)
+        assert os.readlink(f"/proc/{sim}/cwd") == str(run.state)
+        os.kill(sim, signal.SIGKILL)
+        code = await run.wait()
+        await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
+        assert code == 3, run.stderr()
+        row = run.run_row()
+        assert row["status"] == "stopped", row
+        assert "embedded sim model server's process was killed by SIGKILL" in row["reason"]
+        assert f"orchestrator resume {rid}" in run.stderr()
+        per = by_task(run.attempts())
+        # the one that ran, and the next one queued as the run stopped: lost, neither failed
+        assert {a["state"] for a in per["c"]} == {"lost"}, per["c"]
+        tried = len(per["c"])
+        resumed = Run(run.tmp)
+        resumed.err_path = run.tmp / "resume.stderr"
+        await resumed.start("--workers", "1", cmd=("resume", rid))
+        code = await resumed.wait()
+        await until(lambda: not procs_touching(str(run.state)), poll_s=0.1)
+    assert code == 0, resumed.stderr()
+    assert run.run_row()["status"] == "succeeded"
+    per = by_task(run.attempts())
+    assert [a["state"] for a in per["a"]] == ["succeeded"]  # finished before: not repeated
+    assert [a["state"] for a in sorted(per["c"], key=lambda a: a["attempt"])] == [
+        "lost"] * tried + ["succeeded"]
+
+
 @pytest.mark.slow
 async def test_resume_gives_a_rerun_parent_the_child_it_had_spawned_instead_of_a_new_one(run):
     run.graph.write_text('''

@@ -879,6 +879,29 @@ def test_cli_refuses_a_public_host_without_a_token(monkeypatch: pytest.MonkeyPat
     assert "--decode must be a finite number of seconds, zero or more" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_parent_pid_that_is_not_its_parent_and_a_bad_sim_json(
+        capsys: pytest.CaptureFixture[str]):
+    import os
+
+    from orchestrator.cli import main
+
+    assert main(["model-server", "--port", "0", "--parent-pid", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--parent-pid 1 is not this model server's parent (that is {os.getppid()})" in err
+    for bad in ("[1]", "{\"ttft\": 1}", "not json"):
+        assert main(["model-server", "--port", "0", "--sim-json", bad]) == 2
+        assert "--sim-json is not a sim configuration" in capsys.readouterr().err
+
+
+def test_sim_json_round_trips_every_field():
+    from modellink.sim import SimConfig
+    from orchestrator.simproc import sim_from_json, sim_to_json
+
+    sim = SimConfig(ttft_s=0.5, models=("a", "b"), accept_any_model=True, seed=7,
+                    default_script='[{"text": "x"}]', chunk_tokens=3)
+    assert sim_from_json(sim_to_json(sim)) == sim
+
+
 async def test_cli_serves_with_a_token_file_until_sigint(tmp_path: Any):
     import os
     import signal
