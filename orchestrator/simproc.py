@@ -107,7 +107,7 @@ async def start_sim_process(nursery: trio.Nursery, *, host: str, token: str, sim
            "--sim-json", sim_to_json(sim), "--announce"]
     proc = await trio.lowlevel.open_process(cmd, env=env, stdin=subprocess.DEVNULL,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            start_new_session=True, cwd=cwd)
+                                            start_new_session=os.name == "posix", cwd=cwd)
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
     async def read_stderr() -> None:
@@ -133,6 +133,8 @@ async def start_sim_process(nursery: trio.Nursery, *, host: str, token: str, sim
     except (trio.TooSlowError, SimStartError) as exc:
         child.stopping = True
         await child.stop(grace=0.5)
+        with trio.move_on_after(1.0):  # what it said on the way out (its error line)
+            await read_stderr()
         why = (str(exc) if isinstance(exc, SimStartError)
                else f"it did not listen within {start_timeout:g}s")
         last = f": {tail[-1]}" if tail else ""
