@@ -124,24 +124,25 @@ def run(args: argparse.Namespace) -> int:
                                max_connection_age_s=args.max_connection_age)
 
     async def main() -> int:
-        async with trio.open_nursery() as nursery:
-            try:
-                info = await start_listening(nursery, serve_model, config, what=(
-                    f"the model server on {args.host}:{args.port}"))
-            except ListenError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_INTERNAL
-            if args.announce:
-                print(json.dumps({"base_url": info.base_url}), flush=True)
-            else:
-                print(listening_line("model server", info.base_url, args.host),
-                      file=sys.stderr, flush=True)
-            if args.parent_pid is not None:
-                nursery.start_soon(stop_with_parent, args.parent_pid)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+        # the handler first: whoever reads the URL may send SIGTERM at once (a stop, not a kill)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
+            async with trio.open_nursery() as nursery:
+                try:
+                    info = await start_listening(nursery, serve_model, config, what=(
+                        f"the model server on {args.host}:{args.port}"))
+                except ListenError as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return EXIT_INTERNAL
+                if args.announce:
+                    print(json.dumps({"base_url": info.base_url}), flush=True)
+                else:
+                    print(listening_line("model server", info.base_url, args.host),
+                          file=sys.stderr, flush=True)
+                if args.parent_pid is not None:
+                    nursery.start_soon(stop_with_parent, args.parent_pid)
                 async for _ in sigs:
                     break
-            nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()
         return EXIT_OK
 
     tune_process()

@@ -140,6 +140,9 @@ async def start_sim_process(nursery: trio.Nursery, *, host: str, token: str, sim
         last = f": {tail[-1]}" if tail else ""
         raise SimStartError(f"the embedded sim model server did not start ({why}){last}") \
             from None
+    except BaseException:  # cancelled while it starts (Ctrl-C): it must not outlive us
+        await child.stop(grace=0.5)
+        raise
     nursery.start_soon(watch)
     return child
 

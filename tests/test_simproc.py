@@ -95,3 +95,20 @@ async def test_a_sim_child_that_cannot_start_says_why():
     assert msg.startswith("the embedded sim model server did not start (it exited with 2 "
                           "before listening)"), msg
     assert "loud" in msg  # its own error line, from its stderr
+
+
+async def test_a_sim_child_cancelled_while_it_starts_does_not_outlive_it(tmp_path: Any):
+    from agent_helpers import procs_mentioning
+
+    async def on_exit(code: int, tail: list[str]) -> None:
+        raise AssertionError("not started, so not reported")
+
+    run_id = f"cancelled-{os.getpid()}-{id(tmp_path)}"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(0.05) as scope:  # Python start-up alone takes longer
+                await start_sim_process(
+                    nursery, host="127.0.0.1", token="t", sim=SimConfig.zero(),
+                    log_level="info", run_id=run_id, sink=None, on_exit=on_exit)
+    assert scope.cancelled_caught
+    assert procs_mentioning(run_id) == []
