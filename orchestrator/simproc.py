@@ -27,7 +27,7 @@ import trio
 from modellink.sim import SimConfig
 from orchestrator.serving import read_lines
 
-START_TIMEOUT_S = 30.0  # from spawn to its URL: Python start-up and imports take ~0.3 s here
+START_TIMEOUT_S = 30.0  # from spawn to its URL: ~0.5 s here (Python start-up, imports, tokenizer)
 STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this
 STDERR_TAIL_LINES = 20  # lines that are not JSON log lines (tracebacks) kept to explain an exit
 _PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parent.parent)  # holds orchestrator/

@@ -119,6 +119,8 @@ class Supervisor:
         self.model_base_url: str | None = None  # as leases carry it (advertised)
         self.model_token: str | None = None  # the embedded sim's bearer token (the bus token)
         self.sim_proc: SimProcess | None = None  # the embedded sim's process (opts.sim_process)
+        self._sim_ready: trio.Event | None = None  # set once that process listens, or failed to
+        self._sim_error: str | None = None  # why it did not come up
         self.bus_url: str = ""  # as local workers dial it
         # the embedded hub, which our own client reaches over memory channels; None when
         # --bus-url names an external hub (then our client dials it like any worker)
@@ -179,6 +181,7 @@ class Supervisor:
                             inner.start_soon(self._progress_loop)
                         for _ in range(opts.workers):
                             await self.procs.spawn(inner, self._on_process_exit)
+                        await self._endpoints_ready()  # the sim's process came up meanwhile
                         await self._dispatch_loop()
                         # the graph is settled: the last progress line is close()'s, not one
                         # drawn while the workers stop (it said "workers 0", then the peak)
@@ -252,27 +255,49 @@ class Supervisor:
             elif adv is not None and not is_loopback(adv):
                 mhost = "0.0.0.0"
             sim = attrs.evolve(opts.sim, accept_any_model=True)
+            self.model_token = token
+
+            def publish(base: str) -> None:
+                if is_wildcard(mhost):
+                    base = with_host(base, "127.0.0.1")
+                self.model_base_url = with_host(base, adv) if adv else base
+
             if opts.sim_process:
-                try:
-                    self.sim_proc = await start_sim_process(
-                        nursery, host=mhost, token=token, sim=sim, log_level=opts.log_level,
-                        run_id=self.run_id, sink=self.sink, on_exit=self._on_sim_exit,
-                        cwd=opts.state_dir)
-                except SimStartError as exc:
-                    raise StartError(str(exc)) from None
-                base = self.sim_proc.base_url
-                log.info("model_server.process", pid=self.sim_proc.proc.pid, base_url=base)
+                # it takes ~0.5 s to come up (a Python start-up and the tokenizer): started
+                # now, awaited in _endpoints_ready, so the workers start meanwhile
+                ready = self._sim_ready = trio.Event()
+
+                async def start_sim() -> None:
+                    try:
+                        self.sim_proc = await start_sim_process(
+                            nursery, host=mhost, token=token, sim=sim,
+                            log_level=opts.log_level, run_id=self.run_id, sink=self.sink,
+                            on_exit=self._on_sim_exit, cwd=opts.state_dir)
+                        publish(self.sim_proc.base_url)
+                        log.info("model_server.process", pid=self.sim_proc.proc.pid,
+                                 base_url=self.sim_proc.base_url)
+                    except SimStartError as exc:
+                        self._sim_error = str(exc)
+                    finally:
+                        ready.set()
+
+                nursery.start_soon(start_sim)
             else:
                 minfo = await _start(nursery, serve_model,
                                      ModelServerConfig(host=mhost, port=0, token=token, sim=sim),
                                      what=f"the embedded sim model on {mhost}")
-                base = minfo.base_url
-            if is_wildcard(mhost):
-                base = with_host(base, "127.0.0.1")
-            self.model_base_url = with_host(base, adv) if adv else base
-            self.model_token = token
+                publish(minfo.base_url)
         else:
             self.model_base_url = opts.model_url
+
+    async def _endpoints_ready(self) -> None:
+        """Wait for the embedded sim's process if it is starting, then journal and log where
+        the run's bus and model are. Raises StartError if that process did not come up."""
+        if self._sim_ready is not None:
+            await self._sim_ready.wait()
+            if self._sim_error is not None:
+                raise StartError(self._sim_error)
+        opts = self.opts
         self.journal.event(self.run_id, None, "run.endpoints",
                            {"bus": self.advertised_bus_url, "local_bus": self.bus_url,
                             "model": self.model_base_url, "pid": os.getpid()})
