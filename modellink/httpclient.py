@@ -14,7 +14,7 @@ import attrs
 import h11
 import trio
 
-from bus.ws import connect_failure
+from bus.ws import connect_failure, open_tcp
 
 # One read asks the kernel for up to this much; a 200 KB response body is a few reads.
 READ_SIZE = 256 * 1024
@@ -132,7 +132,7 @@ class HttpConnection:
                         https_compatible=True)
                     await stream.do_handshake()  # type: ignore[attr-defined]
                 else:
-                    stream = await trio.open_tcp_stream(origin.host, origin.port)
+                    stream = await open_tcp(origin.host, origin.port)
         except trio.TooSlowError:
             raise HttpError(f"connecting to {origin.host}:{origin.port} timed out after "
                             f"{timeout_s}s") from None

@@ -526,3 +526,36 @@ async def test_a_peer_flooding_pings_and_reading_nothing_cannot_hold_the_server(
                 await done.wait()
             assert got == ["still here"]
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("family,host", [("v4", "127.0.0.1"), ("v6", "::1"), ("name", "localhost")])
+async def test_open_tcp_dials_an_address_directly_and_a_name_through_resolution(family, host):
+    """A numeric address (v4 or v6) gets a direct connect, a host name trio's resolution; all
+    give a SocketStream with TCP_NODELAY, and a refused one is named as refused."""
+    import socket
+
+    from bus.ws import connect_failure, open_tcp
+
+    af = socket.AF_INET6 if family == "v6" else socket.AF_INET
+    try:
+        listeners = await trio.open_tcp_listeners(0, host="::1" if family == "v6" else "127.0.0.1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async def accept_one() -> None:
+                conn = await listeners[0].accept()
+                await conn.send_all(await conn.receive_some(10))
+
+            nursery.start_soon(accept_one)
+            stream = await ws_module.open_tcp(host, port)
+            assert stream.socket.family == af
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(10) == b"ping"
+            await stream.aclose()
+        await listeners[0].aclose()
+        with pytest.raises(OSError) as refused:
+            await open_tcp(host, port)  # nothing listens there any more
+    assert connect_failure(refused.value).startswith("connection refused")
