@@ -167,9 +167,6 @@ async def bench_tasks(n: int, state: pathlib.Path, log_level: str,
 
     cpu: dict[str, float] = {}
 
-    def pids() -> dict[str, int]:
-        return _pids(sup)
-
     async def watch() -> None:  # polling: the bench must not change what it measures
         # every POLL_S: polling every 1 ms alone costs ~6% of a core (measured: 1,000 trio
         # wakeups a second), ~150 us of the orchestrator's CPU per task at 400 tasks/s;
@@ -179,12 +176,12 @@ async def bench_tasks(n: int, state: pathlib.Path, log_level: str,
             await trio.sleep(POLL_S)
         marks["first_lease"] = time.perf_counter()
         marks["startup"] = marks["first_lease"] - t0
-        for k, pid in pids().items():
+        for k, pid in _pids(sup).items():
             cpu[k] = -_cpu_s(pid)
         while not sup.sched.done:  # noqa: ASYNC110
             await trio.sleep(POLL_S)
         marks["done"] = time.perf_counter()
-        for k, pid in pids().items():
+        for k, pid in _pids(sup).items():
             cpu[k] = cpu.get(k, 0.0) + _cpu_s(pid)
 
     t0 = time.perf_counter()

@@ -322,8 +322,9 @@ class Journal:
 
     def reopen_run(self, run_id: str) -> bool:
         """A run that stopped without ending (status "stopped": no worker was left, the disk
-        refused writes, or the embedded sim's process exited) runs again: `orchestrator resume` calls this before it goes on. Any
-        other run is left as it is. Returns True iff the run was reopened."""
+        refused writes, or the embedded sim's process exited) runs again: `orchestrator
+        resume` calls this before it goes on. Any other run is left as it is. Returns True iff
+        the run was reopened."""
         now = time.time()
         with self._write():
             cur = self.conn.execute(

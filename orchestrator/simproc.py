@@ -4,8 +4,8 @@ its URL, gathers its log lines into the run's log, tells when it exits, and stop
 Why a process of its own: in the orchestrator's process the sim shared one event loop with the
 hub, the scheduler and the journal, and took ~45% of it on a run of one-turn tasks (py-spy,
 bench/orchestrator.py), so that loop was the run's bottleneck. As a child it runs on another
-core where there is one: 17-24% less wall time per task on the 2-core bench box (see the
-README), more where cores are free. The child is `orchestrator model-server --parent-pid`:
+core where there is one: 10-18% less wall time per task on the 2-core bench box (six pairs
+of runs, see the README), more where cores are free. The child is `orchestrator model-server --parent-pid`:
 it stops when the orchestrator is gone (even after SIGKILL), and it has a process group of its
 own, so a terminal's Ctrl-C reaches it only through the orchestrator, which stops it last.
 """
@@ -66,7 +66,6 @@ class SimProcess:
 
     proc: trio.Process
     base_url: str
-    tail: deque[str]
     stopping: bool = False
 
     async def stop(self, grace: float = STOP_GRACE_S) -> None:
@@ -126,12 +125,11 @@ async def start_sim_process(nursery: trio.Nursery, *, host: str, token: str, sim
         if not child.stopping:
             await on_exit(code, list(tail))
 
-    child = SimProcess(proc=proc, base_url="", tail=tail)
+    child = SimProcess(proc=proc, base_url="")
     try:
         with trio.fail_after(start_timeout):
             child.base_url = await _read_url(proc)
     except (trio.TooSlowError, SimStartError) as exc:
-        child.stopping = True
         await child.stop(grace=0.5)
         with trio.move_on_after(1.0):  # what it said on the way out (its error line)
             await read_stderr()
