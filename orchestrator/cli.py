@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import traceback
+from types import FrameType
 
 # Exit codes that say what happened; documented in README and `orchestrator --help`.
 EXIT_OK = 0
@@ -79,7 +81,38 @@ def leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM before a command listens for it: what Ctrl-C does at that moment. Through the
+    SIGINT handler when there is one (inside trio.run that is trio's, which raises
+    KeyboardInterrupt only where it is safe to); else KeyboardInterrupt here."""
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)
+    else:  # SIGINT ignored (a job started with `&` by a script) or not Python's to handle
+        raise KeyboardInterrupt
+
+
+def sigterm_as_interrupt() -> object:
+    """Make SIGTERM act as SIGINT (KeyboardInterrupt) until a command installs its own
+    receiver (trio.open_signal_receiver restores this one when it ends). Without it a SIGTERM
+    in a command's first moments (imports, opening the journal, trio starting) killed the
+    process outright: `orchestrator run` then left its run "running" with nothing running.
+    Returns the handler to restore (None: not the main thread, nothing installed)."""
+    try:
+        return signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    except ValueError:  # not the main thread (main() called from a test's thread)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = sigterm_as_interrupt()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         parser = build_parser()  # imports every command: a Ctrl-C may land here
     except KeyboardInterrupt:

@@ -163,8 +163,10 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     tune_process()
     try:
         outcome = trio.run(sup.run)
-        # The run has ended and is journaled: a Ctrl-C while its summary prints changes nothing
+        # The run has ended and is journaled: a Ctrl-C (or SIGTERM) while its summary prints
+        # changes nothing
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except BaseException as exc:  # noqa: BLE001 - every way out must end the run row
         found = leaves(exc)
         ended = _ended(journal, run_id)

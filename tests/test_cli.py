@@ -506,3 +506,64 @@ async def test_a_childs_pipe_is_read_line_by_line_and_a_line_without_end_in_piec
         await read_lines(proc.stdout, got.extend, max_line=10)
         assert await proc.wait() == 0
     assert got == [b"one", b"", b"two", b"x" * 10, b"x" * 10, b"xxxxxtail"]
+
+
+SIGTERM_PROBE = r"""
+import os, signal, sys, time
+import trio
+from orchestrator.cli import sigterm_as_interrupt
+
+def case(name, fn):
+    try:
+        fn()
+    except KeyboardInterrupt:
+        print(name, "interrupted", flush=True)
+    else:
+        print(name, "not interrupted", flush=True)
+
+def plain():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+
+async def trio_before_receiver():
+    os.kill(os.getpid(), signal.SIGTERM)
+    await trio.sleep(5)
+
+async def trio_receiver():
+    with trio.open_signal_receiver(signal.SIGTERM) as sigs:
+        os.kill(os.getpid(), signal.SIGTERM)
+        async for sig in sigs:
+            print("receiver got", signal.Signals(sig).name, flush=True)
+            break
+
+previous = sigterm_as_interrupt()
+assert previous is signal.SIG_DFL, previous
+case("plain", plain)
+case("trio", lambda: trio.run(trio_before_receiver))
+case("receiver", lambda: trio.run(trio_receiver))
+case("after the receiver", plain)  # the receiver put this handler back
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a job a script started with `&`
+case("sigint ignored", plain)
+"""
+
+
+def test_sigterm_before_a_command_listens_is_a_ctrl_c_not_a_kill():
+    """SIGTERM in a command's first moments used to kill it outright (exit -15): an
+    `orchestrator run` that had opened its journal left its run "running". Until a command
+    listens for SIGTERM itself, it is what Ctrl-C is then: KeyboardInterrupt, also inside
+    trio.run (through trio's SIGINT handler) and when SIGINT is ignored."""
+    out = subprocess.run([sys.executable, "-c", SIGTERM_PROBE], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "plain interrupted", "trio interrupted", "receiver got SIGTERM",
+        "receiver not interrupted", "after the receiver interrupted",
+        "sigint ignored interrupted"]
+
+
+def test_main_puts_the_callers_sigterm_handler_back():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["validate", str(EXAMPLES / "quickstart.toml")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -1188,3 +1189,31 @@ async def test_run_prints_the_final_tasks_answers_on_stdout_and_the_rest_on_stde
     assert code == 1, run.stderr()  # y failed
     assert run.stdout() == "== x ==\nx is\nwritten\n== z ==\nx is\nwritten\n"
     assert "== " not in run.stderr() and "failed y: " in run.stderr()
+
+
+@pytest.mark.slow
+def test_sigterm_as_the_run_starts_cancels_it_in_the_journal(tmp_path):
+    """SIGTERM the moment `orchestrator run` has journaled its run (it says so on stderr, just
+    before its event loop starts and listens for signals): the run ends "cancelled" with exit
+    130 and nothing left running, as Ctrl-C does; it used to die of the signal (exit -15) with
+    its run left "running"."""
+    r = Run(tmp_path, graph(2))
+    proc = subprocess.Popen(
+        _orch("run", str(r.graph), "--state-dir", str(r.state), "--progress", "plain", *SIM),
+        env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    try:
+        first = proc.stderr.readline()
+        assert b"logs: orchestrator logs" in first, first
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        code = proc.wait(timeout=GUARD_S)
+    finally:
+        proc.kill()
+    assert code == 130, (first + rest).decode(errors="replace")
+    row = r.run_row()
+    assert row["status"] == "cancelled", row
+    t_end = time.monotonic() + 10
+    while procs_touching(str(r.state)) and time.monotonic() < t_end:
+        time.sleep(0.05)
+    assert not procs_touching(str(r.state))
