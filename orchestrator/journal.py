@@ -455,15 +455,18 @@ class Journal:
                 (run_id, task_id, _dumps({"attempt": attempt, "reported": reported, "why": why,
                                           "worker_id": worker_id}), now))
 
-    def close_open_attempts(self, run_id: str, state: str, error: str) -> int:
+    def close_open_attempts(self, run_id: str, state: str, error: str, unstarted: str) -> int:
         """End every attempt still queued or running (after a crash, or at the end of a run):
-        nobody will report it any more. Returns how many were closed."""
+        nobody will report it any more. `error` says why for one a worker held, `unstarted`
+        for one still queued (no worker ever took it: "in flight" would not be true of it).
+        Returns how many were closed."""
         now = time.time()
         with self._write():
             cur = self.conn.execute(
-                "UPDATE attempts SET state = ?, ended = ?, error = COALESCE(error, ?) "
+                "UPDATE attempts SET state = ?, ended = ?, error = COALESCE(error, "
+                "CASE WHEN state = 'queued' THEN ? ELSE ? END) "
                 "WHERE run_id = ? AND state IN ('queued', 'running')",
-                (state, now, error, run_id))
+                (state, now, unstarted, error, run_id))
             n = cur.rowcount
             if n:
                 self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "

@@ -127,7 +127,8 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
             # whatever was in flight when the orchestrator died will never report
             journal.reopen_run(run_id)  # a stopped run (no worker, disk, sim process) goes on
             closed = journal.close_open_attempts(
-                run_id, "lost", "the orchestrator stopped while this attempt was in flight")
+                run_id, "lost", "the orchestrator stopped while this attempt was in flight",
+                "never started: the orchestrator stopped before a worker took it")
             sched = S.Scheduler.restore(graph, journal.task_records(run_id))
             journal.event(run_id, None, "resumed", {"closed_attempts": closed})
         log_f = open(rdir / "log.jsonl", "ab", buffering=0)  # noqa: SIM115 - lives for the run

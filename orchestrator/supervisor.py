@@ -201,7 +201,8 @@ class Supervisor:
         reason = self.cancel_reason or self.fatal
         self.journal.close_open_attempts(
             self.run_id, "cancelled" if status == "cancelled" else "lost",
-            "the run ended before the attempt reported")
+            "the run ended before the attempt reported",
+            "never started: the run ended before a worker took it")
         summary = self.summary()
         self.journal.finish_run(self.run_id, status, summary=summary, reason=reason)
         if self.progress is not None:

@@ -145,6 +145,23 @@ def test_sync_tasks_writes_changes_only_with_state_events(jpath):
     assert states == ["ready", "queued"]
 
 
+def test_closing_open_attempts_says_which_never_started(jpath):
+    """A queued attempt no worker took was never "in flight": closing it says so."""
+    j = Journal.open(jpath)
+    j.create_run("r", graph_path="g.toml", graph_text=GRAPH)
+    j.attempt_queued("r", "x", 1)
+    j.attempt_started("r", "x", 1, "w1")
+    j.attempt_queued("r", "y", 1)
+    j.attempt_queued("r", "z", 1)
+    j.attempt_started("r", "z", 1, "w1")
+    j.attempt_ended("r", "z", 1, "succeeded", result={"text": "", "outputs": {}})
+    assert j.close_open_attempts("r", "lost", "was in flight", "never started") == 2
+    got = {(a["task_id"], a["state"], a["error"]) for a in j.attempts("r")}
+    assert got == {("x", "lost", "was in flight"), ("y", "lost", "never started"),
+                   ("z", "succeeded", None)}
+    assert j.close_open_attempts("r", "lost", "again", "again") == 0
+
+
 def test_resume_after_a_crash_between_result_and_task_sync_does_not_repeat_the_task(jpath):
     g = GraphSpec.from_text(GRAPH, "g.toml")
     j = Journal.open(jpath)
