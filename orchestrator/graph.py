@@ -106,7 +106,9 @@ def read_graph_text(path: str | pathlib.Path) -> str:
         raise GraphFileError(f"graph file {name!r} is over {MAX_GRAPH_BYTES // 2**20} MiB: a "
                              "graph is a short TOML text; is this the right file?")
     try:
-        return data.decode("utf-8")
+        # "-sig": a byte-order mark (Windows editors write one) is dropped; tomllib takes it
+        # for a statement and refused the file at line 1, column 1
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise GraphFileError(f"graph file {name!r} is not UTF-8 text (byte {exc.start} is "
                              f"{data[exc.start:exc.start + 1]!r}): save it as UTF-8, or check "

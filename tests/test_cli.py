@@ -453,6 +453,14 @@ def test_a_graph_that_is_no_text_file_is_bad_input_for_validate_and_run(tmp_path
     assert not state.exists()  # no run was started
 
 
+def test_a_graph_saved_with_a_byte_order_mark_and_crlf_validates(tmp_path, capsys):
+    """Windows editors write a UTF-8 BOM (and CRLF): tomllib took the BOM for a statement and
+    the file was refused at line 1, column 1."""
+    g = tmp_path / "g.toml"
+    g.write_bytes(b"\xef\xbb\xbf" + GRAPH.replace("\n", "\r\n").encode())
+    assert main(["validate", str(g)]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["bus", "model-server"])
 def test_a_port_in_use_is_said_plainly_not_as_an_internal_error(capsys, monkeypatch,
                                                                  command):
