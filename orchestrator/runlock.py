@@ -59,6 +59,28 @@ def hold(run_dir: pathlib.Path, *, wait_s: float = HOLD_WAIT_S) -> IO[str]:
     return f
 
 
+def stamp(run_dir: pathlib.Path) -> None:
+    """Mark the run's orchestrator alive now (the lock file's mtime); nothing if the file is
+    gone (a run driven as a library has none). The holder calls it every ALIVE_EVERY_S."""
+    try:
+        os.utime(lock_path(run_dir))
+    except OSError:
+        pass
+
+
+ALIVE_EVERY_S = 2.0
+
+
+def last_alive(run_dir: pathlib.Path) -> float | None:
+    """When the run's orchestrator was last known alive (wall time: its last stamp, or when
+    it took the lock), None without a lock file. For a run whose orchestrator is gone: it
+    stopped within ALIVE_EVERY_S after this."""
+    try:
+        return lock_path(run_dir).stat().st_mtime
+    except OSError:
+        return None
+
+
 def holder(run_dir: pathlib.Path) -> int | None:
     """The pid of the live process holding the run (0 if unreadable), or None when nobody
     does: its orchestrator has ended or died (or the run predates the lock)."""

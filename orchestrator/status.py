@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from orchestrator import runlock
+
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "not_run"})
 # The order states are counted in, in the header line.
 STATE_ORDER = ("succeeded", "failed", "cancelled", "not_run", "running", "queued", "fanned",
@@ -133,9 +135,29 @@ class RunStatus:
     # pid of the live orchestrator holding the run (runlock), None if none does; only read
     # while the run's row says running
     orchestrator_pid: int | None = None
+    # when its orchestrator was last known alive (runlock.last_alive): for a run whose
+    # orchestrator is gone, open times are counted to then, not to now
+    last_alive: float | None = None
+
+    @property
+    def gone(self) -> bool:
+        """The journal says running, but no orchestrator holds the run (killed, or its
+        terminal or machine went away)."""
+        return self.status == "running" and self.orchestrator_pid is None
+
+    @property
+    def clock(self) -> float:
+        """What open times are counted to: now, or when a gone orchestrator was last alive
+        (a task it left "running" runs no more)."""
+        if self.gone and self.last_alive is not None:
+            # it was alive when it last journaled a start or an end, too
+            times = [x for t in self.tasks for a in t.attempt_list
+                     for x in (a.started, a.ended) if x is not None]
+            return min(max([self.last_alive, self.started, *times]), self.now)
+        return self.now
 
     def duration(self) -> float:
-        return max((self.ended if self.ended is not None else self.now) - self.started, 0.0)
+        return max((self.ended if self.ended is not None else self.clock) - self.started, 0.0)
 
 
 def _placeholder(task_id: str, agent: str) -> dict[str, Any]:
@@ -147,7 +169,8 @@ def _placeholder(task_id: str, agent: str) -> dict[str, Any]:
 def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                  attempts: Sequence[Mapping[str, Any]], *, graph: Any = None,
                  requests: Sequence[Mapping[str, Any]] = (), now: float,
-                 orchestrator_pid: int | None = None) -> RunStatus:
+                 orchestrator_pid: int | None = None,
+                 last_alive: float | None = None) -> RunStatus:
     """Fold journal rows into a RunStatus.
 
     `run` is a `Journal.find_run` dict, `rows` `Journal.task_rows`, `attempts`
@@ -246,7 +269,8 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         reason=run.get("reason"), tasks=tuple(flat),
         usage=_sum(a.usage for own in by_task.values() for a in own),
         counts={s: counts[s] for s in (*STATE_ORDER, *sorted(counts)) if counts.get(s)},
-        requests=tuple(dict(q) for q in requests), now=now, orchestrator_pid=orchestrator_pid)
+        requests=tuple(dict(q) for q in requests), now=now, orchestrator_pid=orchestrator_pid,
+        last_alive=last_alive)
 
 
 # ---------------------------------------------------------------- formatting
@@ -324,13 +348,17 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
         head += f" ({st.name})"
     when = fmt_when(st.started, tz)
     dur = fmt_duration(st.duration())
+    gone = st.gone
+    alive = gone and st.last_alive is not None
     head += f": {st.status}, started {when}, " + (
-        f"took {dur}" if st.ended is not None else f"{dur} so far")
+        f"took {dur}" if st.ended is not None else
+        f"its orchestrator last seen alive {dur} after" if alive else f"{dur} so far")
     lines = [head]
-    gone = st.status == "running" and st.orchestrator_pid is None
     if gone:
+        seen = (f", within {runlock.ALIVE_EVERY_S:g}s after it was last seen; times below "
+                "are counted to then" if alive else "")
         lines.append(f"orchestrator: not running (killed, or its terminal or machine went "
-                     f"away): `orchestrator resume {st.run_id}` finishes the run")
+                     f"away{seen}): `orchestrator resume {st.run_id}` finishes the run")
     elif st.status == "stopped":
         lines.append(f"orchestrator: stopped (no worker was left, the disk refused writes, "
                      f"or the embedded sim's process exited): once the cause below is fixed, "
@@ -352,7 +380,8 @@ def render_text(st: RunStatus, *, tz: _dt.tzinfo | None = None, attempts: bool =
             "`orchestrator resume` applies it)" if gone else
             "the orchestrator picks requests up within a second while it runs)"))
     lines.append("")
-    rows, any_split = _rows(st.tasks, st.now, tz=tz, attempts=attempts, error_width=error_width)
+    rows, any_split = _rows(st.tasks, st.clock, tz=tz, attempts=attempts,
+                            error_width=error_width)
     rows.append(["total", "", "", "", "", "", "", *_usage_cells(st.usage), ""])
     lines.extend(_table(HEADER, rows, right=_RIGHT))
     if any_split or any(t.children for t in st.tasks):
@@ -432,7 +461,7 @@ def render_task(st: RunStatus, task_id: str, *, tz: _dt.tzinfo | None = None,
     if t.reason and t.state in ("cancelled", "not_run"):
         head += f" ({t.reason})"
     lines = [head, ""]
-    rows, any_split = _rows(tasks, st.now, tz=tz, attempts=True, error_width=error_width)
+    rows, any_split = _rows(tasks, st.clock, tz=tz, attempts=True, error_width=error_width)
     lines.extend(_table(HEADER, rows, right=_RIGHT))
     if any_split:
         lines.extend(["", "A parent's tokens and cost include its children's; (own) is the "
@@ -465,12 +494,13 @@ def to_json(st: RunStatus) -> dict[str, Any]:
                 "status": st.status, "started": st.started, "ended": st.ended,
                 "duration_s": round(st.duration(), 3), "reason": st.reason,
                 "counts": dict(st.counts), "usage": st.usage.to_dict(),
-                "orchestrator_pid": st.orchestrator_pid},
+                "orchestrator_pid": st.orchestrator_pid,
+                "last_alive": st.last_alive if st.gone else None},
         "tasks": [{
             "task_id": t.task_id, "kind": t.kind, "parent": t.parent, "agent": t.agent,
             "state": t.state, "attempts": t.attempts, "failures": t.failures,
             "worker": t.worker, "started": t.started, "ended": t.ended,
-            "duration_s": None if (d := t.duration(st.now)) is None else round(d, 3),
+            "duration_s": None if (d := t.duration(st.clock)) is None else round(d, 3),
             "error": t.error, "reason": t.reason, "usage": t.usage.to_dict(),
             "total_usage": t.total.to_dict(), "children": list(t.children), "depth": t.depth,
             "result": None if t.result is None else dict(t.result),

@@ -37,10 +37,12 @@ from bus.local import LocalHub
 from bus.logs import get_logger
 from modellink.server import ModelServerConfig, serve_model
 from modellink.sim import SimConfig
+from orchestrator import runlock
 from orchestrator import scheduler as S
 from orchestrator.graph import GraphSpec
 from orchestrator.journal import Journal
 from orchestrator.progress import Progress
+from orchestrator.runs import run_dir
 from orchestrator.serving import ListenError, is_wildcard, start_listening, with_host
 from orchestrator.simproc import SimProcess, SimStartError, start_sim_process
 from orchestrator.workers import MAX_LOCAL_WORKERS, LocalProcesses, WorkerRec, WorkerTable
@@ -177,6 +179,7 @@ class Supervisor:
                     async with trio.open_nursery() as inner:
                         self._inner = inner
                         inner.start_soon(self._receive_loop)
+                        inner.start_soon(self._stamp_alive)
                         if self.progress is not None:
                             inner.start_soon(self._progress_loop)
                         for _ in range(opts.workers):
@@ -933,6 +936,14 @@ class Supervisor:
                 "failed": counts.get("failed", 0), "workers": self.table.active,
                 "workers_peak": self.peak_workers,
                 "tokens_per_s": self.tokens_out / elapsed, "elapsed": elapsed}
+
+    async def _stamp_alive(self) -> None:
+        """Keep the run's lock file's mtime fresh, so `status` of a run whose orchestrator
+        died can say when (within ALIVE_EVERY_S) instead of counting its times to now."""
+        rdir = run_dir(pathlib.Path(self.opts.state_dir), self.run_id)
+        while True:
+            runlock.stamp(rdir)
+            await trio.sleep(runlock.ALIVE_EVERY_S)
 
     async def _progress_loop(self) -> None:
         assert self.progress is not None

@@ -216,6 +216,31 @@ def test_a_running_task_counts_its_time_up_to_now_and_the_run_is_still_going(sta
     assert st.counts == {"succeeded": 5, "running": 1}
 
 
+def test_a_run_whose_orchestrator_is_gone_counts_its_times_to_when_it_was_last_alive(state):
+    """No live orchestrator holds the run (no lock holder): its times stop when it was last
+    seen alive (the lock file's stamp, or its last journaled start/end if later), not now."""
+    import os
+
+    from orchestrator import runlock
+    from orchestrator.runs import run_dir
+
+    st0 = load(state[0], now=T0 + 10)
+    rdir = run_dir(state[0], st0.run_id)
+    rdir.mkdir(parents=True, exist_ok=True)
+    runlock.lock_path(rdir).write_text("")  # nobody holds it
+    os.utime(runlock.lock_path(rdir), (T0 + 8.5, T0 + 8.5))
+    st = load(state[0], now=T0 + 600)
+    assert st.gone and st.clock == T0 + 8.5 and st.duration() == pytest.approx(8.5)
+    assert by_id(st)["review"].duration(st.clock) == pytest.approx(1.5)
+    text = ST.render_text(st)
+    assert "its orchestrator last seen alive 8.50s after" in text
+    assert "within 2s after it was last seen" in text
+    assert ST.to_json(st)["run"]["last_alive"] == T0 + 8.5
+    # a stamp older than its last journaled start: that start is the later sign of life
+    os.utime(runlock.lock_path(rdir), (T0 + 1, T0 + 1))
+    assert load(state[0], now=T0 + 600).clock == T0 + 7
+
+
 def test_text_shows_the_tree_the_tokens_and_the_total(state):
     st = load(state[0], now=T0 + 10)
     out = ST.render_text(st, tz=datetime.UTC)
