@@ -83,12 +83,12 @@ def load_status(journal: Journal, ref: str | None, *, now: float) -> Any:
         graph = GraphSpec.from_text(row["graph_text"], row["graph_path"])
     except GraphError:
         graph = None  # the journaled rows still say everything that ran
-    rdir = run_dir(journal.path.parent, rid)
-    pid = runlock.holder(rdir) if row["status"] == "running" else None
+    pid = last_alive = None
+    if row["status"] == "running":
+        rdir = run_dir(journal.path.parent, rid)
+        pid, last_alive = runlock.holder(rdir), runlock.last_alive(rdir)
     return build_status(row, rows, attempts, graph=graph, requests=requests, now=now,
-                        orchestrator_pid=pid,
-                        last_alive=runlock.last_alive(rdir) if row["status"] == "running"
-                        else None)
+                        orchestrator_pid=pid, last_alive=last_alive)
 
 
 def run(args: argparse.Namespace) -> int:

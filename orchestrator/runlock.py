@@ -19,6 +19,9 @@ from typing import IO
 LOCK_NAME = "orchestrator.lock"
 # How long `hold` keeps trying: a `status` probing the lock holds it (shared) for a moment.
 HOLD_WAIT_S = 1.0
+# How often the holder stamps the lock file's mtime (stamp): a dead holder stopped within this
+# long after last_alive().
+ALIVE_EVERY_S = 2.0
 
 
 class RunLocked(Exception):
@@ -66,9 +69,6 @@ def stamp(run_dir: pathlib.Path) -> None:
         os.utime(lock_path(run_dir))
     except OSError:
         pass
-
-
-ALIVE_EVERY_S = 2.0
 
 
 def last_alive(run_dir: pathlib.Path) -> float | None:

@@ -135,8 +135,9 @@ class RunStatus:
     # pid of the live orchestrator holding the run (runlock), None if none does; only read
     # while the run's row says running
     orchestrator_pid: int | None = None
-    # when its orchestrator was last known alive (runlock.last_alive): for a run whose
-    # orchestrator is gone, open times are counted to then, not to now
+    # when its orchestrator was last known alive: its stamp (runlock.last_alive) or its last
+    # journaled attempt start or end, whichever is later. For a run whose orchestrator is
+    # gone, open times are counted to then, not to now
     last_alive: float | None = None
 
     @property
@@ -150,10 +151,7 @@ class RunStatus:
         """What open times are counted to: now, or when a gone orchestrator was last alive
         (a task it left "running" runs no more)."""
         if self.gone and self.last_alive is not None:
-            # it was alive when it last journaled a start or an end, too
-            times = [x for t in self.tasks for a in t.attempt_list
-                     for x in (a.started, a.ended) if x is not None]
-            return min(max([self.last_alive, self.started, *times]), self.now)
+            return min(max(self.last_alive, self.started), self.now)
         return self.now
 
     def duration(self) -> float:
@@ -174,7 +172,8 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
     """Fold journal rows into a RunStatus.
 
     `run` is a `Journal.find_run` dict, `rows` `Journal.task_rows`, `attempts`
-    `Journal.attempts`, `graph` the run's GraphSpec (or None if its text no longer parses):
+    `Journal.attempts`, `last_alive` the run lock's stamp (None: not asked, or no lock file),
+    `graph` the run's GraphSpec (or None if its text no longer parses):
     graph tasks not journaled yet are shown waiting, in file order. Children (fan-out and
     dynamic) follow their parent; a parent's `total` includes its whole subtree.
     """
@@ -270,7 +269,10 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         usage=_sum(a.usage for own in by_task.values() for a in own),
         counts={s: counts[s] for s in (*STATE_ORDER, *sorted(counts)) if counts.get(s)},
         requests=tuple(dict(q) for q in requests), now=now, orchestrator_pid=orchestrator_pid,
-        last_alive=last_alive)
+        # it was alive when it journaled an attempt's start or end, too
+        last_alive=None if last_alive is None else max(
+            [last_alive, *(x for a in attempts for x in (a.get("started"), a.get("ended"))
+                           if x is not None)]))
 
 
 # ---------------------------------------------------------------- formatting
