@@ -25,6 +25,18 @@ def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def state_dir_problem(state: pathlib.Path, exc: OSError) -> str:
+    """What is wrong with `state` as a state directory, and what to do, for an OSError that
+    creating it or its journal raised."""
+    fix = "pass --state-dir a directory you can write to (or set SWITCHBOARD_HOME)"
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        return f"cannot use state directory {state}: it, or a folder above it, is a file; {fix}"
+    if isinstance(exc, PermissionError):
+        return (f"cannot use state directory {state}: permission denied "
+                f"({exc.filename or state}); {fix}")
+    return f"cannot use state directory {state}: {exc.strerror or exc}; {fix}"
+
+
 def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
     import trio
 
@@ -83,7 +95,7 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         _err(str(exc))
         return EXIT_BAD_INPUT
     except OSError as exc:
-        _err(f"cannot use state directory {state}: {exc}")
+        _err(state_dir_problem(state, exc))
         return EXIT_BAD_INPUT
 
     if graph is not None:

@@ -418,6 +418,27 @@ def test_resume_where_there_is_no_journal_says_so_and_creates_nothing(tmp_path, 
     assert not state.exists()
 
 
+@needs_runtime
+@pytest.mark.parametrize("where", ["s", "s/deeper"])
+def test_a_state_dir_that_is_a_file_is_said_plainly(tmp_path, capsys, where):
+    (tmp_path / "s").write_text("not a directory")
+    code = main(["run", str(EXAMPLES / "quickstart.toml"), "--state-dir", str(tmp_path / where),
+                 "--progress", "none"])
+    assert code == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"cannot use state directory {tmp_path / where}: it, or a folder above it, is a " \
+        "file; pass --state-dir a directory you can write to" in err
+    assert "Errno" not in err
+
+
+def test_a_state_dir_without_permission_names_the_path_and_the_fix():
+    from orchestrator.runner import state_dir_problem
+    exc = PermissionError(13, "Permission denied", "/srv/x/journal.sqlite")
+    assert state_dir_problem(pathlib.Path("/srv/x"), exc) == (
+        "cannot use state directory /srv/x: permission denied (/srv/x/journal.sqlite); pass "
+        "--state-dir a directory you can write to (or set SWITCHBOARD_HOME)")
+
+
 @pytest.mark.parametrize(("flag", "value"), [("--ttft", "-1"), ("--prefill", "inf"),
                                              ("--decode", "nan")])
 def test_model_server_refuses_a_negative_or_non_finite_time(capsys, flag, value):
