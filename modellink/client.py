@@ -388,7 +388,7 @@ async def _hold_ws(url: str, headers: list[tuple[bytes, bytes]], config: WsConfi
 class ModelSession:
     """One agent's conversation with a model. Use `open_model_session`; one turn at a time."""
 
-    def __init__(self, endpoint: ModelEndpoint, nursery: trio.Nursery, *,
+    def __init__(self, endpoint: ModelEndpoint, nursery: trio.Nursery | None, *,
                  instructions: str | None, tools: list[dict[str, Any]] | None,
                  metadata: dict[str, str] | None, metadata_once: bool = False) -> None:
         self.endpoint = endpoint
@@ -490,14 +490,7 @@ class ModelSession:
     async def aclose(self) -> None:
         """Close the link, or give it to the pool when it is healthy and nothing is in flight
         (a closed WebSocket's close handshake runs in the task that holds it)."""
-        link, self._link, key = self._link, None, self._pool_key
-        if link is not None:
-            pool = _POOL.get() if key is not None else None
-            if pool is not None and key is not None and not self._busy:
-                pool.give(key, link)
-            else:
-                link.close()
-            self._let_go()
+        self._let_go_ws()
         if self._http is not None:
             http, self._http = self._http, None
             pool = _POOL.get() if self._http_key is not None else None
@@ -506,6 +499,18 @@ class ModelSession:
                 pool.give_http(self._http_key, http)
             else:
                 await http.aclose()
+
+    def _let_go_ws(self) -> None:
+        """aclose's WebSocket half, which never waits: the link goes back to the pool or its
+        holder is told to close it."""
+        link, self._link, key = self._link, None, self._pool_key
+        if link is not None:
+            pool = _POOL.get() if key is not None else None
+            if pool is not None and key is not None and not self._busy:
+                pool.give(key, link)
+            else:
+                link.close()
+            self._let_go()
 
     # ------------------------------------------------------------ results
 
@@ -591,7 +596,12 @@ class ModelSession:
             if link is not None:
                 self._stats["reused"] += 1
             else:
-                link = await self._connect_ws(pool.nursery if pool is not None else self._nursery)
+                nursery = pool.nursery if pool is not None else self._nursery
+                if nursery is None:  # opened on the pool, which is gone: the run is ending
+                    raise ModelConnectionError(
+                        f"cannot open the model WebSocket {self._origin.ws_url('/responses')}: "
+                        "this process's connection pool has shut down (its trio run is ending)")
+                link = await self._connect_ws(nursery)
                 self._stats["connects"] += 1
             self._link = link
             if pool is not None:
@@ -861,20 +871,27 @@ async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | Non
     Raises ModelAuthError / ModelConnectionError when the WebSocket cannot be opened, ValueError
     for a malformed base_url.
     """
+    pool = await _pool() if endpoint.transport == "ws" and endpoint.reuse_connections \
+        else None
+    if pool is not None:
+        # The pool's nursery holds the WebSocket, and closing gives it back without waiting:
+        # no nursery, shield or checkpoint of the session's own (~25 us of a worker's CPU per
+        # session, measured with one turn each)
+        session = ModelSession(endpoint, None, instructions=instructions, tools=tools,
+                               metadata=metadata, metadata_once=metadata_once)
+        try:
+            await _first_dial(session)
+            yield session
+        finally:
+            session._let_go_ws()  # a "ws" session holds no HTTP connection
+        return
     try:
         async with trio.open_nursery() as nursery:
             session = ModelSession(endpoint, nursery, instructions=instructions, tools=tools,
                                    metadata=metadata, metadata_once=metadata_once)
             try:
                 if endpoint.transport == "ws":
-                    try:
-                        await session._ensure_ws()
-                    except ModelRequestError as exc:
-                        if session._retry_wait(exc, 0) is None:
-                            raise
-                        # busy for now (a 429 or 503 to the upgrade): the first turn waits
-                        # and dials again, as its first retry
-                        session._refused = exc
+                    await _first_dial(session)
                 yield session
             finally:
                 with trio.CancelScope(shield=True):
@@ -885,6 +902,18 @@ async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | Non
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from group.exceptions[0].__cause__
         raise
+
+
+async def _first_dial(session: ModelSession) -> None:
+    """Connect a "ws" session's WebSocket (or take one from the pool) before it is used."""
+    try:
+        await session._ensure_ws()
+    except ModelRequestError as exc:
+        if session._retry_wait(exc, 0) is None:
+            raise
+        # busy for now (a 429 or 503 to the upgrade): the first turn waits and dials again,
+        # as its first retry
+        session._refused = exc
 
 
 async def fetch_server_stats(base_url: str, *, timeout_s: float = 10.0) -> dict[str, Any]:

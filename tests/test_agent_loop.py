@@ -280,7 +280,12 @@ async def test_cancel_during_a_model_response_stops_it_at_the_server(tmp_path):
                     t0 = trio.current_time()
                     scope.cancel()
             assert trio.current_time() - t0 < 1.0
+            # The response.cancel (on the model WebSocket) and the stats request (its own HTTP
+            # connection) race to the server: wait until it has ended the response, as above.
             stats = await fetch_server_stats(env.base_url)
+            while stats["in_flight"]:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+                stats = await fetch_server_stats(env.base_url)
             await trio.sleep(0.2)
             later = await fetch_server_stats(env.base_url)
     assert stats["responses_cancelled"] == 1 and stats["in_flight"] == 0
