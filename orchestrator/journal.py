@@ -296,7 +296,11 @@ class Journal:
 
     # ------------------------------------------------------------ runs
 
-    def create_run(self, run_id: str, *, graph_path: str, graph_text: str) -> None:
+    def create_run(self, run_id: str, *, graph_path: str, graph_text: str,
+                   name: str | None = None) -> None:
+        """A new run of the graph `graph_text` (read from `graph_path`); `name`, its [run]
+        name, is kept when given, so `status` need not parse the graph again once the run's
+        tasks are rows."""
         import hashlib
 
         h = hashlib.sha256(graph_text.encode()).hexdigest()
@@ -307,7 +311,9 @@ class Journal:
                 "VALUES (?, ?, ?, ?, 'running', ?)", (run_id, graph_path, graph_text, h, now))
             self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "
                               "VALUES (?, NULL, 'run.created', ?, ?)",
-                              (run_id, _dumps({"graph_path": graph_path}), now))
+                              (run_id, _dumps({"graph_path": graph_path} if name is None
+                                              else {"graph_path": graph_path, "name": name}),
+                               now))
 
     def finish_run(self, run_id: str, status: str, *, summary: Mapping[str, Any] | None = None,
                    reason: str | None = None) -> None:
@@ -352,6 +358,15 @@ class Journal:
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         r = self.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return None if r is None else self._run_dict(r)
+
+    def run_name(self, run_id: str) -> str | None:
+        """The [run] name given when the run was created; None when none was (a run journaled
+        before names were kept: its graph text has it)."""
+        r = self.conn.execute("SELECT data_json FROM events WHERE run_id = ? AND "
+                              "kind = 'run.created' ORDER BY id LIMIT 1", (run_id,)).fetchone()
+        data = _loads(r[0]) if r is not None else None
+        name = data.get("name") if isinstance(data, dict) else None
+        return name if isinstance(name, str) else None
 
     def latest_run(self) -> dict[str, Any] | None:
         r = self.conn.execute(
@@ -557,9 +572,12 @@ class Journal:
         last = self._synced.setdefault(run_id, {})
         log = getattr(views, "log", None)
         cursor = self._cursors.get(run_id)
-        if isinstance(log, list) and cursor is not None and cursor[0] is log:
-            # the scheduler's change log: look only at tasks changed since the last call
-            ids = dict.fromkeys(log[cursor[1]:])
+        if isinstance(log, list):
+            # the scheduler's change log: look only at tasks changed since the last call (all
+            # of it the first time, which puts the graph's tasks in file order: rows are read
+            # back in the order they were first written)
+            start = cursor[1] if cursor is not None and cursor[0] is log else 0
+            ids = dict.fromkeys(log[start:])
             changed = [(tid, views[tid]) for tid in ids
                        if tid in views and last.get(tid) is not views[tid]]
         else:

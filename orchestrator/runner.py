@@ -102,7 +102,8 @@ def start_run(args: argparse.Namespace, *, resume_run: str | None) -> int:
         run_id = new_run_id()
         sched = S.Scheduler(graph)  # before the row: a Ctrl-C here leaves no run behind
         closed = 0
-        journal.create_run(run_id, graph_path=str(args.file), graph_text=graph.source_text)
+        journal.create_run(run_id, graph_path=str(args.file), graph_text=graph.source_text,
+                           name=graph.run.name)
     else:
         try:
             row = journal.find_run(resume_run)

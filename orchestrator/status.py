@@ -166,6 +166,7 @@ def _placeholder(task_id: str, agent: str) -> dict[str, Any]:
 
 def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                  attempts: Sequence[Mapping[str, Any]], *, graph: Any = None,
+                 name: str | None = None,
                  requests: Sequence[Mapping[str, Any]] = (), now: float,
                  orchestrator_pid: int | None = None,
                  last_alive: float | None = None) -> RunStatus:
@@ -173,8 +174,9 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
 
     `run` is a `Journal.find_run` dict, `rows` `Journal.task_rows`, `attempts`
     `Journal.attempts`, `last_alive` the run lock's stamp (None: not asked, or no lock file),
-    `graph` the run's GraphSpec (or None if its text no longer parses):
-    graph tasks not journaled yet are shown waiting, in file order. Children (fan-out and
+    `graph` the run's GraphSpec (or None: its text no longer parses, or every graph task is
+    a row already, which the first journal sync of a run makes so): graph tasks not journaled
+    yet are shown waiting, in file order. `name` the run's name (else the graph's). Children (fan-out and
     dynamic) follow their parent; a parent's `total` includes its whole subtree.
     """
     info: dict[str, Mapping[str, Any]] = {}
@@ -262,7 +264,8 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
         walk(tid)
     counts = Counter(t.state for t in flat)
     return RunStatus(
-        run_id=str(run["run_id"]), name=graph.run.name if graph is not None else "",
+        run_id=str(run["run_id"]),
+        name=name if name is not None else graph.run.name if graph is not None else "",
         graph_path=str(run.get("graph_path") or ""), status=str(run.get("status") or "?"),
         started=float(run.get("started") or 0.0), ended=run.get("ended"),
         reason=run.get("reason"), tasks=tuple(flat),

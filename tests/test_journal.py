@@ -145,6 +145,25 @@ def test_sync_tasks_writes_changes_only_with_state_events(jpath):
     assert states == ["ready", "queued"]
 
 
+def test_the_first_sync_writes_the_graphs_tasks_in_file_order(jpath):
+    """`status` reads a run's rows back in the order they were first written and no longer
+    parses the graph for its order, so the first sync must follow the file."""
+    text = "[agents.a]\n" + "".join(f'[[tasks]]\nid = "t{i}"\nagent = "a"\nprompt = "p"\n'
+                                      for i in range(40))
+    j = Journal.open(jpath)
+    j.create_run("r", graph_path="g.toml", graph_text=text)
+    assert j.sync_tasks("r", Scheduler(GraphSpec.from_text(text, "g.toml")).task_states()) == 40
+    assert [r["task_id"] for r in j.task_rows("r")] == [f"t{i}" for i in range(40)]
+
+
+def test_a_runs_name_is_kept_when_given(jpath):
+    j = Journal.open(jpath)
+    j.create_run("named", graph_path="g.toml", graph_text="t", name="nightly")
+    j.create_run("older", graph_path="g.toml", graph_text="t")  # as before names were kept
+    assert (j.run_name("named"), j.run_name("older"), j.run_name("nope")) == ("nightly", None,
+                                                                              None)
+
+
 def test_closing_open_attempts_says_which_never_started(jpath):
     """A queued attempt no worker took was never "in flight": closing it says so."""
     j = Journal.open(jpath)

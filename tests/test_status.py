@@ -71,10 +71,11 @@ def usage(inp: int, cached: int, out: int, cost: float, turns: int = 1) -> dict:
 class Driver:
     """Drives a Scheduler and journals every step the way the supervisor does."""
 
-    def __init__(self, j: Journal, clock: Clock, run_id: str = RUN) -> None:
+    def __init__(self, j: Journal, clock: Clock, run_id: str = RUN,
+                 name: str | None = None) -> None:
         self.j, self.clock, self.run_id = j, clock, run_id
         self.graph = GraphSpec.from_text(GRAPH, "graphs/demo.toml")
-        j.create_run(run_id, graph_path="graphs/demo.toml", graph_text=GRAPH)
+        j.create_run(run_id, graph_path="graphs/demo.toml", graph_text=GRAPH, name=name)
         self.s = Scheduler(self.graph)
         self.sync()
 
@@ -283,6 +284,34 @@ def test_json_has_every_task_with_own_and_total_usage(state):
     assert tasks["code[1]"]["total_usage"]["input_tokens"] == 90
     assert tasks["code[0]"]["attempt_list"][0]["error"] == "timed out after 1s"
     assert tasks["review"]["duration_s"] == 3.0 and tasks["review"]["ended"] is None
+
+
+def test_a_named_run_with_task_rows_is_shown_without_parsing_its_graph(tmp_path, clock,
+                                                                      monkeypatch):
+    """`orchestrator run` journals the run's name; once its tasks are rows, `status` takes
+    them as they are (parsing and checking a 20,000-task graph was half of its time), and
+    shows what the graph would have given."""
+    j = Journal.open(tmp_path / "journal.sqlite")
+    d = Driver(j, clock, name="demo")
+    plan = d.starts()["plan"]
+    d.start(plan, "w1")
+    clock.t += 2
+    d.end(plan, "succeeded", usage(100, 0, 20, 0.001), text='{"files": ["a.py", "b.py"]}',
+          outputs={"files": ["a.py", "b.py"]})
+    d.start(d.starts()["code[1]"], "w2")
+    row = j.find_run(RUN)
+    with_graph = ST.build_status(row, j.task_rows(RUN), j.attempts(RUN), graph=d.graph,
+                                 now=T0 + 100)
+
+    def parse(*_a, **_k):
+        raise AssertionError("status parsed the graph")
+
+    monkeypatch.setattr(GraphSpec, "from_text", parse)
+    st = load(tmp_path)
+    assert st.name == "demo"
+    assert [t.task_id for t in st.tasks] == ["plan", "code", "code[0]", "code[1]", "review"]
+    assert ST.render_text(st, attempts=True) == ST.render_text(with_graph, attempts=True)
+    assert ST.to_json(st) == ST.to_json(with_graph)
 
 
 def test_graph_tasks_not_journaled_yet_show_as_waiting(tmp_path, clock):
