@@ -384,7 +384,10 @@ class Supervisor:
                         self.pending.append(act)
                     elif isinstance(act, S.CancelAttempt):
                         self._cancel_attempt(act, sends)
-                self._assign(now, sends)
+                if self.fatal is None:
+                    # a stopping run leases nothing more: an attempt queued now (one its lost
+                    # predecessor left) stays queued, and is closed as never started
+                    self._assign(now, sends)
                 self._answer_waits()
                 self._sync_journal()
             for worker_id, body in sends:

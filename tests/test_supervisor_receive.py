@@ -143,3 +143,23 @@ async def test_shipped_log_lines_reach_the_run_log_whole_in_one_write(tmp_path):
         await sup._receive_loop()
     # one write per shipped batch, a line per entry, an embedded newline cannot split a line
     assert writes == [b'{"event": "a"}\n{"event": "b c"}']
+
+
+async def test_a_run_stopping_for_its_dead_sim_leases_nothing_more(tmp_path):
+    """The sim's process died: its attempts are lost and queued again, but the run is
+    stopping, so none is leased (a worker would only fail it against the dead sim, and a
+    failure costs a retry): each stays queued and is closed as never started."""
+    sup = started(tmp_path, GRAPH.replace("[run]\n", "[run]\nretries = 0\n"))
+    # their workers report the broken turns before the dispatcher's next step: the capacity
+    # is free again
+    sup.bus = ScriptedBus([result(t, w, "failed", error="ModelConnectionError: refused")
+                           for t, w in (("x", "w1"), ("y", "w1"), ("z", "w2"))])
+    with trio.fail_after(5):
+        await sup._on_sim_exit(-9, [])
+        await sup._receive_loop()
+        await sup._dispatch_loop()
+    assert sup.fatal is not None and "killed by SIGKILL" in sup.fatal
+    sent = [body for _dest, body in sup.bus.sent]
+    assert [b["t"] for b in sent] == ["cancel"] * 3  # its workers are told; no lease follows
+    attempts = {(a["task_id"], a["attempt"]): a["state"] for a in sup.journal.attempts("r1")}
+    assert attempts == {(t, 1): "lost" for t in "xyz"} | {(t, 2): "queued" for t in "xyz"}
