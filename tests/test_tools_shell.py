@@ -9,6 +9,7 @@ import time
 
 import pytest
 import trio
+from agent_helpers import alive
 
 from agents.tools import ToolContext, build_registry
 from agents.tools.shell import (
@@ -19,16 +20,6 @@ from agents.tools.shell import (
     _Output,
     run_shell,
 )
-
-
-def alive(pid: int) -> bool:
-    """True iff `pid` is a live (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 async def wait_for_pids(path, n: int) -> list[int]:
