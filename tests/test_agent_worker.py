@@ -428,9 +428,15 @@ def _live_with(needle: bytes) -> list[int]:
 
 def _children_running(ppid: int, needle: bytes) -> list[int]:
     """pids of live children of `ppid` whose command line contains `needle`."""
-    return [pid for pid in _live_with(needle)
-            if int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            == ppid]
+    return [pid for pid in _live_with(needle) if _ppid(pid) == ppid]
+
+
+def _ppid(pid: int) -> int | None:
+    """The parent of `pid`, or None once it is gone (it may exit between two reads)."""
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
 
 
 @pytest.mark.slow
