@@ -305,15 +305,16 @@ class Journal:
 
         h = hashlib.sha256(graph_text.encode()).hexdigest()
         now = time.time()
+        data = {"graph_path": graph_path}
+        if name is not None:
+            data["name"] = name
         with self._write():
             self.conn.execute(
                 "INSERT INTO runs (run_id, graph_path, graph_text, graph_hash, status, started) "
                 "VALUES (?, ?, ?, ?, 'running', ?)", (run_id, graph_path, graph_text, h, now))
             self.conn.execute("INSERT INTO events (run_id, task_id, kind, data_json, at) "
                               "VALUES (?, NULL, 'run.created', ?, ?)",
-                              (run_id, _dumps({"graph_path": graph_path} if name is None
-                                              else {"graph_path": graph_path, "name": name}),
-                               now))
+                              (run_id, _dumps(data), now))
 
     def finish_run(self, run_id: str, status: str, *, summary: Mapping[str, Any] | None = None,
                    reason: str | None = None) -> None:

@@ -20,7 +20,7 @@ def alive(pid: int) -> bool:
     """True iff pid is a live (non-zombie) process, from /proc."""
     try:
         stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # gone: no such file, or reaped between the open and the read
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 

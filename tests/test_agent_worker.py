@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from agent_helpers import until
+from agent_helpers import alive, until
 
 from agents import protocol as P
 from agents.bustools import BusTools
@@ -418,8 +418,7 @@ def _live_with(needle: bytes) -> list[int]:
         if not d.name.isdigit():
             continue
         try:
-            if needle in (d / "cmdline").read_bytes() and \
-                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            if needle in (d / "cmdline").read_bytes() and alive(int(d.name)):
                 found.append(int(d.name))
         except OSError:
             continue

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import trio
+from agent_helpers import alive
 
 from agents import protocol as P
 from bus.client import open_bus_client
@@ -62,14 +63,6 @@ def graph(n: int, *, tokens: int = 300, extra: str = "", policy: str = "stop",
             f'script = [{{text = "done", output_tokens = {tokens}}}]\n' + extra + tasks)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def procs_touching(needle: str) -> list[int]:
     """Live processes whose command line or working directory contains `needle` (a test's
     unique state dir): workers (--state-dir) and tool processes (cwd in a workspace)."""
@@ -82,7 +75,7 @@ def procs_touching(needle: str) -> list[int]:
             cwd = os.readlink(d / "cwd")
         except OSError:
             continue
-        if (needle in cmd or needle in cwd) and _alive(int(d.name)):
+        if (needle in cmd or needle in cwd) and alive(int(d.name)):
             out.append(int(d.name))
     return out
 
@@ -376,11 +369,11 @@ agent = "a"
         tool = int(await until(lambda: marks.exists() and marks.read_text().split()[0]))
         os.kill(pid, signal.SIGSTOP)
         await until(lambda: any(a["state"] == "lost" for a in run.attempts()))
-        await until(lambda: not _alive(pid) and not _alive(tool))
+        await until(lambda: not alive(pid) and not alive(tool))
         # the second attempt runs on the replacement, and it alone
         await until(lambda: len(marks.read_text().split()) == 2)
         second = int(marks.read_text().split()[1])
-        assert _alive(second) and not _alive(tool)
+        assert alive(second) and not alive(tool)
         run.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]
         await run.wait()
     assert not procs_touching(str(run.state))
