@@ -327,6 +327,13 @@ def _reusable(link: _WsLink, now: float, *, probe: bool = True) -> bool:
 
 _POOL: trio.lowlevel.RunVar[_WsPool | None] = trio.lowlevel.RunVar("modellink_ws_pool",
                                                                    default=None)
+# Set while the pool's system task starts: sessions asking meanwhile wait for that one pool.
+# (Without it, every session opened before the first pool was up started a pool of its own:
+# a worker ramping up to 256 sessions had dozens, each session counted as held in the one it
+# got but gave its link to the last, whose small peak then closed ~135 of every 5,000 links
+# given back, and the sessions after dialled again, in the worker and the server.)
+_POOL_STARTING: trio.lowlevel.RunVar[trio.Event | None] = trio.lowlevel.RunVar(
+    "modellink_ws_pool_starting", default=None)
 
 
 async def _pool() -> _WsPool | None:
@@ -335,31 +342,37 @@ async def _pool() -> _WsPool | None:
     pool = _POOL.get()
     if pool is not None:
         return pool
-    ready = trio.Event()
-
-    async def service() -> None:
-        pool: _WsPool | None = None
+    ready = _POOL_STARTING.get()
+    if ready is None:
+        ready = trio.Event()
+        _POOL_STARTING.set(ready)
         try:
-            async with trio.open_nursery() as nursery:
-                pool = _WsPool(nursery)
-                _POOL.set(pool)
-                ready.set()
-                try:
-                    await pool.reap()
-                finally:
-                    pool.close_all_http()
-        except Exception as exc:  # a system task must not raise: give up pooling instead
-            log.warning("model.ws_pool_failed", error=repr(exc))
-        finally:
-            _POOL.set(None)
+            trio.lowlevel.spawn_system_task(_serve_pool, ready, name="modellink.ws_pool")
+        except RuntimeError:  # the run is shutting down
+            _POOL_STARTING.set(None)
             ready.set()
-
-    try:
-        trio.lowlevel.spawn_system_task(service, name="modellink.ws_pool")
-    except RuntimeError:  # the run is shutting down
-        return None
+            return None
     await ready.wait()
     return _POOL.get()
+
+
+async def _serve_pool(ready: trio.Event) -> None:
+    """The pool's system task: its nursery holds the pooled connections until the run ends."""
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = _WsPool(nursery)
+            _POOL.set(pool)
+            ready.set()
+            try:
+                await pool.reap()
+            finally:
+                pool.close_all_http()
+    except Exception as exc:  # a system task must not raise: give up pooling instead
+        log.warning("model.ws_pool_failed", error=repr(exc))
+    finally:
+        _POOL.set(None)
+        _POOL_STARTING.set(None)  # a later session may start a new one
+        ready.set()
 
 
 def _frame_size(frame: str | bytes) -> int:
@@ -592,21 +605,30 @@ class ModelSession:
             self._book.forget_server()
             key = self._pool_key
             pool = await _pool() if key is not None else None
-            link = pool.take(key) if pool is not None and key is not None else None
-            if link is not None:
-                self._stats["reused"] += 1
-            else:
-                nursery = pool.nursery if pool is not None else self._nursery
-                if nursery is None:  # opened on the pool, which is gone: the run is ending
-                    raise ModelConnectionError(
-                        f"cannot open the model WebSocket {self._origin.ws_url('/responses')}: "
-                        "this process's connection pool has shut down (its trio run is ending)")
-                link = await self._connect_ws(nursery)
-                self._stats["connects"] += 1
-            self._link = link
             if pool is not None:
+                # held from now, a dial under way included: the pool keeps as many idle links
+                # as were held at once, and a worker's first 256 sessions dial together but
+                # finish apart (counted once connected, the peak was ~130 and the pool closed
+                # and dialled again ~5% of its links in a 10,000-task run)
                 pool.lent()
                 self._lent_from = pool
+            try:
+                link = pool.take(key) if pool is not None and key is not None else None
+                if link is not None:
+                    self._stats["reused"] += 1
+                else:
+                    nursery = pool.nursery if pool is not None else self._nursery
+                    if nursery is None:  # opened on the pool, which is gone: the run is ending
+                        raise ModelConnectionError(
+                            "cannot open the model WebSocket "
+                            f"{self._origin.ws_url('/responses')}: this process's connection "
+                            "pool has shut down (its trio run is ending)")
+                    link = await self._connect_ws(nursery)
+                    self._stats["connects"] += 1
+            except BaseException:
+                self._let_go()
+                raise
+            self._link = link
         return self._link
 
     def _let_go(self) -> None:

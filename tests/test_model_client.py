@@ -9,6 +9,7 @@ import json
 import shutil
 import ssl
 import subprocess
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -689,6 +690,28 @@ async def test_an_unhealthy_or_foreign_websocket_is_never_reused(how: str, autoj
     assert (st.connects, st.reused) == (1, 0)
 
 
+async def _sessions_held_together(ep: ModelEndpoint, n: int, *, steps_apart: int = 0,
+                                  while_held: Callable[[], None] | None = None) -> None:
+    """n sessions open at once (the i-th after i * steps_apart scheduler steps), each after one
+    turn; `while_held` runs once all are open; then all end together."""
+    release = trio.Event()
+
+    async def one(steps: int) -> None:
+        for _ in range(steps):
+            await trio.lowlevel.checkpoint()
+        async with open_model_session(ep) as s:
+            await s.turn([_user("hi")])
+            await release.wait()
+
+    async with trio.open_nursery() as sessions:
+        for i in range(n):
+            sessions.start_soon(one, i * steps_apart)
+        await trio.sleep(1)
+        if while_held is not None:
+            while_held()
+        release.set()
+
+
 async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idle_timeout(
         autojump_clock: Any):
     from modellink import client as client_mod
@@ -699,21 +722,11 @@ async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idl
             ep = ModelEndpoint(base_url=info.base_url)
             n = client_mod.POOL_MAX_IDLE + 3
 
+            def all_open() -> None:
+                assert info.server.statistics()["ws_connections_open"] == n
+
             async def wave() -> None:
-                """n sessions open at once, each after one turn; all end together."""
-                release = trio.Event()
-
-                async def one() -> None:
-                    async with open_model_session(ep) as s:
-                        await s.turn([_user("hi")])
-                        await release.wait()
-
-                async with trio.open_nursery() as sessions:
-                    for _ in range(n):
-                        sessions.start_soon(one)
-                    await trio.sleep(1)
-                    assert info.server.statistics()["ws_connections_open"] == n
-                    release.set()
+                await _sessions_held_together(ep, n, while_held=all_open)
 
             await wave()
             await trio.sleep(1)
@@ -741,6 +754,72 @@ async def test_pooled_websockets_are_counted_back_when_sessions_end(
             pool = client_mod._POOL.get()
             assert pool is not None
             assert (pool._in_use, pool._peak, pool._count) == (0, 1, 1)
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_pool_is_started_once_however_many_ask_while_it_starts():
+    from modellink import client as client_mod
+
+    got = []
+
+    async def ask(steps: int) -> None:
+        for _ in range(steps):
+            await trio.lowlevel.checkpoint()
+        got.append(await client_mod._pool())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(ask, i)
+    assert len(got) == 8 and got[0] is not None
+    assert all(p is got[0] for p in got)
+
+
+async def test_sessions_opened_while_the_pool_starts_all_share_that_one_pool(
+        autojump_clock: Any):
+    # A worker's first sessions open a step or two apart, before the pool's system task runs:
+    # each started a pool of its own, was counted as held in the one it got and gave its link
+    # to the last one, whose peak (its own sessions only) then made it close links given back.
+    from modellink import client as client_mod
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            n = client_mod.POOL_MAX_IDLE + 8
+            await _sessions_held_together(ep, n, steps_apart=1)
+            await trio.sleep(1)
+            pool = client_mod._POOL.get()
+            assert pool is not None
+            assert (pool._in_use, pool._peak, pool._count) == (0, n, n)
+            stats = info.server.statistics()
+            assert (stats["ws_connections_open"], stats["ws_connections_total"]) == (n, n)
+            nursery.cancel_scope.cancel()
+
+
+async def test_sessions_dialling_together_keep_every_link_though_they_end_apart(
+        autojump_clock: Any):
+    # A worker's first sessions dial at once; the first connected finish their turn and give
+    # their link back while the others still dial. A session is held from when it asks for a
+    # link: counted only once connected, the pool's peak was lower than the links it got back
+    # and it closed the difference, which the next sessions then dialled again.
+    from modellink import client as client_mod
+
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            info = await _serve(nursery)
+            ep = ModelEndpoint(base_url=info.base_url)
+            n = client_mod.POOL_MAX_IDLE * 4
+
+            async def one() -> None:
+                async with open_model_session(ep) as s:
+                    await s.turn([_user("hi")])
+
+            for _ in range(3):
+                async with trio.open_nursery() as sessions:
+                    for _ in range(n):
+                        sessions.start_soon(one)
+                stats = info.server.statistics()
+                assert stats["ws_connections_total"] == stats["ws_connections_open"]
             nursery.cancel_scope.cancel()
 
 
