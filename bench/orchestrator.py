@@ -12,8 +12,8 @@ measured is everything else.
    real supervisor (in this process: hub, scheduler, journal in WAL SQLite, logs at info into
    the run's log.jsonl), the embedded sim in its child process, and two real `orchestrator
    worker` processes dialing them over loopback WebSockets. Each task is a full attempt: journal (queued, started, ended,
-   task row), lease over the bus, agent session on the worker (a model WebSocket opened, one
-   turn, closed), result over the bus, dependents. `overhead_us_per_task` = wall time from the
+   task row), lease over the bus, agent session on the worker (a model WebSocket from its
+   pool, one turn, given back), result over the bus, dependents. `overhead_us_per_task` = wall time from the
    first lease to the last result / N (worker start-up excluded and reported apart);
    `tasks_per_s` = N / that time.
 
