@@ -330,8 +330,8 @@ _POOL: trio.lowlevel.RunVar[_WsPool | None] = trio.lowlevel.RunVar("modellink_ws
 # Set while the pool's system task starts: sessions asking meanwhile wait for that one pool.
 # (Without it, every session opened before the first pool was up started a pool of its own:
 # a worker ramping up to 256 sessions had dozens, each session counted as held in the one it
-# got but gave its link to the last, whose small peak then closed ~135 of every 5,000 links
-# given back, and the sessions after dialled again, in the worker and the server.)
+# got but gave its link to the last, whose small peak then closed some of the links given
+# back, and the sessions after dialled again, in the worker and the server.)
 _POOL_STARTING: trio.lowlevel.RunVar[trio.Event | None] = trio.lowlevel.RunVar(
     "modellink_ws_pool_starting", default=None)
 
@@ -608,8 +608,8 @@ class ModelSession:
             if pool is not None:
                 # held from now, a dial under way included: the pool keeps as many idle links
                 # as were held at once, and a worker's first 256 sessions dial together but
-                # finish apart (counted once connected, the peak was ~130 and the pool closed
-                # and dialled again ~5% of its links in a 10,000-task run)
+                # finish apart (counted once connected, the peak was ~130: a 10,000-task run
+                # closed 64-374 of the ~5,000 links each worker gave back, and dialled again)
                 pool.lent()
                 self._lent_from = pool
             try:
