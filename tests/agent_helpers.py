@@ -16,13 +16,26 @@ async def until(pred: Any, poll_s: float = 0.01) -> None:
         await trio.sleep(poll_s)
 
 
-def alive(pid: int) -> bool:
-    """True iff pid is a live (non-zombie) process, from /proc."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first, then the parent), or
+    None once the process is gone (no such file, or reaped between the open and the read)."""
     try:
         stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # gone: no such file, or reaped between the open and the read
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """True iff pid is a live (non-zombie) process, from /proc."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent of `pid`, or None once it is gone (it may exit between two reads)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def procs_mentioning(needle: str) -> list[int]:

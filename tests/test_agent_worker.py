@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from agent_helpers import alive, until
+from agent_helpers import parent_of, procs_mentioning, until
 
 from agents import protocol as P
 from agents.bustools import BusTools
@@ -411,31 +411,9 @@ async def test_only_a_reachable_lease_claims_its_task_endpoint(tmp_path):
     assert not (tmp_path / "ws" / "run1" / "alone").exists()  # no local tools: no workspace
 
 
-def _live_with(needle: bytes) -> list[int]:
-    """pids of live (non-zombie) processes whose command line contains `needle`."""
-    found = []
-    for d in pathlib.Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if needle in (d / "cmdline").read_bytes() and alive(int(d.name)):
-                found.append(int(d.name))
-        except OSError:
-            continue
-    return found
-
-
-def _children_running(ppid: int, needle: bytes) -> list[int]:
+def _children_running(ppid: int, needle: str) -> list[int]:
     """pids of live children of `ppid` whose command line contains `needle`."""
-    return [pid for pid in _live_with(needle) if _ppid(pid) == ppid]
-
-
-def _ppid(pid: int) -> int | None:
-    """The parent of `pid`, or None once it is gone (it may exit between two reads)."""
-    try:
-        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
+    return [pid for pid in procs_mentioning(needle) if parent_of(pid) == ppid]
 
 
 @pytest.mark.slow
@@ -470,21 +448,21 @@ async def test_a_worker_killed_with_sigkill_mid_tool_leaves_no_tool_process(tmp_
                             if P.parse_message(msg.payload())["t"] == "hello":
                                 break
                         # the guardian is up before the worker takes work (not in a task)
-                        assert _children_running(proc.pid, b"alive_fd")
+                        assert _children_running(proc.pid, "alive_fd")
                         h = Harness(orch=orch, worker=None, model_url=model.base_url,
                                     model=model)
                         await h.lease("t", agent, timeout_s=60.0)
                         await until(started.exists)
-                        assert _live_with(needle.encode())  # the tool runs
+                        assert procs_mentioning(needle)  # the tool runs
                         proc.send_signal(signal.SIGKILL)
                         await proc.wait()
-                        await until(lambda: not _live_with(needle.encode()), poll_s=0.05)
+                        await until(lambda: not procs_mentioning(needle), poll_s=0.05)
                     finally:
                         if proc.returncode is None:
                             proc.kill()
                 nursery.cancel_scope.cancel()
     finally:
-        for pid in _live_with(needle.encode()):  # a failed test must not leak a process
+        for pid in procs_mentioning(needle):  # a failed test must not leak a process
             os.kill(pid, signal.SIGKILL)
 
 

@@ -712,6 +712,15 @@ async def _sessions_held_together(ep: ModelEndpoint, n: int, *, steps_apart: int
         release.set()
 
 
+def _pool_counts() -> tuple[int, int, int]:
+    """This run's WebSocket pool: links held by sessions, the most held at once, links idle."""
+    from modellink import client as client_mod
+
+    pool = client_mod._POOL.get()
+    assert pool is not None
+    return pool._in_use, pool._peak, pool._count
+
+
 async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idle_timeout(
         autojump_clock: Any):
     from modellink import client as client_mod
@@ -742,8 +751,6 @@ async def test_pool_keeps_as_many_idle_websockets_as_were_held_at_once_until_idl
 
 async def test_pooled_websockets_are_counted_back_when_sessions_end(
         autojump_clock: Any):
-    from modellink import client as client_mod
-
     with trio.fail_after(100):
         async with trio.open_nursery() as nursery:
             info = await _serve(nursery)
@@ -751,9 +758,7 @@ async def test_pooled_websockets_are_counted_back_when_sessions_end(
             for _ in range(3):  # one at a time: one link, lent and returned three times
                 async with open_model_session(ep) as s:
                     await s.turn([_user("hi")])
-            pool = client_mod._POOL.get()
-            assert pool is not None
-            assert (pool._in_use, pool._peak, pool._count) == (0, 1, 1)
+            assert _pool_counts() == (0, 1, 1)
             nursery.cancel_scope.cancel()
 
 
@@ -788,9 +793,7 @@ async def test_sessions_opened_while_the_pool_starts_all_share_that_one_pool(
             n = client_mod.POOL_MAX_IDLE + 8
             await _sessions_held_together(ep, n, steps_apart=1)
             await trio.sleep(1)
-            pool = client_mod._POOL.get()
-            assert pool is not None
-            assert (pool._in_use, pool._peak, pool._count) == (0, n, n)
+            assert _pool_counts() == (0, n, n)
             stats = info.server.statistics()
             assert (stats["ws_connections_open"], stats["ws_connections_total"]) == (n, n)
             nursery.cancel_scope.cancel()
