@@ -176,8 +176,8 @@ def build_status(run: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
     `Journal.attempts`, `last_alive` the run lock's stamp (None: not asked, or no lock file),
     `graph` the run's GraphSpec (or None: its text no longer parses, or every graph task is
     a row already, which the first journal sync of a run makes so): graph tasks not journaled
-    yet are shown waiting, in file order. `name` the run's name (else the graph's). Children (fan-out and
-    dynamic) follow their parent; a parent's `total` includes its whole subtree.
+    yet are shown waiting, in file order. `name` the run's name (else the graph's). Children
+    (fan-out and dynamic) follow their parent; a parent's `total` includes its whole subtree.
     """
     info: dict[str, Mapping[str, Any]] = {}
     order: list[str] = []
