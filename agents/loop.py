@@ -7,7 +7,6 @@ hands it only the new items (the user prompt first, then `function_call_output`s
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any
 
@@ -122,7 +121,9 @@ async def run_agent_loop(
     Raises trio.Cancelled when cancelled (`state.where()` says where); model link errors
     (ModelError) propagate; tool problems never raise (they become error results the model sees).
     """
-    with trio.move_on_at(deadline if deadline is not None else math.inf) as scope:
+    if deadline is None:  # the caller's scope bounds it (a worker's attempt): no scope here
+        return await _turns(agent, prompt, session, registry, state)
+    with trio.move_on_at(deadline) as scope:
         return await _turns(agent, prompt, session, registry, state)
     assert scope.cancelled_caught
     return _outcome(state, "failed",

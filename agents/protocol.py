@@ -10,9 +10,11 @@ The rule for incoming messages: `parse_message` either returns a typed value or 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import attrs
+import msgpack
 
 PROTOCOL_VERSION = 1
 ORCHESTRATOR_ID = "orchestrator"
@@ -125,21 +127,26 @@ class Result:
 
 
 # A run's leases carry one of a few agents each: their wire maps are built once (attrs.asdict
-# per lease was ~1% of the orchestrator's CPU at 10,000 tasks). Keyed by identity, holding the
-# agent so the id stays its own; bounded, cleared when full. Callers only pack these maps.
-_AGENT_WIRE: dict[int, tuple[AgentSpec, dict[str, Any]]] = {}
+# per lease was ~1% of the orchestrator's CPU at 10,000 tasks), with a key naming their content
+# (`agent_key`), by which a worker parses each agent once. Keyed by identity, holding the agent
+# so the id stays its own; bounded, cleared when full. Callers only pack these maps.
+_AGENT_WIRE: dict[int, tuple[AgentSpec, dict[str, Any], str]] = {}
 _AGENT_WIRE_MAX = 256
+# agent_key -> the agent parsed from the first lease that carried it (worker side)
+_AGENTS: dict[str, AgentSpec] = {}
 
 
-def _agent_to_wire(a: AgentSpec) -> dict[str, Any]:
+def _agent_to_wire(a: AgentSpec) -> tuple[dict[str, Any], str]:
+    """The agent's wire map and its agent_key (a digest of the map's msgpack)."""
     hit = _AGENT_WIRE.get(id(a))
     if hit is not None and hit[0] is a:
-        return hit[1]
+        return hit[1], hit[2]
     if len(_AGENT_WIRE) >= _AGENT_WIRE_MAX:
         _AGENT_WIRE.clear()
     d = _build_agent_wire(a)
-    _AGENT_WIRE[id(a)] = (a, d)
-    return d
+    key = hashlib.blake2b(msgpack.packb(d, use_bin_type=True), digest_size=12).hexdigest()
+    _AGENT_WIRE[id(a)] = (a, d, key)
+    return d, key
 
 
 def _build_agent_wire(a: AgentSpec) -> dict[str, Any]:
@@ -154,18 +161,28 @@ def _build_agent_wire(a: AgentSpec) -> dict[str, Any]:
 def to_wire(msg: Any) -> dict[str, Any]:
     """Encode one protocol value as a msgpack-able map with its type tag."""
     if isinstance(msg, Lease):
-        d = attrs.asdict(msg, recurse=False)
-        d["agent"] = _agent_to_wire(msg.agent)
-        d["t"] = "lease"
-        return d
+        agent, key = _agent_to_wire(msg.agent)
+        return {"run_id": msg.run_id, "task_id": msg.task_id, "attempt": msg.attempt,
+                "agent": agent, "agent_key": key, "prompt": msg.prompt,
+                "timeout_s": msg.timeout_s, "model_base_url": msg.model_base_url,
+                "parent_task": msg.parent_task, "reachable": msg.reachable, "t": "lease"}
     if isinstance(msg, Result):
-        # Shallow: msgpack walks the outputs map and packs tuples as arrays itself, and a
-        # recursive asdict (copying every map and list on the way) was ~2% of a worker's CPU.
-        d = attrs.asdict(msg, recurse=False)
-        d["turns"] = [attrs.asdict(t, recurse=False) for t in msg.turns]
-        d["t"] = "result"
-        return d
+        # Written out: msgpack walks the outputs map and packs tuples as arrays itself, and
+        # attrs.asdict (a field list walked per value) was ~2% of a worker's CPU.
+        return {"run_id": msg.run_id, "task_id": msg.task_id, "attempt": msg.attempt,
+                "worker_id": msg.worker_id, "status": msg.status, "text": msg.text,
+                "outputs": msg.outputs, "error": msg.error,
+                "turns": [_turn_to_wire(t) for t in msg.turns], "stopped_at": msg.stopped_at,
+                "cost_usd": msg.cost_usd, "retryable": msg.retryable, "t": "result"}
     raise TypeError(f"not a protocol value: {type(msg).__name__}")
+
+
+def _turn_to_wire(t: TurnRecord) -> dict[str, Any]:
+    return {"turn": t.turn, "input_tokens": t.input_tokens, "cached_tokens": t.cached_tokens,
+            "output_tokens": t.output_tokens, "bytes_sent": t.bytes_sent,
+            "bytes_received": t.bytes_received, "model_s": t.model_s, "tools_s": t.tools_s,
+            "tool_calls": t.tool_calls, "resent_full_context": t.resent_full_context,
+            "cost_usd": t.cost_usd}
 
 
 def hello(worker_id: str, capacity: int, pid: int, host: str) -> dict[str, Any]:
@@ -257,6 +274,21 @@ def _agent_from_wire(d: Any) -> AgentSpec:
     )
 
 
+def _lease_agent(body: dict[str, Any]) -> AgentSpec:
+    """The lease's agent: parsed from its map the first time its agent_key is seen (the
+    orchestrator names each agent's content so), then the same spec again."""
+    key = body.get("agent_key")
+    if not isinstance(key, str):
+        return _agent_from_wire(body.get("agent"))
+    agent = _AGENTS.get(key)
+    if agent is None:
+        agent = _agent_from_wire(body.get("agent"))
+        if len(_AGENTS) >= _AGENT_WIRE_MAX:
+            _AGENTS.clear()
+        _AGENTS[key] = agent
+    return agent
+
+
 def parse_message(body: Any) -> Any:
     """Decode a received body into a protocol value or a checked map. Raises WorkerProtocolError."""
     if not isinstance(body, dict):
@@ -267,7 +299,7 @@ def parse_message(body: Any) -> Any:
             run_id=_req(body, "run_id", str, "lease"),
             task_id=_req(body, "task_id", str, "lease"),
             attempt=_req(body, "attempt", int, "lease"),
-            agent=_agent_from_wire(body.get("agent")),
+            agent=_lease_agent(body),
             prompt=_req(body, "prompt", str, "lease"),
             timeout_s=_opt(body, "timeout_s", (int, float), "lease", None),
             model_base_url=_opt(body, "model_base_url", str, "lease", None),

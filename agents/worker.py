@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import socket
 import time
 import urllib.parse
@@ -54,6 +55,9 @@ def _run_dir(root: pathlib.Path, run_id: str) -> pathlib.Path:
     return root / run_id  # once per run, not per attempt: path joins are slow
 
 
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")  # a key holding one cannot be a header value
+
+
 class MissingModelKeyError(ValueError):
     """The agent's model needs a key that this worker's environment does not hold."""
 
@@ -83,8 +87,25 @@ def _sim_metadata(agent: P.AgentSpec, attempt: int, script: tuple[Any, ...] | No
         return None
     metadata = {"sim_attempt": str(attempt)}
     if script:
-        metadata["sim_script"] = json.dumps(list(script))
+        metadata["sim_script"] = _script_json(script)
     return metadata
+
+
+# A run's leases carry one of a few agents, parsed once (agents.protocol caches them by
+# agent_key): their scripts' JSON is made once too. Keyed by identity, holding the script so
+# the id stays its own; bounded, cleared when full.
+_SCRIPTS: dict[int, tuple[tuple[Any, ...], str]] = {}
+
+
+def _script_json(script: tuple[Any, ...]) -> str:
+    hit = _SCRIPTS.get(id(script))
+    if hit is not None and hit[0] is script:
+        return hit[1]
+    if len(_SCRIPTS) >= 256:
+        _SCRIPTS.clear()
+    text = json.dumps(list(script))
+    _SCRIPTS[id(script)] = (script, text)
+    return text
 
 
 def model_token(cfg_token: str | None, env: Any = os.environ) -> str | None:
@@ -103,7 +124,7 @@ def model_key(name: str, worker_id: str, env: Any = os.environ) -> str:
         raise MissingModelKeyError(
             f"the agent's model needs a key in ${name}, which is not set on worker "
             f"{worker_id}; export it where the workers start")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+    if _CONTROL_CHAR.search(key):
         raise MissingModelKeyError(
             f"${name} on worker {worker_id} holds a control character (a line break?) inside "
             "the key; set it to the key alone")
@@ -167,6 +188,7 @@ class Worker:
     stop_reason: str | None = None  # set by stop(); the bye says it
     served: bool = False  # True once joined: a bus error after that is not "cannot reach"
     _env: dict[str, str] | None = None  # see _tool_env
+    _bare: ToolContext | None = None  # see _no_local_tools
     _hello: dict[str, Any] | None = None  # what run() said first; heartbeats repeat it
 
     def stop(self, reason: str = "stopped") -> bool:
@@ -367,38 +389,39 @@ class Worker:
     async def _run_attempt(self, r: _Running) -> None:
         lease = r.lease
         key = (lease.task_id, lease.attempt)
-        with structlog.contextvars.bound_contextvars(
+        # this task's own context (trio gives each task a copy): bound for its lines alone,
+        # with nothing to restore after (bound_contextvars walked the context twice more)
+        structlog.contextvars.bind_contextvars(
             run_id=lease.run_id, task_id=lease.task_id, attempt=lease.attempt,
-            agent_id=lease.agent.name,
-        ):
-            t0 = time.monotonic()
-            log.info("task.start", parent=lease.parent_task)
-            result: P.Result | None = None
-            try:
-                result = await self._execute(r)
-            finally:
-                self.running.pop(key, None)
-                if result is None:  # the worker itself is stopping: say where we were
-                    result = self._result(r, "cancelled", error="worker shutting down")
-                log.info("task.end", status=result.status, error=result.error,
-                         turns=len(result.turns), seconds=round(time.monotonic() - t0, 3),
-                         stopped_at=result.stopped_at, cost_usd=result.cost_usd,
-                         output_tokens=sum(t.output_tokens for t in result.turns))
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + RESULT_SEND_S):
+            agent_id=lease.agent.name)
+        t0 = time.monotonic()
+        log.info("task.start", parent=lease.parent_task)
+        result: P.Result | None = None
+        try:
+            result = await self._execute(r)
+        finally:
+            self.running.pop(key, None)
+            if result is None:  # the worker itself is stopping: say where we were
+                result = self._result(r, "cancelled", error="worker shutting down")
+            log.info("task.end", status=result.status, error=result.error,
+                     turns=len(result.turns), seconds=round(time.monotonic() - t0, 3),
+                     stopped_at=result.stopped_at, cost_usd=result.cost_usd,
+                     output_tokens=sum(t.output_tokens for t in result.turns))
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + RESULT_SEND_S):
+                try:
                     try:
-                        try:
-                            await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
-                        except BodyTooLargeError as exc:
-                            # the answer cannot travel: the task fails saying so (another
-                            # attempt would most likely produce as much), the worker goes on
-                            log.warning("task.result_too_large", bytes=exc.size,
-                                        limit=exc.limit)
-                            await self.bus.send(P.ORCHESTRATOR_ID,
-                                                P.to_wire(_too_large(result, exc)))
-                    except BusError as exc:
-                        log.warning("task.result_not_sent", error=str(exc))
-            if self.draining and not self.running and self._nursery is not None:
-                self._nursery.cancel_scope.cancel()  # drained: finish what we held, then exit
+                        await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
+                    except BodyTooLargeError as exc:
+                        # the answer cannot travel: the task fails saying so (another
+                        # attempt would most likely produce as much), the worker goes on
+                        log.warning("task.result_too_large", bytes=exc.size,
+                                    limit=exc.limit)
+                        await self.bus.send(P.ORCHESTRATOR_ID,
+                                            P.to_wire(_too_large(result, exc)))
+                except BusError as exc:
+                    log.warning("task.result_not_sent", error=str(exc))
+        if self.draining and not self.running and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()  # drained: finish what we held, then exit
 
     def _result(self, r: _Running, status: str, *, text: str = "",
                 outputs: dict[str, Any] | None = None, error: str | None = None,
@@ -413,7 +436,11 @@ class Worker:
 
     async def _execute(self, r: _Running) -> P.Result:
         """Run one attempt in its cancel scope. Returns how it ended; raises trio.Cancelled
-        only when the worker itself is cancelled (its own scope's cancel becomes a result)."""
+        only when the worker itself is cancelled (its own scope's cancel becomes a result).
+
+        The attempt's scope carries its timeout as its deadline (one scope, not two: a scope
+        costs a few microseconds to enter and leave, at every attempt); `cancel_reason` tells
+        a cancel from the orchestrator apart from the deadline."""
         lease, cfg = r.lease, self.config
         agent = lease.agent
         status, text, outputs, error = "failed", "", {}, None
@@ -422,47 +449,51 @@ class Worker:
         claimed = False
         subscribed: list[str] = []
         registry: ToolRegistry | None = None
+        if deadline is not None:
+            r.scope.deadline = deadline
         with r.scope:
             try:
-                workspace = workspace_dir(cfg.workspace_root, lease.run_id, lease.task_id)
-                env = self._tool_env()
                 local: list[str | dict[str, Any]] = [
                     t for t in agent.tools if t not in BUS_TOOL_NAMES]
                 if local:  # only local tools (shell, files, functions) use the workspace
+                    workspace = workspace_dir(cfg.workspace_root, lease.run_id, lease.task_id)
                     workspace.mkdir(parents=True, exist_ok=True)
-                registry = build_registry(local, ToolContext(
-                    workspace=workspace, env=env, shell_timeout_s=agent.shell_timeout_s))
-                bus_tools = BusTools(bus=self.bus, run_id=lease.run_id, task_id=lease.task_id,
-                                     attempt=lease.attempt, inbox=r.inbox, deadline=deadline)
-                register_bus_tools(registry, bus_tools, list(agent.tools))
+                    registry = build_registry(local, ToolContext(
+                        workspace=workspace, env=self._tool_env(),
+                        shell_timeout_s=agent.shell_timeout_s))
+                else:  # no workspace, environment or loading: the bus tools at most
+                    registry = ToolRegistry(self._no_local_tools())
+                if agent.tools:
+                    register_bus_tools(registry, BusTools(
+                        bus=self.bus, run_id=lease.run_id, task_id=lease.task_id,
+                        attempt=lease.attempt, inbox=r.inbox, deadline=deadline),
+                        list(agent.tools))
                 metadata = _sim_metadata(agent, lease.attempt, agent.script)
-                with trio.move_on_at(deadline if deadline is not None else float("inf")) as dl:
-                    if lease.reachable:  # another task may ask or message this one
-                        await self.bus.claim(P.task_endpoint(lease.task_id))
-                        claimed = True
-                    for pattern in agent.subscribe:
-                        subscribed.append(pattern)
-                        self.subs[pattern] += 1
-                        if self.subs[pattern] == 1:
-                            await self.bus.subscribe(pattern)
-                    # Asks reach a task through its alias: one that claimed none needs no
-                    # nursery to answer them in.
-                    async with _side_nursery(claimed) as side:
-                        r.side = side
-                        async with open_model_session(
-                            self._endpoint(lease), instructions=agent.instructions,
-                            tools=registry.schemas(), metadata=metadata,
-                            metadata_once=True,  # a sim keeps it per conversation
-                        ) as session:
-                            out = await run_agent_loop(agent=agent, prompt=lease.prompt,
-                                                       session=session, registry=registry,
-                                                       state=r.state, deadline=deadline)
-                        r.side = None
-                        if side is not None:
-                            side.cancel_scope.cancel()  # answers in progress end with the task
-                    status, text, outputs, error = out.status, out.text, out.outputs, out.error
-                if dl.cancelled_caught:
-                    error = f"timed out after {lease.timeout_s:g}s at {r.state.where()}"
+                if lease.reachable:  # another task may ask or message this one
+                    await self.bus.claim(P.task_endpoint(lease.task_id))
+                    claimed = True
+                for pattern in agent.subscribe:
+                    subscribed.append(pattern)
+                    self.subs[pattern] += 1
+                    if self.subs[pattern] == 1:
+                        await self.bus.subscribe(pattern)
+                # Asks reach a task through its alias: one that claimed none needs no nursery
+                # to answer them in.
+                async with _side_nursery(claimed) as side:
+                    r.side = side
+                    async with open_model_session(
+                        self._endpoint(lease), instructions=agent.instructions,
+                        tools=registry.schemas(), metadata=metadata,
+                        metadata_once=True,  # a sim keeps it per conversation
+                    ) as session:
+                        # no deadline of its own: this scope's ends the loop first
+                        out = await run_agent_loop(agent=agent, prompt=lease.prompt,
+                                                   session=session, registry=registry,
+                                                   state=r.state)
+                    r.side = None
+                    if side is not None:
+                        side.cancel_scope.cancel()  # answers in progress end with the task
+                status, text, outputs, error = out.status, out.text, out.outputs, out.error
             except Exception as exc:  # the attempt fails; the worker and other attempts go on
                 leaf = _leaf(exc)
                 error = f"{type(leaf).__name__}: {leaf}"
@@ -476,8 +507,19 @@ class Worker:
                     with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
                         await self._unhold(lease.task_id if claimed else None, subscribed)
         if r.scope.cancelled_caught:
-            status, error = "cancelled", r.cancel_reason or "cancelled"
+            if r.cancel_reason is not None:  # the orchestrator's cancel
+                status, error = "cancelled", r.cancel_reason
+            else:  # the deadline
+                status, error = "failed", \
+                    f"timed out after {lease.timeout_s:g}s at {r.state.where()}"
         return self._result(r, status, text=text, outputs=outputs, error=error, again=again)
+
+    def _no_local_tools(self) -> ToolContext:
+        """The tool context of an agent without local tools: nothing reads it (bus tools
+        take what they need apart), so one serves every such attempt."""
+        if self._bare is None:
+            self._bare = ToolContext(workspace=self.config.workspace_root)
+        return self._bare
 
     def _tool_env(self) -> dict[str, str]:
         """The environment tools see (an allow-list of this process's), read once: a copy per

@@ -22,6 +22,8 @@ import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import orjson
+
 SCHEMA_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -100,10 +102,19 @@ _TASK_COLS = ("task_id", "kind", "parent", "agent", "state", "attempt", "failure
 
 # One encoder for every row: json.dumps with any non-default argument builds a new one per call.
 _encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+_ORJSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
 def _dumps(v: Any) -> str | None:
-    return None if v is None else _encode(v)
+    """The JSON of a journal value: orjson (~5x the stdlib's speed on the journal's small maps,
+    ~6 of them per task); the stdlib for what orjson refuses (an int over 64 bits, a type it
+    does not know: json then names it)."""
+    if v is None:
+        return None
+    try:
+        return orjson.dumps(v, option=_ORJSON_OPTS).decode()
+    except TypeError:
+        return _encode(v)
 
 
 def _loads(s: str | None) -> Any:
@@ -133,6 +144,10 @@ class Journal:
         self._synced: dict[str, dict[str, Any]] = {}  # run_id -> task_id -> last view written
         self._cursors: dict[str, tuple[list[str], int]] = {}  # run_id -> (change log, read up to)
         self._in_batch = False  # True inside batch(): writes join its transaction
+        # Attempts queued inside the batch, not written yet: most are leased in the same batch,
+        # and attempt_started then writes the row once, queued and started (run_id, task_id,
+        # attempt) -> when queued. The rest are written when the batch ends.
+        self._queued: dict[tuple[str, str, int], float] = {}
 
     # ------------------------------------------------------------ opening
 
@@ -291,8 +306,19 @@ class Journal:
             with self.conn:
                 self.conn.execute("BEGIN")
                 yield
+                self._write_queued()
         finally:
             self._in_batch = False
+            self._queued.clear()  # rolled back, if the block raised
+
+    def _write_queued(self) -> None:
+        """Write the attempts queued in this batch that were not leased in it."""
+        if self._queued:
+            rows = [(*key, at) for key, at in self._queued.items()]
+            self._queued.clear()
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO attempts (run_id, task_id, attempt, state, queued) "
+                "VALUES (?, ?, ?, 'queued', ?)", rows)
 
     # ------------------------------------------------------------ runs
 
@@ -403,17 +429,24 @@ class Journal:
     # ------------------------------------------------------------ attempts
 
     def attempt_queued(self, run_id: str, task_id: str, attempt: int) -> None:
+        """An attempt waits for a worker. Inside a batch the row is written by attempt_started
+        if the attempt is leased in the same batch (one row write instead of two), else when
+        the batch ends: durable, either way, once the batch is."""
+        if self._in_batch:
+            self._queued.setdefault((run_id, task_id, attempt), time.time())
+            return
         self._tx("INSERT OR IGNORE INTO attempts (run_id, task_id, attempt, state, queued) "
                  "VALUES (?, ?, ?, 'queued', ?)", (run_id, task_id, attempt, time.time()))
 
     def attempt_started(self, run_id: str, task_id: str, attempt: int, worker_id: str) -> None:
         now = time.time()
+        queued = self._queued.pop((run_id, task_id, attempt), None)
         with self._write():
             self.conn.execute(
-                "INSERT INTO attempts (run_id, task_id, attempt, worker_id, state, started) "
-                "VALUES (?, ?, ?, ?, 'running', ?) ON CONFLICT (run_id, task_id, attempt) DO "
-                "UPDATE SET worker_id = excluded.worker_id, state = 'running', "
-                "started = excluded.started", (run_id, task_id, attempt, worker_id, now))
+                "INSERT INTO attempts (run_id, task_id, attempt, worker_id, state, queued, "
+                "started) VALUES (?, ?, ?, ?, 'running', ?, ?) ON CONFLICT (run_id, task_id, "
+                "attempt) DO UPDATE SET worker_id = excluded.worker_id, state = 'running', "
+                "started = excluded.started", (run_id, task_id, attempt, worker_id, queued, now))
             self.conn.execute(
                 "INSERT INTO events (run_id, task_id, kind, data_json, at) "
                 "VALUES (?, ?, 'attempt.started', ?, ?)",
@@ -430,6 +463,7 @@ class Journal:
         """
         now = time.time()
         with self._write():
+            self._write_queued()
             self.conn.execute(
                 "INSERT INTO attempts (run_id, task_id, attempt, state, ended, error, "
                 "result_json, usage_json, stopped_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -455,6 +489,7 @@ class Journal:
         attempt row still open becomes "stale"; the tokens it spent are kept."""
         now = time.time()
         with self._write():
+            self._write_queued()
             self.conn.execute(
                 "INSERT INTO attempts (run_id, task_id, attempt, worker_id, state, ended, error, "
                 "usage_json, stopped_at) VALUES (?, ?, ?, ?, 'stale', ?, ?, ?, ?) "
@@ -478,6 +513,7 @@ class Journal:
         Returns how many were closed."""
         now = time.time()
         with self._write():
+            self._write_queued()
             cur = self.conn.execute(
                 "UPDATE attempts SET state = ?, ended = ?, error = COALESCE(error, "
                 "CASE WHEN state = 'queued' THEN ? ELSE ? END) "

@@ -259,9 +259,41 @@ def test_turn_retries_travel_in_the_lease_and_a_bad_value_is_refused():
     assert P.parse_message(P.to_wire(lease)).agent.model.turn_retries == 7
     for bad in (-1, P.TURN_RETRIES_MAX + 1):
         wire = P.to_wire(lease)
-        wire["agent"]["model"]["turn_retries"] = bad
+        agent_map = {**wire["agent"], "model": {**wire["agent"]["model"], "turn_retries": bad}}
+        wire = {**wire, "agent": agent_map, "agent_key": f"other-{bad}"}  # not seen before
         with pytest.raises(P.WorkerProtocolError, match="turn_retries"):
             P.parse_message(wire)
+
+
+def test_a_worker_parses_each_agent_once_by_the_key_its_lease_names():
+    """The orchestrator names each agent's content (agent_key, a digest of its map): a worker
+    parses and checks the map the first time, and every later lease with that key gets the
+    same spec. A lease without a key (an older orchestrator) is parsed in full each time."""
+    agent = _agent("a", [{"text": "ok"}], [])
+    lease = P.Lease(run_id="r", task_id="t", attempt=1, agent=agent, prompt="p", timeout_s=None,
+                    model_base_url=None)
+    wire = P.to_wire(lease)
+    other = P.to_wire(attrs.evolve(lease, agent=attrs.evolve(agent, instructions="other")))
+    assert wire["agent_key"] != other["agent_key"]  # the key follows the content
+    first, again = P.parse_message(wire), P.parse_message({**wire, "task_id": "u"})
+    assert first.agent == agent and again.agent is first.agent
+    assert P.parse_message(other).agent.instructions == "other"
+    keyless = {k: v for k, v in wire.items() if k != "agent_key"}
+    assert P.parse_message(keyless).agent == agent
+    assert P.parse_message(keyless).agent is not P.parse_message(keyless).agent
+
+
+def test_the_wire_maps_carry_every_field_of_a_lease_a_result_and_a_turn():
+    """to_wire writes the maps out field by field (asdict was slow): a field added to one of
+    these values must be added there too, or it would not travel."""
+    turn = P.TurnRecord(turn=1)
+    res = P.Result(run_id="r", task_id="t", attempt=1, worker_id="w", status="failed",
+                   turns=(turn,))
+    lease = P.Lease(run_id="r", task_id="t", attempt=1, agent=_agent("a", [], []), prompt="p",
+                    timeout_s=None, model_base_url=None)
+    assert set(P.to_wire(res)) == set(attrs.fields_dict(P.Result)) | {"t"}
+    assert set(P.to_wire(res)["turns"][0]) == set(attrs.fields_dict(P.TurnRecord))
+    assert set(P.to_wire(lease)) == set(attrs.fields_dict(P.Lease)) | {"t", "agent_key"}
 
 
 async def test_only_a_sim_endpoint_is_sent_the_agents_script(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sqlite3
 import time
@@ -179,6 +180,48 @@ def test_closing_open_attempts_says_which_never_started(jpath):
     assert got == {("x", "lost", "was in flight"), ("y", "lost", "never started"),
                    ("z", "succeeded", None)}
     assert j.close_open_attempts("r", "lost", "again", "again") == 0
+
+
+def test_an_attempt_queued_and_leased_in_one_batch_is_one_row_with_both_times(jpath):
+    """In a batch, a queued attempt is written with its start when it is leased in the same
+    batch, and otherwise when the batch ends; a batch that fails leaves neither."""
+    j = Journal.open(jpath)
+    j.create_run("r", graph_path="g.toml", graph_text=GRAPH)
+    before = time.time()
+    with j.batch():
+        j.attempt_queued("r", "x", 1)
+        j.attempt_queued("r", "y", 1)
+        j.attempt_started("r", "x", 1, "w1")
+        j.attempt_queued("r", "z", 1)
+        j.attempt_ended("r", "z", 1, "cancelled", error="stop")  # writes z's queued row first
+    rows = {a["task_id"]: a for a in j.attempts("r")}
+    assert (rows["x"]["state"], rows["x"]["worker_id"]) == ("running", "w1")
+    assert before <= rows["x"]["queued"] <= rows["x"]["started"]
+    assert (rows["y"]["state"], rows["y"]["started"]) == ("queued", None)
+    assert before <= rows["y"]["queued"]
+    assert (rows["z"]["state"], rows["z"]["error"]) == ("cancelled", "stop")
+    assert rows["z"]["queued"] is not None
+    with pytest.raises(RuntimeError), j.batch():
+        j.attempt_queued("r", "w", 1)
+        raise RuntimeError("the dispatcher failed")
+    with j.batch():
+        j.attempt_started("r", "w", 1, "w2")  # not queued by the failed batch: no queued time
+    assert [(a["state"], a["queued"]) for a in j.attempts("r", "w")] == [("running", None)]
+    with j.batch():  # an attempt leased again (after a resume) keeps its first queued time
+        j.attempt_queued("r", "x", 1)
+        j.attempt_started("r", "x", 1, "w3")
+    again = j.attempts("r", "x")[0]
+    assert (again["worker_id"], again["queued"]) == ("w3", rows["x"]["queued"])
+
+
+def test_journal_json_is_orjson_with_the_stdlib_for_what_orjson_refuses(jpath):
+    """Values come back as they went in: sorted keys, non-string keys as text, and an int
+    over 64 bits (orjson refuses it) through the stdlib's encoder."""
+    _dumps = J._dumps
+    assert _dumps({"b": 1, "a": ["é", None], 3: 2.5}) == '{"3":2.5,"a":["é",null],"b":1}'
+    assert json.loads(_dumps({"big": 2 ** 70}) or "") == {"big": 2 ** 70}
+    with pytest.raises(TypeError, match="object"):
+        _dumps({"x": object()})
 
 
 def test_resume_after_a_crash_between_result_and_task_sync_does_not_repeat_the_task(jpath):

@@ -1,5 +1,6 @@
 """Pins bus.logs: loggers made at import follow the configuration set later; ids reach lines."""
 
+import contextvars
 import json
 import time
 from datetime import UTC, datetime
@@ -32,6 +33,25 @@ def test_bound_contextvars_reach_every_line_and_debug_is_filtered():
     assert len(lines) == 1
     rec = json.loads(lines[0])
     assert (rec["run_id"], rec["task_id"], rec["event"]) == ("r1", "t1", "kept")
+
+
+def test_a_line_carries_ids_bound_in_its_task_level_names_and_a_formatted_exception():
+    """The one-processor JSON chain (json_line): ids bound with bind_contextvars in this
+    context only, "warn" and "exception" logged under their level names, exc_info as text."""
+    lines: list[bytes] = []
+    configure_logging(json=True, level="info", tee=lines.append, quiet=True)
+    ctx = contextvars.copy_context()
+    ctx.run(structlog.contextvars.bind_contextvars, run_id="r2", attempt=3)
+    ctx.run(log.warn, "inside")
+    log.info("outside")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        ctx.run(log.exception, "failed")
+    inside, outside, failed = (json.loads(line) for line in lines)
+    assert (inside["run_id"], inside["attempt"], inside["level"]) == ("r2", 3, "warning")
+    assert "run_id" not in outside and outside["level"] == "info"
+    assert failed["level"] == "error" and "ValueError: boom" in failed["exception"]
 
 
 def test_unknown_level_names_the_allowed_ones():
