@@ -438,6 +438,9 @@ class Journal:
         self._tx("INSERT OR IGNORE INTO attempts (run_id, task_id, attempt, state, queued) "
                  "VALUES (?, ?, ?, 'queued', ?)", (run_id, task_id, attempt, time.time()))
 
+    # An attempt's start and end are its row's (times, worker, state, error): no event rows of
+    # their own, which would say it again at two more index writes per attempt.
+
     def attempt_started(self, run_id: str, task_id: str, attempt: int, worker_id: str) -> None:
         now = time.time()
         queued = self._queued.pop((run_id, task_id, attempt), None)
@@ -447,10 +450,6 @@ class Journal:
                 "started) VALUES (?, ?, ?, ?, 'running', ?, ?) ON CONFLICT (run_id, task_id, "
                 "attempt) DO UPDATE SET worker_id = excluded.worker_id, state = 'running', "
                 "started = excluded.started", (run_id, task_id, attempt, worker_id, queued, now))
-            self.conn.execute(
-                "INSERT INTO events (run_id, task_id, kind, data_json, at) "
-                "VALUES (?, ?, 'attempt.started', ?, ?)",
-                (run_id, task_id, _dumps({"attempt": attempt, "worker_id": worker_id}), now))
 
     def attempt_ended(self, run_id: str, task_id: str, attempt: int, status: str, *,
                       error: str | None = None, result: Mapping[str, Any] | None = None,
@@ -474,11 +473,6 @@ class Journal:
                 (run_id, task_id, attempt, status, now, error,
                  _dumps(dict(result) if result is not None else None),
                  _dumps(dict(usage) if usage is not None else None), stopped_at))
-            self.conn.execute(
-                "INSERT INTO events (run_id, task_id, kind, data_json, at) "
-                "VALUES (?, ?, 'attempt.ended', ?, ?)",
-                (run_id, task_id, _dumps({"attempt": attempt, "status": status,
-                                          "error": error}), now))
 
     def attempt_refused(self, run_id: str, task_id: str, attempt: int, *, reported: str,
                         why: str, worker_id: str | None,
