@@ -31,9 +31,10 @@ PRICES: dict[str, tuple[float, float, float]] = {
 }
 
 
-def turn_cost(model: ModelRef, rec: TurnRecord) -> float:
+def turn_cost(model: ModelRef, rec: Any) -> float:
     """What the turn cost in USD at the model's list price; 0 on a sim model, whatever model
-    name it was given (the sim answers to any), and for a model without a price."""
+    name it was given (the sim answers to any), and for a model without a price. `rec`: a
+    TurnRecord, or anything with its three token counts (a response's usage)."""
     p = None if model.sim else PRICES.get(model.model)
     if p is None:
         return 0.0
@@ -149,8 +150,8 @@ async def _turns(agent: AgentSpec, prompt: str, session: Any, registry: Any,
             model_s=result.elapsed_s,
             tool_calls=tuple(c.name for c in calls),
             resent_full_context=result.resent_full_context,
+            cost_usd=turn_cost(agent.model, usage),  # made once: attrs.evolve is slow
         )
-        rec = attrs.evolve(rec, cost_usd=turn_cost(agent.model, rec))
         at = len(state.turns)  # answers to `ask`s may append their own records meanwhile
         state.turns.append(rec)  # now: a cancel during the tools keeps this turn's tokens
         if result.status == "failed":

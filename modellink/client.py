@@ -691,8 +691,23 @@ class ModelSession:
         self._tx += _frame_size(frame)
 
     async def _recv(self, link: _WsLink) -> dict[str, Any]:
+        """The next event."""
         if link.pending:
             return link.pending.popleft()
+        first, *rest = await self._read_frame(link)
+        link.pending.extend(rest)
+        return first
+
+    async def _recv_events(self, link: _WsLink) -> list[dict[str, Any]]:
+        """The next events, in order: those left of a batch, else one frame's (one, or a
+        batch). A caller that stops part way puts the rest back in `link.pending`."""
+        if link.pending:
+            events = list(link.pending)
+            link.pending.clear()
+            return events
+        return await self._read_frame(link)
+
+    async def _read_frame(self, link: _WsLink) -> list[dict[str, Any]]:
         try:
             frame = await link.conn.get_message()
         except WsClosed as exc:
@@ -700,12 +715,10 @@ class ModelSession:
             raise _LinkLost(f"closed ({_close_reason(exc)})") from None
         self._rx += _frame_size(frame)
         try:
-            first, *rest = P.decode_events(frame)
+            return P.decode_events(frame)
         except P.ProtocolError as exc:
             self._drop_link()
             raise ModelConnectionError(f"the model server sent a bad event: {exc}") from None
-        link.pending.extend(rest)
-        return first
 
     async def _exchange(self, link: _WsLink, items: list[dict[str, Any]], previous: str | None
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -717,14 +730,18 @@ class ModelSession:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             while True:
-                event = await self._recv(link)
-                kind = event["type"]
-                if kind == "response.output_item.done":
-                    seen.append(event.get("item") or {})
-                elif kind == "response.created":
-                    response_id = (event.get("response") or {}).get("id")
-                elif kind in P.TERMINAL_TYPES or kind == "error":
-                    return event, seen
+                # a batch at a time (a zero-time response is one frame of 9 events): one await
+                # per frame, not per event
+                events = await self._recv_events(link)
+                for i, event in enumerate(events):
+                    kind = event["type"]
+                    if kind == "response.output_item.done":
+                        seen.append(event.get("item") or {})
+                    elif kind == "response.created":
+                        response_id = (event.get("response") or {}).get("id")
+                    elif kind in P.TERMINAL_TYPES or kind == "error":
+                        link.pending.extend(events[i + 1:])  # another response's, in order
+                        return event, seen
         except trio.Cancelled:
             await self._cancel_ws(link, response_id)
             raise
@@ -877,13 +894,12 @@ def _close_reason(exc: BaseException) -> str:
     return f"code {code}" + (f": {text}" if text else "")
 
 
-@asynccontextmanager
-async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | None = None,
-                             tools: list[dict[str, Any]] | None = None,
-                             metadata: dict[str, str] | None = None,
-                             metadata_once: bool = False,
-                             ) -> AsyncIterator[ModelSession]:
-    """Open a session; over "ws" its WebSocket is connected before this yields.
+def open_model_session(endpoint: ModelEndpoint, *, instructions: str | None = None,
+                       tools: list[dict[str, Any]] | None = None,
+                       metadata: dict[str, str] | None = None,
+                       metadata_once: bool = False) -> _SessionOpener:
+    """Open a session (`async with open_model_session(...) as session:`); over "ws" its
+    WebSocket is connected before the block runs.
 
     `metadata` goes with every request (OpenAI attaches it to that one response), or with
     `metadata_once` only with the first request of each chain (the first turn, and a full
@@ -893,20 +909,55 @@ async def open_model_session(endpoint: ModelEndpoint, *, instructions: str | Non
     Raises ModelAuthError / ModelConnectionError when the WebSocket cannot be opened, ValueError
     for a malformed base_url.
     """
-    pool = await _pool() if endpoint.transport == "ws" and endpoint.reuse_connections \
-        else None
-    if pool is not None:
-        # The pool's nursery holds the WebSocket, and closing gives it back without waiting:
-        # no nursery, shield or checkpoint of the session's own (open and close of a pooled
-        # session, one after another: 56-63 -> 11-16 us of CPU, measured)
+    return _SessionOpener(endpoint, instructions, tools, metadata, metadata_once)
+
+
+class _SessionOpener:
+    """open_model_session's context manager. A pooled "ws" session (a worker's every attempt)
+    is opened and closed here directly: its pool's nursery holds the WebSocket, and closing
+    gives it back without waiting, so there is no nursery, shield or checkpoint of the
+    session's own (open and close one after another: 56-63 -> 11-16 us of CPU, measured), nor
+    a generator-based context manager around it. Any other goes through _open_unpooled."""
+
+    __slots__ = ("_args", "_session", "_unpooled")
+
+    def __init__(self, endpoint: ModelEndpoint, instructions: str | None,
+                 tools: list[dict[str, Any]] | None, metadata: dict[str, str] | None,
+                 metadata_once: bool) -> None:
+        self._args = (endpoint, instructions, tools, metadata, metadata_once)
+        self._session: ModelSession | None = None
+        self._unpooled: Any = None
+
+    async def __aenter__(self) -> ModelSession:
+        endpoint, instructions, tools, metadata, metadata_once = self._args
+        pool = await _pool() if endpoint.transport == "ws" and endpoint.reuse_connections \
+            else None
+        if pool is None:
+            self._unpooled = _open_unpooled(*self._args)
+            return await self._unpooled.__aenter__()  # type: ignore[no-any-return]
         session = ModelSession(endpoint, None, instructions=instructions, tools=tools,
                                metadata=metadata, metadata_once=metadata_once)
         try:
             await _first_dial(session)
-            yield session
-        finally:
-            session._let_go_ws()  # a "ws" session holds no HTTP connection
-        return
+        except BaseException:
+            session._let_go_ws()
+            raise
+        self._session = session
+        return session
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        if self._unpooled is not None:
+            return await self._unpooled.__aexit__(*exc)  # type: ignore[no-any-return]
+        if self._session is not None:
+            self._session._let_go_ws()  # a "ws" session holds no HTTP connection
+        return None
+
+
+@asynccontextmanager
+async def _open_unpooled(endpoint: ModelEndpoint, instructions: str | None,
+                         tools: list[dict[str, Any]] | None, metadata: dict[str, str] | None,
+                         metadata_once: bool) -> AsyncIterator[ModelSession]:
+    """A session holding its connections in a nursery of its own (HTTP, or no pool)."""
     try:
         async with trio.open_nursery() as nursery:
             session = ModelSession(endpoint, nursery, instructions=instructions, tools=tools,
