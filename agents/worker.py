@@ -407,21 +407,30 @@ class Worker:
                      turns=len(result.turns), seconds=round(time.monotonic() - t0, 3),
                      stopped_at=result.stopped_at, cost_usd=result.cost_usd,
                      output_tokens=sum(t.output_tokens for t in result.turns))
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + RESULT_SEND_S):
-                try:
-                    try:
-                        await self.bus.send(P.ORCHESTRATOR_ID, P.to_wire(result))
-                    except BodyTooLargeError as exc:
-                        # the answer cannot travel: the task fails saying so (another
-                        # attempt would most likely produce as much), the worker goes on
-                        log.warning("task.result_too_large", bytes=exc.size,
-                                    limit=exc.limit)
-                        await self.bus.send(P.ORCHESTRATOR_ID,
-                                            P.to_wire(_too_large(result, exc)))
-                except BusError as exc:
-                    log.warning("task.result_not_sent", error=str(exc))
+            await self._send_result(result)
         if self.draining and not self.running and self._nursery is not None:
             self._nursery.cancel_scope.cancel()  # drained: finish what we held, then exit
+
+    async def _send_result(self, result: P.Result) -> None:
+        """Hand the result to the bus, even from a cancelled attempt (the worker stopping).
+        The rule is room in the outbound queue: then it is queued at once, with no scope to
+        enter; else it waits, shielded, up to RESULT_SEND_S."""
+        body = P.to_wire(result)
+        try:
+            try:
+                self.bus.send_nowait(P.ORCHESTRATOR_ID, body)
+                return
+            except BodyTooLargeError as exc:
+                # the answer cannot travel: the task fails saying so (another attempt would
+                # most likely produce as much), the worker goes on
+                log.warning("task.result_too_large", bytes=exc.size, limit=exc.limit)
+                body = P.to_wire(_too_large(result, exc))
+            except trio.WouldBlock:
+                pass
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + RESULT_SEND_S):
+                await self.bus.send(P.ORCHESTRATOR_ID, body)
+        except BusError as exc:
+            log.warning("task.result_not_sent", error=str(exc))
 
     def _result(self, r: _Running, status: str, *, text: str = "",
                 outputs: dict[str, Any] | None = None, error: str | None = None,

@@ -133,6 +133,9 @@ _os_write = os.write  # a name of this module's, so a test can count the writes
 _DIRECT_IO = os.name == "posix"
 
 
+# What FastWs.write_now did
+WROTE, QUEUED, BUSY = 0, 1, 2
+
 _poll = getattr(select, "poll", None)
 
 
@@ -370,6 +373,39 @@ class FastWs:
             raise self._closed_error()
         mask = self._client
         await self._write(b"".join([F.encode_message(m, mask=mask) for m in messages]))
+
+    def write_now(self, messages: list[str | bytes]) -> int:
+        """Write `messages` (each its own WebSocket message) without waiting, when no other
+        write is under way: WROTE when the socket took all of it; QUEUED when it took part or
+        none, the rest then waiting as unsent bytes (`await flush()` writes them, first); BUSY,
+        having done nothing, when another write is in progress or this is not a socket (then
+        `send_messages`). No schedule point and no cancel point: a request and its response
+        cost no cancel scope around a write that never waits. Raises WsClosed as
+        send_message does."""
+        if self._close_reason is not None or self._send_broken:
+            raise self._closed_error()
+        sock = self._sock
+        if sock is None or not _DIRECT_IO or self._unsent or self._send_lock.locked():
+            return BUSY
+        mask = self._client
+        data = b"".join([F.encode_message(m, mask=mask) for m in messages]) \
+            if len(messages) != 1 else F.encode_message(messages[0], mask=mask)
+        try:
+            sent = _os_write(sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._send_broken = True
+            raise self._closed_error() from None
+        self._io_budget -= sent + _IO_CALL_COST
+        if sent == len(data):
+            return WROTE
+        self._unsent = data[sent:]
+        return QUEUED
+
+    async def flush(self) -> None:
+        """Write the unsent bytes a cut write or `write_now` left. Raises WsClosed."""
+        await self._write(b"")
 
     def _closed_error(self) -> WsClosed:
         """What a send on a closed (or broken) connection raises: why it closed, or 1006."""

@@ -32,6 +32,9 @@ import trio
 
 from bus.logs import get_logger
 from bus.ws import (
+    BUSY,
+    WROTE,
+    FastWs,
     WsClosed,
     WsConfig,
     WsConnectTimeout,
@@ -677,17 +680,27 @@ class ModelSession:
 
     async def _send(self, link: _WsLink, event: dict[str, Any], timeout_s: float) -> None:
         frame = P.encode_event(event, self._encoding)
-        # Shielded: a frame cut off by a cancel would break the link that a cancelled turn
-        # still sends response.cancel on. One scope: the shield, and the send's own deadline.
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s) as scope:
-            try:
-                await link.conn.send_message(frame)
-            except WsClosed as exc:
-                link.dead = True
-                raise _LinkLost(f"closed ({_close_reason(exc)})") from None
-        if scope.cancelled_caught:
+        conn = link.conn
+        try:
+            # the rule: the socket takes the frame at once, with nothing to wait for or cut
+            # (a FastWs: ws://; a wss:// link is trio-websocket's)
+            how = conn.write_now([frame]) if isinstance(conn, FastWs) else BUSY
+            if how != WROTE:
+                # Shielded: a frame cut off by a cancel would break the link that a cancelled
+                # turn still sends response.cancel on. One scope: the shield, and the send's
+                # own deadline.
+                with trio.CancelScope(shield=True,
+                                      deadline=trio.current_time() + timeout_s) as scope:
+                    if how == BUSY:
+                        await conn.send_message(frame)
+                    else:  # the socket took part of it: the rest, before anything else
+                        await conn.flush()
+                if scope.cancelled_caught:
+                    link.dead = True
+                    raise _LinkLost(f"a frame could not be sent within {timeout_s}s")
+        except WsClosed as exc:
             link.dead = True
-            raise _LinkLost(f"a frame could not be sent within {timeout_s}s")
+            raise _LinkLost(f"closed ({_close_reason(exc)})") from None
         self._tx += _frame_size(frame)
 
     async def _recv(self, link: _WsLink) -> dict[str, Any]:

@@ -25,7 +25,16 @@ import h11
 import trio
 
 from bus.logs import get_logger
-from bus.ws import WsClosed, WsConfig, WsConnection, accept_on_stream, send_messages
+from bus.ws import (
+    BUSY,
+    WROTE,
+    FastWs,
+    WsClosed,
+    WsConfig,
+    WsConnection,
+    accept_on_stream,
+    send_messages,
+)
 from modellink import protocol as p
 from modellink.protocol import ErrorCode, ProtocolError, ResponseCancel, ResponseCreate
 from modellink.sim import Generation, RenderedContext, SimConfig, SimModel
@@ -528,8 +537,16 @@ class _WsSession:
             return
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled emitter sends nothing
         try:
-            with trio.CancelScope(shield=True) as self._direct:
-                await send_messages(self.ws, frames)
+            ws = self.ws
+            # the rule: the socket takes the batch at once, so there is no write to shield
+            # from a response.cancel (nor a scope to enter)
+            how = ws.write_now(frames) if isinstance(ws, FastWs) else BUSY
+            if how != WROTE:
+                with trio.CancelScope(shield=True) as self._direct:
+                    if how == BUSY:
+                        await send_messages(ws, frames)
+                    else:  # part of it went: the rest, before anything else
+                        await ws.flush()  # type: ignore[union-attr]
         except WsClosed:
             self._stop()
         finally:

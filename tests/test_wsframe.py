@@ -16,7 +16,17 @@ from hypothesis import strategies as st
 
 from bus import ws as ws_module
 from bus import wsframe as F
-from bus.ws import WsClosed, WsConfig, open_ws, queued_messages, serve_ws
+from bus.ws import (
+    BUSY,
+    QUEUED,
+    WROTE,
+    FastWs,
+    WsClosed,
+    WsConfig,
+    open_ws,
+    queued_messages,
+    serve_ws,
+)
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True,
@@ -421,6 +431,43 @@ async def test_a_write_cancelled_half_way_is_finished_before_the_next_frame():
                 with pytest.raises(WsClosed) as info:
                     await conn.get_message()
                 assert info.value.reason is not None and info.value.reason.code == 1000
+            nursery.cancel_scope.cancel()
+
+
+async def test_write_now_writes_what_the_socket_takes_and_leaves_the_rest_to_flush():
+    """write_now never waits: WROTE when the socket took the messages whole; QUEUED when the
+    peer is not reading, the rest held as unsent bytes that flush writes first; BUSY, doing
+    nothing, while another write is under way. Every message still parses at the peer."""
+    big = b"y" * 24_000_000  # far more than loopback's socket buffers
+    got: list[Any] = []
+    go, done = trio.Event(), trio.Event()
+
+    async def handler(request: Any) -> None:
+        conn = await request.accept()
+        await go.wait()  # reads nothing until the client has filled the socket
+        for _ in range(4):
+            got.append(await conn.get_message())
+        done.set()
+        with contextlib.suppress(WsClosed):
+            await conn.get_message()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(functools.partial(
+                serve_ws, config=WsConfig(max_message_size=30_000_000)), handler, "127.0.0.1", 0)
+            async with open_ws(f"ws://127.0.0.1:{port}/") as conn:
+                assert isinstance(conn, FastWs)
+                assert conn.write_now(["small", b"two"]) == WROTE
+                assert conn.write_now([big]) == QUEUED
+                assert conn.write_now(["later"]) == BUSY  # the rest of `big` goes first
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(conn.flush)
+                    await trio.sleep(0.1)  # the flush waits for the peer, holding the lock
+                    assert conn.write_now(["later"]) == BUSY
+                    go.set()
+                await conn.send_message("last")
+                await done.wait()
+                assert got == ["small", b"two", big, "last"]
             nursery.cancel_scope.cancel()
 
 
