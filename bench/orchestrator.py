@@ -29,14 +29,13 @@ Where the sim runs: by default the task graph is run twice, first with the embed
 child process of its own, as `orchestrator run` starts it (orchestrator.simproc: the headline
 figures), then inside the orchestrator's process (`run --sim-in-process`: `sim_in_process` in
 the JSON). `--layout embedded` or `--layout in-process` runs one. On the 2-core box the child
-is faster: `--sessions 10` back to back, 570 and 526 us per task against 693 and 582; a full
-run 695 against 785. Inside the orchestrator the sim takes ~45% of its one event loop, so that
-process is the bottleneck; its workers then wake for fewer messages at a time and spend more
-CPU per task. Before `run` moved the sim out, this bench compared it inside the orchestrator
-with an `orchestrator model-server --zero` started apart: four pairs of full runs alternating,
-547, 542, 611 us per task apart against 839, 731, 619, 814 inside. (An earlier measurement, at
-~4,700 us per task when every process was slower, found the two layouts equal.) The sessions
-measure counts the sim's process too: it holds each session's context.
+is faster (2026-11-26, one full run: 270.2 against 411.2 us per task): inside the orchestrator
+the sim takes a large share of its one event loop, so that process is the bottleneck. The
+sessions measure counts the sim's process too: it holds each session's context.
+
+These shared machines change speed by ~1.4x and more within minutes (CPU per task of the same
+code: 487-569 us on a fast stretch, 650-1,041 on slower ones, 2026-11-26): compare changes in
+alternating runs, as docs/benchmarks.md does.
 
 The orchestrator's own bus client reaches the embedded hub over memory channels (bus.local),
 not a loopback WebSocket, and lone ACKs wait up to 20 ms for data to carry them. Measured
