@@ -99,8 +99,8 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
                       quiet: bool = False) -> None:
     """Configure structlog once for this process.
 
-    JSON lines (bytes, orjson: json_line) when `json` is true, a readable console format otherwise.
-    `merge_contextvars` runs first so ids bound with `bind_contextvars` reach every line.
+    JSON lines (bytes, `json_line`) when `json` is true, a readable console format otherwise;
+    either way the ids bound with `bind_contextvars` reach every line.
     With `tee`, every JSON line is also handed to it (the run's log file, a log shipper);
     `quiet` then stops the copy to the stream.
     """
@@ -115,12 +115,7 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
             cache_logger_on_first_use=True,
         )
         return
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        add_timestamp,
-        structlog.processors.format_exc_info,
-    ]
+    processors: list[Any]
     if json:
         processors = [json_line]
         binary = getattr(out, "buffer", None)
@@ -129,7 +124,9 @@ def configure_logging(*, json: bool = True, level: str | int = "info",
         if binary is None:
             processors.append(lambda _l, _m, ev: ev.decode() if isinstance(ev, bytes) else ev)
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        processors = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                      add_timestamp, structlog.processors.format_exc_info,
+                      structlog.dev.ConsoleRenderer(colors=False)]
         factory = structlog.PrintLoggerFactory(file=out)  # type: ignore[arg-type]
     structlog.configure(
         processors=processors,

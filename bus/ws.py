@@ -371,8 +371,14 @@ class FastWs:
         """Several messages, each its own WebSocket message, in one write to the socket."""
         if self._close_reason is not None or self._send_broken:
             raise self._closed_error()
+        await self._write(self._encode(messages))
+
+    def _encode(self, messages: list[str | bytes]) -> bytes:
+        """`messages` as the bytes of one write, each its own WebSocket message."""
         mask = self._client
-        await self._write(b"".join([F.encode_message(m, mask=mask) for m in messages]))
+        if len(messages) == 1:
+            return F.encode_message(messages[0], mask=mask)
+        return b"".join([F.encode_message(m, mask=mask) for m in messages])
 
     def write_now(self, messages: list[str | bytes]) -> int:
         """Write `messages` (each its own WebSocket message) without waiting, when no other
@@ -387,9 +393,7 @@ class FastWs:
         sock = self._sock
         if sock is None or not _DIRECT_IO or self._unsent or self._send_lock.locked():
             return BUSY
-        mask = self._client
-        data = b"".join([F.encode_message(m, mask=mask) for m in messages]) \
-            if len(messages) != 1 else F.encode_message(messages[0], mask=mask)
+        data = self._encode(messages)
         try:
             sent = _os_write(sock.fileno(), data)
         except BlockingIOError:

@@ -103,6 +103,9 @@ _TASK_COLS = ("task_id", "kind", "parent", "agent", "state", "attempt", "failure
 # One encoder for every row: json.dumps with any non-default argument builds a new one per call.
 _encode = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 _ORJSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+# An attempt that waits for a worker (a row that exists already, after a resume, is kept)
+_QUEUED_SQL = ("INSERT OR IGNORE INTO attempts (run_id, task_id, attempt, state, queued) "
+               "VALUES (?, ?, ?, 'queued', ?)")
 
 
 def _dumps(v: Any) -> str | None:
@@ -316,9 +319,7 @@ class Journal:
         if self._queued:
             rows = [(*key, at) for key, at in self._queued.items()]
             self._queued.clear()
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO attempts (run_id, task_id, attempt, state, queued) "
-                "VALUES (?, ?, ?, 'queued', ?)", rows)
+            self.conn.executemany(_QUEUED_SQL, rows)
 
     # ------------------------------------------------------------ runs
 
@@ -435,8 +436,7 @@ class Journal:
         if self._in_batch:
             self._queued.setdefault((run_id, task_id, attempt), time.time())
             return
-        self._tx("INSERT OR IGNORE INTO attempts (run_id, task_id, attempt, state, queued) "
-                 "VALUES (?, ?, ?, 'queued', ?)", (run_id, task_id, attempt, time.time()))
+        self._tx(_QUEUED_SQL, (run_id, task_id, attempt, time.time()))
 
     # An attempt's start and end are its row's (times, worker, state, error): no event rows of
     # their own, which would say it again at two more index writes per attempt.
